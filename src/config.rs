@@ -1,0 +1,137 @@
+//! The filter configuration: one JSON object per filter instance (per route in Kong's filter
+//! chain, per `envoy.filters.http.wasm` in Envoy).
+//!
+//! These types are the single source of truth: `kong/rollsafe.meta.json` is generated from them
+//! (see the `schema` test) and every example config is checked against both.
+
+use serde::Deserialize;
+use std::fmt;
+
+/// Why a configuration was refused: the field path (`retry.attempts`) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// The whole filter configuration. Every section is optional; an absent section turns that
+/// capability off, so `{}` (or no configuration at all) is a transparent pass-through.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(test, schemars(title = "rollsafe filter configuration"))]
+pub struct Config {}
+
+/// Parses and validates the configuration bytes the host hands to `on_configure`.
+///
+/// Accepts a JSON object (Envoy's `configuration` string, Kong >= 3.5 JSON-encoding its `config`
+/// object), a JSON string that itself holds the object (Kong 3.4 `config` strings that were
+/// quoted once more), and empty input (all capabilities off).
+pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+    let text = bytes.trim_ascii();
+    if text.is_empty() {
+        return Ok(Config::default());
+    }
+    if text.first() == Some(&b'"') {
+        let inner: String = decode(text)?;
+        let inner = inner.as_bytes().trim_ascii();
+        if inner.is_empty() {
+            return Ok(Config::default());
+        }
+        return finish(decode(inner)?);
+    }
+    finish(decode(text)?)
+}
+
+fn finish(cfg: Config) -> Result<Config, ConfigError> {
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() {
+            ConfigError::new(display_path(&path), without_position(&inner))
+        } else {
+            // Malformed JSON: no field to name, but the position helps.
+            ConfigError::new("config", format!("invalid JSON: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ConfigError::new("config", without_position(&e)))?;
+    Ok(value)
+}
+
+fn display_path(path: &str) -> String {
+    if path.is_empty() || path == "." || path == "?" {
+        "config".to_string()
+    } else {
+        path.to_string()
+    }
+}
+
+/// serde_json appends " at line L column C"; for one-line host configs the field path says more.
+fn without_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    match msg.rfind(" at line ") {
+        Some(i) => msg.get(..i).unwrap_or(&msg).to_string(),
+        None => msg,
+    }
+}
+
+impl Config {
+    /// Semantic checks serde cannot express; each error names the field path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_input_is_pass_through() {
+        for input in ["", "  \n", "{}", "\"\"", "\"{}\""] {
+            assert!(parse(input.as_bytes()).is_ok(), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse(br#"{"retyr": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("retyr"), "{e}");
+        assert!(!e.reason.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn not_an_object_is_refused() {
+        assert!(parse(b"[1]").is_err());
+        assert!(parse(b"42").is_err());
+        assert!(parse(b"{} trailing").is_err());
+        let e = parse(b"{").unwrap_err();
+        assert_eq!(e.path, "config");
+        assert!(e.reason.starts_with("invalid JSON"), "{e}");
+    }
+}
+
+#[cfg(test)]
+pub mod schema;

@@ -1,0 +1,22 @@
+//! rollsafe: a proxy-wasm filter that keeps API traffic correct while the services behind the
+//! gateway roll, drain and upgrade.
+//!
+//! Layout (see README): pure decision modules (`config`, …) that never touch `proxy_wasm`, and
+//! the `host` layer that translates between a proxy-wasm host and those decisions.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod config;
+pub mod host;
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    host::proxy::install();
+}}

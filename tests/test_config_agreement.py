@@ -1,0 +1,111 @@
+"""Kong's meta.json, the Rust config parser and every example config agree.
+
+Every valid example (tests/configs/valid.json, the filter configs in kong/kong.yml, the demo
+config) must pass both the JSON Schema Kong validates with and the Rust parser; every
+counter-example (tests/configs/invalid.json) must be refused by both, and Rust must name the
+field the counter-example breaks.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "target" / "release" / "examples" / "check_config"
+META = json.loads((ROOT / "kong" / "rollsafe.meta.json").read_text())
+SCHEMA = META["config_schema"]
+VALIDATOR = jsonschema.Draft4Validator(SCHEMA)
+
+
+def rust_check(configs: list) -> list[dict]:
+    """Runs the Rust parser (the same code on_configure runs) over each config."""
+    assert CHECK.exists(), "build it: cargo build --release --example check_config"
+    texts = [c if isinstance(c, str) else json.dumps(c) for c in configs]
+    out = subprocess.run([str(CHECK), "--lines"], input="".join(json.dumps(t) + "\n" for t in texts),
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def kong_filter_configs() -> list:
+    doc = yaml.safe_load((ROOT / "kong" / "kong.yml").read_text())
+    found = []
+    for service in doc.get("services", []):
+        for holder in [service] + service.get("routes", []):
+            for chain in holder.get("filter_chains", []):
+                for f in chain["filters"]:
+                    if f["name"] == "rollsafe":
+                        found.append(f.get("config", {}))
+    return found
+
+
+def valid_configs() -> list:
+    configs = json.loads((ROOT / "tests" / "configs" / "valid.json").read_text())
+    configs += kong_filter_configs()
+    configs.append(json.loads((ROOT / "tests" / "e2e" / "demo.json").read_text()))
+    return configs
+
+
+def test_meta_json_is_a_draft4_schema():
+    jsonschema.Draft4Validator.check_schema(SCHEMA)
+    assert META["config_schema"]["$schema"] == "http://json-schema.org/draft-04/schema#"
+
+
+def test_every_example_passes_schema_and_rust():
+    configs = valid_configs()
+    assert len(configs) >= 3
+    results = rust_check(configs)
+    for config, result in zip(configs, results):
+        if isinstance(config, str):  # empty config: Kong sends no JSON; nothing to validate
+            assert config.strip() == "" or VALIDATOR.is_valid(json.loads(config))
+        else:
+            errors = [e.message for e in VALIDATOR.iter_errors(config)]
+            assert not errors, (config, errors)
+        assert result["ok"], (config, result)
+
+
+INVALID = json.loads((ROOT / "tests" / "configs" / "invalid.json").read_text())
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c["name"] for c in INVALID])
+def test_every_counter_example_is_refused_by_both(case):
+    assert not VALIDATOR.is_valid(case["config"]), f"schema accepts {case['name']}"
+    [result] = rust_check([case["config"]])
+    assert not result["ok"], f"Rust accepts {case['name']}"
+    assert result["path"] == case["field"], result
+
+
+def test_kong_yml_passes_decks_schema():
+    deck = json.loads((ROOT.parent / "shared" / "kong" / "deck_kong_json_schema.json").read_text())
+    doc = yaml.safe_load((ROOT / "kong" / "kong.yml").read_text())
+    errors = [f"{list(e.path)}: {e.message}" for e in jsonschema.Draft4Validator(deck).iter_errors(doc)]
+    assert not errors, errors
+    assert doc["_format_version"] == "3.0"
+
+
+def test_kong_yml_enables_rollsafe_per_route():
+    doc = yaml.safe_load((ROOT / "kong" / "kong.yml").read_text())
+    routes = [r for s in doc["services"] for r in s.get("routes", [])]
+    chains = {r["name"]: r["filter_chains"] for r in routes if r.get("filter_chains")}
+    assert len(chains) >= 2
+    states = {f["enabled"] for c in chains.values() for chain in c for f in chain["filters"]}
+    assert states == {True, False}, "one route must carry rollsafe disabled"
+    assert len({json.dumps(c, sort_keys=True) for c in chains.values()}) == len(chains)
+
+
+def test_kong_conf_sets_what_rollsafe_needs():
+    conf = (ROOT / "kong" / "kong.conf").read_text()
+    settings = {}
+    for line in conf.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" in line:
+            k, v = (p.strip() for p in line.split("=", 1))
+            settings[k] = v
+    assert settings["wasm"] == "on"
+    assert settings["wasm_filters_path"]
+    assert "nginx_wasm_shm_kv_rollsafe" in settings
+    size = settings["nginx_http_client_body_buffer_size"]
+    assert size.endswith("m") and int(size[:-1]) >= 1
