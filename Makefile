@@ -52,7 +52,7 @@ $(DIST): .deps-stamp $(WASM)
 	wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types --strip-debug --strip-producers $(WASM) -o $(DIST)
 
 schema:
-	ROLLSAFE_WRITE_SCHEMA=1 cargo test --lib -q config::schema
+	ROLLSAFE_WRITE_SCHEMA=1 cargo test --lib -q config::schema::meta_json
 
 # --- run ---------------------------------------------------------------------------------
 run: deps $(DIST) $(POD)

@@ -9,7 +9,7 @@
 use std::io::{self, BufRead, Read, Write};
 
 fn check(text: &[u8]) -> serde_json::Value {
-    match rollsafe::config::parse(text) {
+    match rollsafe::plan::load(text) {
         Ok(_) => serde_json::json!({"ok": true}),
         Err(e) => serde_json::json!({"ok": false, "path": e.path, "reason": e.reason}),
     }
@@ -47,7 +47,7 @@ fn main() {
                 }
             }
         };
-        match rollsafe::config::parse(&text) {
+        match rollsafe::plan::load(&text) {
             Ok(_) => println!("{path}: ok"),
             Err(e) => {
                 println!("{path}: {e}");

@@ -35,9 +35,13 @@ impl fmt::Display for ConfigError {
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 #[cfg_attr(test, schemars(title = "rollsafe filter configuration"))]
-pub struct Config {}
+pub struct Config {
+    /// Scheduled maintenance windows: matching requests get 503 + `Retry-After` + problem+json.
+    #[serde(default)]
+    pub maintenance: Option<crate::maintenance::MaintenanceConfig>,
+}
 
-/// Parses and validates the configuration bytes the host hands to `on_configure`.
+/// Parses (syntax and shape; `plan::load` adds the semantic checks) the configuration bytes the host hands to `on_configure`.
 ///
 /// Accepts a JSON object (Envoy's `configuration` string, Kong >= 3.5 JSON-encoding its `config`
 /// object), a JSON string that itself holds the object (Kong 3.4 `config` strings that were
@@ -53,14 +57,18 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         if inner.is_empty() {
             return Ok(Config::default());
         }
-        return finish(decode(inner)?);
+        return decode(object(inner)?);
     }
-    finish(decode(text)?)
+    decode(object(text)?)
 }
 
-fn finish(cfg: Config) -> Result<Config, ConfigError> {
-    cfg.validate()?;
-    Ok(cfg)
+/// serde would also build a struct from a JSON array; the configuration must be an object.
+fn object(text: &[u8]) -> Result<&[u8], ConfigError> {
+    if text.first() == Some(&b'{') {
+        Ok(text)
+    } else {
+        Err(ConfigError::new("config", "must be a JSON object"))
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
@@ -94,13 +102,6 @@ fn without_position(e: &serde_json::Error) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg.get(..i).unwrap_or(&msg).to_string(),
         None => msg,
-    }
-}
-
-impl Config {
-    /// Semantic checks serde cannot express; each error names the field path.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        Ok(())
     }
 }
 

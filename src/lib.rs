@@ -15,6 +15,9 @@
 
 pub mod config;
 pub mod host;
+pub mod maintenance;
+pub mod plan;
+pub mod problem;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

@@ -1,6 +1,6 @@
 //! A scriptable in-memory host for native flow tests.
 
-use super::{Host, Level};
+use super::{Host, Level, Metric};
 use std::cell::{Cell, RefCell};
 
 /// A local reply the flow sent.
@@ -30,6 +30,8 @@ pub struct FakeHost {
     request: RefCell<Vec<(String, String)>>,
     sent: RefCell<Vec<Sent>>,
     logs: RefCell<Vec<(Level, String)>>,
+    metrics: RefCell<Vec<Metric>>,
+    header_reads: Cell<usize>,
 }
 
 impl FakeHost {
@@ -50,6 +52,19 @@ impl FakeHost {
         self.sent.borrow().clone()
     }
 
+    pub fn counted(&self, metric: Metric) -> usize {
+        self.metrics
+            .borrow()
+            .iter()
+            .filter(|m| **m == metric)
+            .count()
+    }
+
+    /// How many request headers the flow has read: the cost of a request that triggers nothing.
+    pub fn header_reads(&self) -> usize {
+        self.header_reads.get()
+    }
+
     pub fn logs_at(&self, level: Level) -> Vec<String> {
         self.logs
             .borrow()
@@ -66,6 +81,7 @@ impl Host for FakeHost {
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
+        self.header_reads.set(self.header_reads.get() + 1);
         self.request
             .borrow()
             .iter()
@@ -86,5 +102,9 @@ impl Host for FakeHost {
 
     fn log(&self, level: Level, message: &str) {
         self.logs.borrow_mut().push((level, message.to_string()));
+    }
+
+    fn count(&self, metric: Metric) {
+        self.metrics.borrow_mut().push(metric);
     }
 }

@@ -1,8 +1,10 @@
 //! The request flow, written against the [`Host`] seam. The proxy-wasm contexts in `proxy`
 //! forward every callback here; native tests drive the same code with a fake host.
 
-use super::{Host, Level};
-use crate::config::{self, Config};
+use super::{Host, Level, Metric};
+use crate::maintenance::{self, Decision, RequestFacts, RetryAfterFormat};
+use crate::plan::{self, Plan};
+use crate::problem::{self, Problem};
 use std::rc::Rc;
 
 /// What the filter does with a callback: let the stream go on, or hold it.
@@ -12,25 +14,11 @@ pub enum Verdict {
     Pause,
 }
 
-/// Everything built once at configure time and shared by the worker's HTTP contexts.
-#[derive(Debug, Default)]
-pub struct Plan {
-    pub config: Config,
-}
-
-impl Plan {
-    /// True when no capability is configured: requests pass without rollsafe looking at them.
-    pub fn is_pass_through(&self) -> bool {
-        true
-    }
-}
-
 /// Parses and compiles the configuration; on error logs `rollsafe: <path>: <reason>` once and
 /// returns `None` so the root context can refuse the configuration.
 pub fn configure(host: &impl Host, bytes: &[u8]) -> Option<Plan> {
-    match config::parse(bytes) {
-        Ok(config) => {
-            let plan = Plan { config };
+    match plan::load(bytes) {
+        Ok(plan) => {
             host.log(
                 Level::Info,
                 if plan.is_pass_through() {
@@ -64,9 +52,32 @@ impl Request {
         }
     }
 
-    pub fn on_request_headers(&mut self, _host: &impl Host, _end_of_stream: bool) -> Verdict {
+    pub fn on_request_headers(&mut self, host: &impl Host, _end_of_stream: bool) -> Verdict {
         if self.plan.is_pass_through() {
             return Verdict::Continue;
+        }
+        if let Some(policy) = &self.plan.maintenance {
+            let now = host.now_ms();
+            // Outside a window this is one clock read and a comparison: nothing else is read.
+            if let Some(until) = policy.active(now) {
+                let method = host.request_header(":method").unwrap_or_default();
+                let path = host.request_header(":path").unwrap_or_default();
+                let token = host.request_header(&policy.bypass_header);
+                let facts = RequestFacts {
+                    method: &method,
+                    path: &path,
+                    bypass_token: token.as_deref(),
+                };
+                match policy.decide(until, &facts) {
+                    Decision::Reject { until } => {
+                        host.count(Metric::MaintenanceRejected);
+                        self.reply_maintenance(host, policy.retry_after, now, until, &path);
+                        return Verdict::Pause;
+                    }
+                    Decision::Bypassed => host.count(Metric::MaintenanceBypassed),
+                    Decision::Allowed | Decision::Pass => {}
+                }
+            }
         }
         Verdict::Continue
     }
@@ -76,6 +87,46 @@ impl Request {
             return Verdict::Continue;
         }
         Verdict::Continue
+    }
+
+    fn reply_maintenance(
+        &mut self,
+        host: &impl Host,
+        format: RetryAfterFormat,
+        now: u64,
+        until: u64,
+        path: &str,
+    ) {
+        let seconds = until.saturating_sub(now).div_ceil(1000).max(1);
+        let retry_after = match format {
+            RetryAfterFormat::Delta => seconds.to_string(),
+            RetryAfterFormat::HttpDate => httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(until.div_ceil(1000)),
+            ),
+        };
+        let end = maintenance::format_utc(until);
+        let mut ext = serde_json::Map::new();
+        ext.insert("maintenance_until".into(), end.clone().into());
+        ext.insert("retry_after_s".into(), seconds.into());
+        let body = Problem {
+            kind: "maintenance",
+            title: "Service under maintenance",
+            status: 503,
+            detail: format!("Planned maintenance until {end}; retry after {seconds} s."),
+            instance: Some(path),
+            extensions: ext,
+        }
+        .to_json();
+        self.answered_locally = true;
+        host.send_response(
+            503,
+            &[
+                ("content-type", problem::CONTENT_TYPE),
+                ("retry-after", &retry_after),
+                ("cache-control", "no-store"),
+            ],
+            &body,
+        );
     }
 }
 
@@ -95,6 +146,19 @@ mod tests {
     }
 
     #[test]
+    fn semantic_config_errors_are_logged_with_the_field_path() {
+        let host = FakeHost::default();
+        let cfg = br#"{"maintenance":{"windows":[{"start":"2026-12-05T04:00:00Z","end":"2026-12-05T02:00:00Z"}]}}"#;
+        assert!(configure(&host, cfg).is_none());
+        assert_eq!(
+            host.logs_at(Level::Error),
+            vec![
+                "rollsafe: maintenance.windows[0].end: must be after start (2026-12-05T04:00:00Z)"
+            ]
+        );
+    }
+
+    #[test]
     fn empty_config_passes_requests_through_untouched() {
         let host = FakeHost::default();
         let plan = Rc::new(configure(&host, b"").unwrap());
@@ -103,5 +167,89 @@ mod tests {
         assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
         assert_eq!(req.on_response_headers(&host), Verdict::Continue);
         assert!(host.responses().is_empty());
+    }
+
+    const WINDOW: &str = r#"{"maintenance":{"windows":[{"start":"2026-12-05T02:00:00Z","end":"2026-12-05T04:00:00Z"}],
+        "allow_paths":["/healthz"],
+        "bypass_token_sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}}"#;
+
+    fn at(s: &str) -> u64 {
+        maintenance::parse_utc(s).unwrap()
+    }
+
+    #[test]
+    fn inside_a_window_a_request_gets_503_with_retry_after_and_a_problem() {
+        let host = FakeHost::at(at("2026-12-05T03:59:58Z") + 500);
+        let plan = Rc::new(configure(&host, WINDOW.as_bytes()).unwrap());
+        host.set_request(&[(":method", "POST"), (":path", "/orders?x=1")]);
+        let mut req = Request::new(plan);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+        let sent = host.responses();
+        assert_eq!(sent.len(), 1);
+        let r = &sent[0];
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("retry-after"), Some("2")); // 1.5 s rounded up
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        let doc = r.json();
+        assert_eq!(doc["status"], 503);
+        assert_eq!(doc["maintenance_until"], "2026-12-05T04:00:00Z");
+        assert_eq!(doc["instance"], "/orders");
+        // The local reply comes back through the response callback untouched.
+        assert_eq!(req.on_response_headers(&host), Verdict::Continue);
+        assert_eq!(host.counted(Metric::MaintenanceRejected), 1);
+    }
+
+    #[test]
+    fn outside_a_window_nothing_is_read_from_the_request() {
+        let host = FakeHost::at(at("2026-12-05T04:00:00Z"));
+        let plan = Rc::new(configure(&host, WINDOW.as_bytes()).unwrap());
+        let mut req = Request::new(plan);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        assert_eq!(host.header_reads(), 0);
+        assert!(host.responses().is_empty());
+    }
+
+    #[test]
+    fn allowlisted_path_and_bypass_token_pass_during_a_window() {
+        let host = FakeHost::at(at("2026-12-05T03:00:00Z"));
+        let plan = Rc::new(configure(&host, WINDOW.as_bytes()).unwrap());
+        host.set_request(&[(":method", "POST"), (":path", "/healthz")]);
+        assert_eq!(
+            Request::new(plan.clone()).on_request_headers(&host, true),
+            Verdict::Continue
+        );
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("x-maintenance-bypass", "test"),
+        ]);
+        assert_eq!(
+            Request::new(plan.clone()).on_request_headers(&host, true),
+            Verdict::Continue
+        );
+        assert_eq!(host.counted(Metric::MaintenanceBypassed), 1);
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("x-maintenance-bypass", "nope"),
+        ]);
+        assert_eq!(
+            Request::new(plan).on_request_headers(&host, true),
+            Verdict::Pause
+        );
+        assert!(host.responses().len() == 1);
+    }
+
+    #[test]
+    fn http_date_retry_after() {
+        let cfg = r#"{"maintenance":{"windows":[{"start":"2026-12-05T02:00:00Z","end":"2026-12-05T04:00:00Z"}],"retry_after":"http-date"}}"#;
+        let host = FakeHost::at(at("2026-12-05T03:00:00Z"));
+        let plan = Rc::new(configure(&host, cfg.as_bytes()).unwrap());
+        host.set_request(&[(":method", "GET"), (":path", "/")]);
+        Request::new(plan).on_request_headers(&host, true);
+        assert_eq!(
+            host.responses()[0].header("retry-after"),
+            Some("Sat, 05 Dec 2026 04:00:00 GMT")
+        );
     }
 }

@@ -19,6 +19,24 @@ pub enum Level {
     Debug,
 }
 
+/// Counters rollsafe exports (Envoy: `wasmcustom.rollsafe_*` in `/stats`; Kong exports them too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    MaintenanceRejected,
+    MaintenanceBypassed,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 2] = [Metric::MaintenanceRejected, Metric::MaintenanceBypassed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::MaintenanceRejected => "rollsafe_maintenance_rejected",
+            Metric::MaintenanceBypassed => "rollsafe_maintenance_bypassed",
+        }
+    }
+}
+
 /// What the flow needs from the host. Every call is infallible from the flow's point of view:
 /// host errors are absorbed (and logged) by the implementation, never turned into a trap.
 pub trait Host {
@@ -29,4 +47,5 @@ pub trait Host {
     /// Answers the request locally; the upstream is not contacted.
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn log(&self, level: Level, message: &str);
+    fn count(&self, metric: Metric);
 }

@@ -3,11 +3,12 @@
 //! methods unwrap host errors, and a panic traps the whole VM), and only calls both hosts
 //! implement (HOSTS.md: Kong traps on `proxy_get_log_level`, `proxy_done`, …).
 
-use super::flow::{self, Plan, Request, Verdict};
-use super::{Host, Level};
+use super::flow::{self, Request, Verdict};
+use super::{Host, Level, Metric};
+use crate::plan::Plan;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -17,9 +18,24 @@ pub fn install() {
     proxy_wasm::set_root_context(|_| Box::new(Root::default()));
 }
 
-/// The hostcall-backed [`Host`].
-#[derive(Default, Clone, Copy)]
-pub struct ProxyHost;
+/// The hostcall-backed [`Host`]. Holds the metric ids defined at configure time (a metric the
+/// host refused to define is skipped, never fatal).
+#[derive(Default, Clone)]
+pub struct ProxyHost {
+    metric_ids: Rc<Vec<Option<u32>>>,
+}
+
+impl ProxyHost {
+    fn with_metrics() -> Self {
+        let ids = Metric::ALL
+            .iter()
+            .map(|m| hostcalls::define_metric(MetricType::Counter, m.name()).ok())
+            .collect();
+        ProxyHost {
+            metric_ids: Rc::new(ids),
+        }
+    }
+}
 
 impl Host for ProxyHost {
     fn now_ms(&self) -> u64 {
@@ -54,11 +70,19 @@ impl Host for ProxyHost {
         };
         let _ = hostcalls::log(level, message);
     }
+
+    fn count(&self, metric: Metric) {
+        let index = Metric::ALL.iter().position(|m| *m == metric);
+        if let Some(Some(id)) = index.and_then(|i| self.metric_ids.get(i)) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
 }
 
 #[derive(Default)]
 struct Root {
     plan: Option<Rc<Plan>>,
+    host: ProxyHost,
 }
 
 impl Context for Root {}
@@ -69,9 +93,10 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match flow::configure(&ProxyHost, &bytes) {
+        match flow::configure(&self.host, &bytes) {
             Some(plan) => {
                 self.plan = Some(Rc::new(plan));
+                self.host = ProxyHost::with_metrics();
                 true
             }
             None => false,
@@ -84,6 +109,7 @@ impl RootContext for Root {
         let plan = self.plan.clone().unwrap_or_default();
         Some(Box::new(Http {
             request: Request::new(plan),
+            host: self.host.clone(),
         }))
     }
 
@@ -94,6 +120,7 @@ impl RootContext for Root {
 
 struct Http {
     request: Request,
+    host: ProxyHost,
 }
 
 impl Context for Http {}
@@ -107,10 +134,10 @@ fn action(v: Verdict) -> Action {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        action(self.request.on_request_headers(&ProxyHost, end_of_stream))
+        action(self.request.on_request_headers(&self.host, end_of_stream))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        action(self.request.on_response_headers(&ProxyHost))
+        action(self.request.on_response_headers(&self.host))
     }
 }

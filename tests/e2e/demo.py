@@ -28,6 +28,13 @@ def main() -> int:
     try:
         groups = {f"group-{g}": harness.group(g, 2) for g in "abc"}
         config = json.loads((ROOT / "tests" / "e2e" / "demo.json").read_text())
+        # The demo's maintenance window is "the next 15 minutes" so writes outside the
+        # allowlisted /a and /b prefixes show the 503 right away.
+        now = int(time.time())
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        config["maintenance"]["windows"] = [{
+            "start": time.strftime(fmt, time.gmtime(now)),
+            "end": time.strftime(fmt, time.gmtime(now + 900))}]
         envoy = harness.envoy(config, groups, port=PORT,
                               routes=[("/a", "group-a"), ("/b", "group-b"), ("/c", "group-c")])
         base = f"http://127.0.0.1:{PORT}"
@@ -38,6 +45,9 @@ def main() -> int:
 Try:
   curl -i {base}/a/orders
   curl -i -X POST {base}/b/orders -H 'content-type: application/json' -d '{{"sku": 42}}'
+  curl -i -X POST {base}/c/orders -d '{{}}'     # maintenance window: 503 + Retry-After + problem+json
+  curl -i {base}/c/orders                      # reads pass during the window
+  curl -i -X POST {base}/c/orders -d '{{}}' -H 'x-maintenance-bypass: demo'   # operator bypass
   curl -s 'http://127.0.0.1:{envoy.admin_port}/stats?filter=wasm'
 
 Filter config: tests/e2e/demo.json   Logs, attempt logs and ledgers: {run_dir}
