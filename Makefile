@@ -77,6 +77,8 @@ e2e: $(VENV)/.stamp $(DIST) $(POD) $(CHECK)
 	$(PY) -m pytest -q tests
 
 bench: deps $(DIST) $(POD)
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
 	$(PY) -m tests.e2e.bench
 
 clean:

@@ -163,7 +163,8 @@ class Envoy:
 
     def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
                  default_cluster: str | None = None, routes: list[dict] | None = None,
-                 concurrency: int = 2, wasm: Path = WASM, port: int | None = None):
+                 concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
+                 direct_response: bool = False):
         self.harness = harness
         self.filter_config = filter_config
         self.clusters = clusters
@@ -171,6 +172,9 @@ class Envoy:
         self.routes = routes or []
         self.concurrency = concurrency
         self.wasm = wasm
+        # Answer every request from Envoy itself (no upstream): the filter chain still runs in
+        # both directions, which is what the benchmark measures.
+        self.direct_response = direct_response
         self.port = port or free_port()
         self.admin_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -184,6 +188,9 @@ class Envoy:
             {"match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "60s"}}
             for prefix, cluster in self.routes
         ] + [{"match": {"prefix": "/"}, "route": {"cluster": self.default_cluster, "timeout": "60s"}}]
+        if self.direct_response:
+            routes = [{"match": {"prefix": "/"},
+                       "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]
         clusters = [
             {
                 "name": name,
@@ -214,7 +221,7 @@ class Envoy:
                             "stat_prefix": "ingress",
                             "route_config": {"virtual_hosts": [
                                 {"name": "all", "domains": ["*"], "routes": routes}]},
-                            "http_filters": [
+                            "http_filters": ([
                                 {
                                     "name": "envoy.filters.http.wasm",
                                     "typed_config": {
@@ -234,6 +241,7 @@ class Envoy:
                                         },
                                     },
                                 },
+                            ] if self.wasm else []) + [
                                 {"name": "envoy.filters.http.router", "typed_config": {
                                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
                             ],
@@ -278,6 +286,16 @@ class Envoy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def cpu_ns(self) -> int:
+        """CPU time Envoy has used so far, all threads, from the scheduler's accounting."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,92 @@
+"""`make bench`: what rollsafe costs Envoy per request, measured side by side in one run.
+
+Variants (each its own Envoy, 1 worker thread, answering from a direct_response route so no
+upstream process competes for the 2 cores; the filter chain still runs both ways):
+  bare        no wasm filter
+  noop        rollsafe with an empty config (the proxy-wasm floor: VM call per callback)
+  configured  rollsafe with every capability configured but nothing triggered
+
+Load: wrk on loopback. The measure is Envoy's CPU time per request (scheduler accounting for all
+its threads), not wall-clock latency, and the variants are interleaved round by round so machine
+noise hits them alike. Reported: medians over rounds and the differences between variants.
+"""
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from tests.e2e.harness import Harness
+
+ROUNDS = 9
+SECONDS = 2
+
+CONFIGURED = {
+    "maintenance": {
+        "windows": [
+            {"start": "2099-01-01T00:00:00Z", "end": "2099-01-01T02:00:00Z"},
+            {"rrule": "FREQ=WEEKLY;BYDAY=SA,SU", "start_time": "02:00", "duration_s": 60},
+        ],
+        "methods": ["POST", "PUT", "PATCH", "DELETE"],
+        "allow_paths": ["/healthz", "/status/*"],
+        "bypass_token_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    },
+}
+
+
+def wrk(port: int) -> int:
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{SECONDS}s", f"http://127.0.0.1:{port}/bench"],
+        capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m:
+        raise RuntimeError(out)
+    return int(m.group(1))
+
+
+def main() -> int:
+    if not shutil.which("wrk"):
+        print("wrk is missing (apt-get install wrk)", file=sys.stderr)
+        return 1
+    harness = Harness()
+    try:
+        pod = harness.pod("bench1", "bench")
+        clusters = {"bench": [pod]}
+        opts = {"concurrency": 1, "direct_response": True}
+        variants = {
+            "bare": harness.envoy({}, clusters, wasm=None, **opts),
+            "noop": harness.envoy({}, clusters, **opts),
+            "configured": harness.envoy(CONFIGURED, clusters, **opts),
+        }
+        for envoy in variants.values():  # warm up: connections, VM, JIT
+            subprocess.run(["wrk", "-t1", "-c8", "-d1s", f"http://127.0.0.1:{envoy.port}/bench"],
+                           capture_output=True, check=True)
+        us_per_req: dict[str, list[float]] = {k: [] for k in variants}
+        rps: dict[str, list[float]] = {k: [] for k in variants}
+        for r in range(ROUNDS):
+            for name, envoy in variants.items():
+                before = envoy.cpu_ns()
+                n = wrk(envoy.port)
+                used = envoy.cpu_ns() - before
+                us_per_req[name].append(used / n / 1000)
+                rps[name].append(n / SECONDS)
+            print(f"round {r + 1}: " + ", ".join(
+                f"{k} {v[-1]:.1f} µs" for k, v in us_per_req.items()), flush=True)
+        med = {k: statistics.median(v) for k, v in us_per_req.items()}
+        print("\nEnvoy CPU per request (median of rounds, 1 worker, loopback, direct_response):")
+        for k in variants:
+            print(f"  {k:<11} {med[k]:6.1f} µs   ({statistics.median(rps[k]):.0f} req/s)")
+        print(f"  noop - bare          = {med['noop'] - med['bare']:+.1f} µs  (the proxy-wasm floor)")
+        print(f"  configured - noop    = {med['configured'] - med['noop']:+.1f} µs  (target: ≤ 3 µs)")
+        print(f"  configured / bare    = {med['configured'] / med['bare']:.2f}x")
+        print(json.dumps({"median_us": med}))
+    finally:
+        harness.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
