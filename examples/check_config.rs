@@ -8,8 +8,16 @@
 
 use std::io::{self, BufRead, Read, Write};
 
+/// `ROLLSAFE_HOST=kong` checks as Kong's host would (e.g. refuses `retry.exchange: native`).
+fn host_kind() -> rollsafe::plan::HostKind {
+    match std::env::var("ROLLSAFE_HOST").as_deref() {
+        Ok("kong") => rollsafe::plan::HostKind::Kong,
+        _ => rollsafe::plan::HostKind::Envoy,
+    }
+}
+
 fn check(text: &[u8]) -> serde_json::Value {
-    match rollsafe::plan::load(text) {
+    match rollsafe::plan::load(text, host_kind()) {
         Ok(_) => serde_json::json!({"ok": true}),
         Err(e) => serde_json::json!({"ok": false, "path": e.path, "reason": e.reason}),
     }
@@ -47,7 +55,7 @@ fn main() {
                 }
             }
         };
-        match rollsafe::plan::load(&text) {
+        match rollsafe::plan::load(&text, host_kind()) {
             Ok(_) => println!("{path}: ok"),
             Err(e) => {
                 println!("{path}: {e}");

@@ -39,6 +39,9 @@ pub struct Config {
     /// Scheduled maintenance windows: matching requests get 503 + `Retry-After` + problem+json.
     #[serde(default)]
     pub maintenance: Option<crate::maintenance::MaintenanceConfig>,
+    /// Retries with backoff on 502/503/504, connect failure, reset and timeout (RFC 9110 safe).
+    #[serde(default)]
+    pub retry: Option<crate::retry::RetryConfig>,
 }
 
 /// Parses (syntax and shape; `plan::load` adds the semantic checks) the configuration bytes the host hands to `on_configure`.

@@ -18,6 +18,7 @@ pub mod host;
 pub mod maintenance;
 pub mod plan;
 pub mod problem;
+pub mod retry;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

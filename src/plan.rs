@@ -1,32 +1,79 @@
 //! The compiled configuration: everything decided once at configure time (parsed schedules,
-//! lookup tables) so that requests only compare and look up.
+//! lookup tables, the exchange driver) so that requests only compare and look up.
 
 use crate::config::{self, Config, ConfigError};
-use crate::maintenance;
+use crate::host::exchange::Driver;
+use crate::retry::ExchangeMode;
+use crate::{maintenance, retry};
+
+/// Which proxy-wasm host runs the filter; detected once at configure time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostKind {
+    #[default]
+    Envoy,
+    /// Kong's ngx_wasm_module.
+    Kong,
+}
 
 #[derive(Debug, Default)]
 pub struct Plan {
+    pub host: HostKind,
     pub maintenance: Option<maintenance::Policy>,
+    /// The retry policy and the driver that carries the exchange.
+    pub retry: Option<(retry::Policy, Driver)>,
 }
 
 impl Plan {
-    pub fn compile(cfg: &Config) -> Result<Plan, ConfigError> {
+    pub fn compile(cfg: &Config, host: HostKind) -> Result<Plan, ConfigError> {
+        let retry = match &cfg.retry {
+            None => None,
+            Some(r) => {
+                let policy = retry::Policy::compile(r, "retry")?;
+                if host == HostKind::Kong && policy.target.is_none() {
+                    return Err(ConfigError::new(
+                        "retry.target",
+                        "required on Kong's host: the host:port attempts are sent to",
+                    ));
+                }
+                let driver = match (policy.exchange, host) {
+                    (ExchangeMode::Dispatch, _) | (ExchangeMode::Auto, HostKind::Kong) => {
+                        Driver::Dispatch
+                    }
+                    (ExchangeMode::Native, HostKind::Kong) => {
+                        return Err(ConfigError::new(
+                            "retry.exchange",
+                            "native is not possible on Kong's host (it cannot hold or retry a \
+                             response); use auto or dispatch",
+                        ))
+                    }
+                    (ExchangeMode::Native | ExchangeMode::Auto, HostKind::Envoy) => Driver::Native,
+                };
+                Some((policy, driver))
+            }
+        };
         Ok(Plan {
+            host,
             maintenance: cfg
                 .maintenance
                 .as_ref()
                 .map(|m| maintenance::Policy::compile(m, "maintenance"))
                 .transpose()?,
+            retry,
         })
     }
 
     /// True when no capability is configured: requests pass without rollsafe looking at them.
     pub fn is_pass_through(&self) -> bool {
-        self.maintenance.is_none()
+        self.maintenance.is_none() && self.retry.is_none()
+    }
+
+    /// Whether any exchange may wait a backoff on the root context's tick.
+    pub fn needs_tick(&self) -> bool {
+        matches!(self.retry, Some((_, Driver::Native)))
     }
 }
 
 /// Parses, validates and compiles configuration bytes, exactly as `on_configure` does.
-pub fn load(bytes: &[u8]) -> Result<Plan, ConfigError> {
-    Plan::compile(&config::parse(bytes)?)
+pub fn load(bytes: &[u8], host: HostKind) -> Result<Plan, ConfigError> {
+    Plan::compile(&config::parse(bytes)?, host)
 }

@@ -7,6 +7,7 @@ field the counter-example breaks.
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,12 +22,13 @@ SCHEMA = META["config_schema"]
 VALIDATOR = jsonschema.Draft4Validator(SCHEMA)
 
 
-def rust_check(configs: list) -> list[dict]:
-    """Runs the Rust parser (the same code on_configure runs) over each config."""
+def rust_check(configs: list, host: str = "envoy") -> list[dict]:
+    """Runs the Rust parser (the same code on_configure runs) over each config, as `host`."""
     assert CHECK.exists(), "build it: cargo build --release --example check_config"
     texts = [c if isinstance(c, str) else json.dumps(c) for c in configs]
     out = subprocess.run([str(CHECK), "--lines"], input="".join(json.dumps(t) + "\n" for t in texts),
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "ROLLSAFE_HOST": host}).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
@@ -76,6 +78,17 @@ def test_every_counter_example_is_refused_by_both(case):
     [result] = rust_check([case["config"]])
     assert not result["ok"], f"Rust accepts {case['name']}"
     assert result["path"] == case["field"], result
+
+
+def test_kong_examples_configure_on_kongs_host():
+    configs = kong_filter_configs()
+    for config, result in zip(configs, rust_check(configs, host="kong")):
+        assert result["ok"], (config, result)
+    # And what only Kong refuses is refused there.
+    [native] = rust_check([{"retry": {"target": "svc:80", "exchange": "native"}}], host="kong")
+    assert native["path"] == "retry.exchange"
+    [no_target] = rust_check([{"retry": {}}], host="kong")
+    assert no_target["path"] == "retry.target"
 
 
 def test_kong_yml_passes_decks_schema():

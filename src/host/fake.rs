@@ -1,6 +1,6 @@
 //! A scriptable in-memory host for native flow tests.
 
-use super::{Host, Level, Metric};
+use super::{CallResponse, Host, Level, Metric};
 use std::cell::{Cell, RefCell};
 
 /// A local reply the flow sent.
@@ -32,6 +32,42 @@ pub struct FakeHost {
     logs: RefCell<Vec<(Level, String)>>,
     metrics: RefCell<Vec<Metric>>,
     header_reads: Cell<usize>,
+    /// Request headers the flow set.
+    pub set_request_headers: RefCell<Vec<(String, String)>>,
+    pub response_headers: RefCell<Vec<(String, String)>>,
+    pub request_body: RefCell<Vec<u8>>,
+    pub properties: RefCell<Vec<(String, Vec<u8>)>>,
+    /// Every dispatch: (token, target, headers, body, timeout).
+    pub dispatched: RefCell<Vec<Dispatched>>,
+    /// The call response the next `call_response` returns.
+    pub call: RefCell<CallResponse>,
+    pub dispatch_fails: Cell<bool>,
+    pub effective: Cell<Option<u32>>,
+    /// The held response rewritten in place: (status, headers), then the replaced body.
+    pub rewritten: RefCell<Option<Rewritten>>,
+    pub replaced_body: RefCell<Option<Vec<u8>>>,
+    pub rng: Cell<u64>,
+}
+
+/// A held response rewritten in place: status and headers.
+pub type Rewritten = (u32, Vec<(String, String)>);
+
+#[derive(Debug, Clone)]
+pub struct Dispatched {
+    pub token: u32,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+impl Dispatched {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl FakeHost {
@@ -50,6 +86,46 @@ impl FakeHost {
 
     pub fn responses(&self) -> Vec<Sent> {
         self.sent.borrow().clone()
+    }
+
+    pub fn set_body(&self, body: &[u8]) {
+        *self.request_body.borrow_mut() = body.to_vec();
+    }
+
+    pub fn set_response(&self, headers: &[(&str, &str)]) {
+        *self.response_headers.borrow_mut() = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    pub fn set_property(&self, path: &str, value: &str) {
+        self.properties
+            .borrow_mut()
+            .push((path.to_string(), value.as_bytes().to_vec()));
+    }
+
+    /// The answer the next delivered call response carries.
+    pub fn answer_call(&self, headers: &[(&str, &str)], body: &str) {
+        *self.call.borrow_mut() = CallResponse {
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+        };
+    }
+
+    pub fn dispatches(&self) -> Vec<Dispatched> {
+        self.dispatched.borrow().clone()
+    }
+
+    pub fn last_token(&self) -> u32 {
+        self.dispatched
+            .borrow()
+            .last()
+            .map(|d| d.token)
+            .unwrap_or(0)
     }
 
     pub fn counted(&self, metric: Metric) -> usize {
@@ -78,6 +154,102 @@ impl FakeHost {
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
         self.now.get()
+    }
+
+    fn random(&self) -> u64 {
+        self.rng.get()
+    }
+
+    fn request_headers(&self) -> Vec<(String, String)> {
+        self.header_reads.set(self.header_reads.get() + 1);
+        self.request.borrow().clone()
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) {
+        self.set_request_headers
+            .borrow_mut()
+            .push((name.to_string(), value.to_string()));
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        let body = self.request_body.borrow();
+        Some(
+            body.get(..size.min(body.len()))
+                .unwrap_or_default()
+                .to_vec(),
+        )
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.response_headers
+            .borrow()
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        self.response_headers
+            .borrow_mut()
+            .push((name.to_string(), value.to_string()));
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let key = path.join(".");
+        self.properties
+            .borrow()
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn dispatch(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, String> {
+        if self.dispatch_fails.get() {
+            return Err("BadArgument".into());
+        }
+        let token = self.dispatched.borrow().len() as u32 + 100;
+        self.dispatched.borrow_mut().push(Dispatched {
+            token,
+            target: target.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+            timeout_ms,
+        });
+        Ok(token)
+    }
+
+    fn call_response(&self, body_size: usize) -> CallResponse {
+        let mut c = self.call.borrow().clone();
+        c.body.truncate(body_size);
+        c
+    }
+
+    fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]) {
+        *self.rewritten.borrow_mut() = Some((
+            status,
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+    }
+
+    fn replace_response_body(&self, _size: usize, body: &[u8]) {
+        *self.replaced_body.borrow_mut() = Some(body.to_vec());
+    }
+
+    fn set_effective_context(&self, id: u32) -> bool {
+        self.effective.set(Some(id));
+        true
     }
 
     fn request_header(&self, name: &str) -> Option<String> {

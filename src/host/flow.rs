@@ -1,7 +1,8 @@
 //! The request flow, written against the [`Host`] seam. The proxy-wasm contexts in `proxy`
 //! forward every callback here; native tests drive the same code with a fake host.
 
-use super::{Host, Level, Metric};
+use super::exchange::{Exchange, Step};
+use super::{Host, HostKind, Level, Metric};
 use crate::maintenance::{self, Decision, RequestFacts, RetryAfterFormat};
 use crate::plan::{self, Plan};
 use crate::problem::{self, Problem};
@@ -16,8 +17,8 @@ pub enum Verdict {
 
 /// Parses and compiles the configuration; on error logs `rollsafe: <path>: <reason>` once and
 /// returns `None` so the root context can refuse the configuration.
-pub fn configure(host: &impl Host, bytes: &[u8]) -> Option<Plan> {
-    match plan::load(bytes) {
+pub fn configure(host: &impl Host, bytes: &[u8], kind: HostKind) -> Option<Plan> {
+    match plan::load(bytes, kind) {
         Ok(plan) => {
             host.log(
                 Level::Info,
@@ -42,6 +43,17 @@ pub struct Request {
     /// Set once rollsafe answered locally: that reply passes back through this filter's own
     /// response callbacks on both hosts and must be left alone.
     answered_locally: bool,
+    /// The upstream exchange, when rollsafe owns it (retries configured).
+    exchange: Option<Exchange>,
+}
+
+impl From<Step> for Verdict {
+    fn from(s: Step) -> Verdict {
+        match s {
+            Step::Continue => Verdict::Continue,
+            Step::Pause => Verdict::Pause,
+        }
+    }
 }
 
 impl Request {
@@ -49,15 +61,16 @@ impl Request {
         Request {
             plan,
             answered_locally: false,
+            exchange: None,
         }
     }
 
-    pub fn on_request_headers(&mut self, host: &impl Host, _end_of_stream: bool) -> Verdict {
+    pub fn on_request_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
         if self.plan.is_pass_through() {
             return Verdict::Continue;
         }
+        let now = host.now_ms();
         if let Some(policy) = &self.plan.maintenance {
-            let now = host.now_ms();
             // Outside a window this is one clock read and a comparison: nothing else is read.
             if let Some(until) = policy.active(now) {
                 let method = host.request_header(":method").unwrap_or_default();
@@ -79,14 +92,76 @@ impl Request {
                 }
             }
         }
+        if let Some((policy, driver)) = &self.plan.retry {
+            let (exchange, step) =
+                Exchange::start(policy, *driver, self.plan.host, host, end_of_stream, now);
+            self.exchange = exchange;
+            return step.into();
+        }
         Verdict::Continue
     }
 
-    pub fn on_response_headers(&mut self, _host: &impl Host) -> Verdict {
+    pub fn on_request_body(
+        &mut self,
+        host: &impl Host,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        let (Some((policy, _)), Some(exchange)) = (&self.plan.retry, self.exchange.take()) else {
+            return Verdict::Continue;
+        };
+        let (exchange, step) = exchange.on_request_body(policy, host, size, end_of_stream);
+        self.exchange = exchange;
+        step.into()
+    }
+
+    pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Verdict {
         if self.answered_locally {
             return Verdict::Continue;
         }
-        Verdict::Continue
+        match (&self.plan.retry, &mut self.exchange) {
+            (Some((policy, _)), Some(exchange)) => exchange
+                .on_response_headers(policy, host, end_of_stream)
+                .into(),
+            _ => Verdict::Continue,
+        }
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &impl Host,
+        size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        match &mut self.exchange {
+            Some(exchange) => exchange.on_response_body(host, size, end_of_stream).into(),
+            None => Verdict::Continue,
+        }
+    }
+
+    /// The answer to a call this request dispatched (delivered to it or, for root-driven
+    /// retries, to the root context).
+    pub fn on_call_response(&mut self, host: &impl Host, token: u32, body_size: usize) {
+        if let (Some((policy, _)), Some(exchange)) = (&self.plan.retry, &mut self.exchange) {
+            exchange.on_call_response(policy, host, token, body_size);
+        }
+    }
+
+    /// A scheduled backoff ended.
+    pub fn on_wake(&mut self, host: &impl Host) {
+        if let (Some((policy, _)), Some(exchange)) = (&self.plan.retry, &mut self.exchange) {
+            exchange.on_wake(policy, host);
+        }
+    }
+
+    /// When to wake this request (a backoff was scheduled); taken once.
+    pub fn take_wake(&mut self) -> Option<u64> {
+        self.exchange.as_mut().and_then(Exchange::take_wake)
+    }
+
+    /// The token of the call this request waits for.
+    pub fn pending_call(&self) -> Option<u32> {
+        self.exchange.as_ref().and_then(Exchange::pending)
     }
 
     fn reply_maintenance(
@@ -138,7 +213,7 @@ mod tests {
     #[test]
     fn invalid_config_is_refused_with_its_field_path_logged() {
         let host = FakeHost::default();
-        assert!(configure(&host, br#"{"bogus": 1}"#).is_none());
+        assert!(configure(&host, br#"{"bogus": 1}"#, HostKind::Envoy).is_none());
         let errors = host.logs_at(Level::Error);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with("rollsafe: "), "{errors:?}");
@@ -149,7 +224,7 @@ mod tests {
     fn semantic_config_errors_are_logged_with_the_field_path() {
         let host = FakeHost::default();
         let cfg = br#"{"maintenance":{"windows":[{"start":"2026-12-05T04:00:00Z","end":"2026-12-05T02:00:00Z"}]}}"#;
-        assert!(configure(&host, cfg).is_none());
+        assert!(configure(&host, cfg, HostKind::Envoy).is_none());
         assert_eq!(
             host.logs_at(Level::Error),
             vec![
@@ -161,11 +236,11 @@ mod tests {
     #[test]
     fn empty_config_passes_requests_through_untouched() {
         let host = FakeHost::default();
-        let plan = Rc::new(configure(&host, b"").unwrap());
+        let plan = Rc::new(configure(&host, b"", HostKind::Envoy).unwrap());
         let mut req = Request::new(plan);
         host.set_request(&[(":method", "POST"), (":path", "/orders")]);
         assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
-        assert_eq!(req.on_response_headers(&host), Verdict::Continue);
+        assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
         assert!(host.responses().is_empty());
     }
 
@@ -180,7 +255,7 @@ mod tests {
     #[test]
     fn inside_a_window_a_request_gets_503_with_retry_after_and_a_problem() {
         let host = FakeHost::at(at("2026-12-05T03:59:58Z") + 500);
-        let plan = Rc::new(configure(&host, WINDOW.as_bytes()).unwrap());
+        let plan = Rc::new(configure(&host, WINDOW.as_bytes(), HostKind::Envoy).unwrap());
         host.set_request(&[(":method", "POST"), (":path", "/orders?x=1")]);
         let mut req = Request::new(plan);
         assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
@@ -195,14 +270,14 @@ mod tests {
         assert_eq!(doc["maintenance_until"], "2026-12-05T04:00:00Z");
         assert_eq!(doc["instance"], "/orders");
         // The local reply comes back through the response callback untouched.
-        assert_eq!(req.on_response_headers(&host), Verdict::Continue);
+        assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
         assert_eq!(host.counted(Metric::MaintenanceRejected), 1);
     }
 
     #[test]
     fn outside_a_window_nothing_is_read_from_the_request() {
         let host = FakeHost::at(at("2026-12-05T04:00:00Z"));
-        let plan = Rc::new(configure(&host, WINDOW.as_bytes()).unwrap());
+        let plan = Rc::new(configure(&host, WINDOW.as_bytes(), HostKind::Envoy).unwrap());
         let mut req = Request::new(plan);
         assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
         assert_eq!(host.header_reads(), 0);
@@ -212,7 +287,7 @@ mod tests {
     #[test]
     fn allowlisted_path_and_bypass_token_pass_during_a_window() {
         let host = FakeHost::at(at("2026-12-05T03:00:00Z"));
-        let plan = Rc::new(configure(&host, WINDOW.as_bytes()).unwrap());
+        let plan = Rc::new(configure(&host, WINDOW.as_bytes(), HostKind::Envoy).unwrap());
         host.set_request(&[(":method", "POST"), (":path", "/healthz")]);
         assert_eq!(
             Request::new(plan.clone()).on_request_headers(&host, true),
@@ -244,7 +319,7 @@ mod tests {
     fn http_date_retry_after() {
         let cfg = r#"{"maintenance":{"windows":[{"start":"2026-12-05T02:00:00Z","end":"2026-12-05T04:00:00Z"}],"retry_after":"http-date"}}"#;
         let host = FakeHost::at(at("2026-12-05T03:00:00Z"));
-        let plan = Rc::new(configure(&host, cfg.as_bytes()).unwrap());
+        let plan = Rc::new(configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap());
         host.set_request(&[(":method", "GET"), (":path", "/")]);
         Request::new(plan).on_request_headers(&host, true);
         assert_eq!(

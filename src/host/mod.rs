@@ -4,11 +4,15 @@
 //! drive it with a fake host; `proxy` implements [`Host`] with proxy-wasm hostcalls and wires the
 //! SDK's root and HTTP contexts to `flow`.
 
+pub mod exchange;
 pub mod flow;
 pub mod proxy;
+pub mod scheduler;
 
 #[cfg(test)]
 pub mod fake;
+#[cfg(test)]
+mod retry_flow_tests;
 
 /// Log levels the flow uses (mapped to the host's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,17 +28,64 @@ pub enum Level {
 pub enum Metric {
     MaintenanceRejected,
     MaintenanceBypassed,
+    /// Every upstream attempt of an exchange rollsafe owns.
+    Attempts,
+    Retry502,
+    Retry503,
+    Retry504,
+    RetryConnectFailure,
+    RetryReset,
+    RetryTimeout,
+    RetryBudgetExhausted,
+    RetryDeadlineExceeded,
+    /// A retryable failure not retried: attempts used up, or unsafe to repeat.
+    RetryGaveUp,
+    BodyTooLarge,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 2] = [Metric::MaintenanceRejected, Metric::MaintenanceBypassed];
+    pub const ALL: [Metric; 13] = [
+        Metric::MaintenanceRejected,
+        Metric::MaintenanceBypassed,
+        Metric::Attempts,
+        Metric::Retry502,
+        Metric::Retry503,
+        Metric::Retry504,
+        Metric::RetryConnectFailure,
+        Metric::RetryReset,
+        Metric::RetryTimeout,
+        Metric::RetryBudgetExhausted,
+        Metric::RetryDeadlineExceeded,
+        Metric::RetryGaveUp,
+        Metric::BodyTooLarge,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Metric::MaintenanceRejected => "rollsafe_maintenance_rejected",
             Metric::MaintenanceBypassed => "rollsafe_maintenance_bypassed",
+            Metric::Attempts => "rollsafe_attempts",
+            Metric::Retry502 => "rollsafe_retries_502",
+            Metric::Retry503 => "rollsafe_retries_503",
+            Metric::Retry504 => "rollsafe_retries_504",
+            Metric::RetryConnectFailure => "rollsafe_retries_connect_failure",
+            Metric::RetryReset => "rollsafe_retries_reset",
+            Metric::RetryTimeout => "rollsafe_retries_timeout",
+            Metric::RetryBudgetExhausted => "rollsafe_retry_budget_exhausted",
+            Metric::RetryDeadlineExceeded => "rollsafe_retry_deadline_exceeded",
+            Metric::RetryGaveUp => "rollsafe_retry_gave_up",
+            Metric::BodyTooLarge => "rollsafe_body_too_large",
         }
     }
+}
+
+pub use crate::plan::HostKind;
+
+/// The answer to a `dispatch` as the host delivered it.
+#[derive(Debug, Clone, Default)]
+pub struct CallResponse {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 /// What the flow needs from the host. Every call is infallible from the flow's point of view:
@@ -42,10 +93,38 @@ impl Metric {
 pub trait Host {
     /// Wall-clock time, milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+    /// A random number (backoff jitter).
+    fn random(&self) -> u64;
     /// One request header (`:method`, `:path` and the other pseudo headers included).
     fn request_header(&self, name: &str) -> Option<String>;
+    /// All request headers, pseudo headers included.
+    fn request_headers(&self) -> Vec<(String, String)>;
+    fn set_request_header(&self, name: &str, value: &str);
+    /// `size` bytes of the request body as the host holds it now.
+    fn request_body(&self, size: usize) -> Option<Vec<u8>>;
+    fn response_header(&self, name: &str) -> Option<String>;
+    fn set_response_header(&self, name: &str, value: &str);
+    /// A host property (`["response", "code_details"]`).
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Sends a request of rollsafe's own; the answer arrives as a call response with the token.
+    fn dispatch(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, String>;
+    /// Headers and body of the call response being delivered.
+    fn call_response(&self, body_size: usize) -> CallResponse;
     /// Answers the request locally; the upstream is not contacted.
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
+    /// Replaces the held (paused) response's status and headers and lets it go on; its body
+    /// arrives next in the response body callback.
+    fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]);
+    /// Replaces `size` bytes of response body as the host holds it now.
+    fn replace_response_body(&self, size: usize, body: &[u8]);
+    /// Makes the HTTP context `id` the one later calls act on (root-driven retries, Envoy).
+    fn set_effective_context(&self, id: u32) -> bool;
     fn log(&self, level: Level, message: &str);
     fn count(&self, metric: Metric);
 }

@@ -4,13 +4,19 @@
 //! implement (HOSTS.md: Kong traps on `proxy_get_log_level`, `proxy_done`, …).
 
 use super::flow::{self, Request, Verdict};
-use super::{Host, Level, Metric};
+use super::scheduler::{Scheduler, Shared};
+use super::{CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::Plan;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::cell::{Cell, RefCell};
+use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Tick period for root-driven backoffs (native driver, Envoy only).
+const TICK: Duration = Duration::from_millis(10);
 
 /// Registers the root context factory; called once from `_initialize`.
 pub fn install() {
@@ -23,6 +29,7 @@ pub fn install() {
 #[derive(Default, Clone)]
 pub struct ProxyHost {
     metric_ids: Rc<Vec<Option<u32>>>,
+    seed: Rc<Cell<u64>>,
 }
 
 impl ProxyHost {
@@ -33,6 +40,9 @@ impl ProxyHost {
             .collect();
         ProxyHost {
             metric_ids: Rc::new(ids),
+            seed: Rc::new(Cell::new(
+                std::hash::RandomState::new().build_hasher().finish(),
+            )),
         }
     }
 }
@@ -46,10 +56,76 @@ impl Host for ProxyHost {
             .unwrap_or(0)
     }
 
+    fn random(&self) -> u64 {
+        // splitmix64 over a per-VM seed from the host's entropy: jitter needs spread, not secrecy.
+        let s = self.seed.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.seed.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
     fn request_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
             .ok()
             .flatten()
+    }
+
+    fn request_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) {
+        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    fn dispatch(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, String> {
+        let body = (!body.is_empty()).then_some(body);
+        hostcalls::dispatch_http_call(
+            target,
+            headers.to_vec(),
+            body,
+            vec![],
+            Duration::from_millis(timeout_ms),
+        )
+        .map_err(|e| format!("{e:?}"))
+    }
+
+    fn call_response(&self, body_size: usize) -> CallResponse {
+        CallResponse {
+            headers: hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default(),
+            body: hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        }
     }
 
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
@@ -59,6 +135,22 @@ impl Host for ProxyHost {
                 &format!("rollsafe: local reply {status} failed: {e:?}"),
             );
         }
+    }
+
+    fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]) {
+        let status = status.to_string();
+        let mut all = vec![(":status", status.as_str())];
+        all.extend_from_slice(headers);
+        let _ = hostcalls::set_map(MapType::HttpResponseHeaders, all);
+        let _ = hostcalls::resume_http_response();
+    }
+
+    fn replace_response_body(&self, size: usize, body: &[u8]) {
+        let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body);
+    }
+
+    fn set_effective_context(&self, id: u32) -> bool {
+        hostcalls::set_effective_context(id).is_ok()
     }
 
     fn log(&self, level: Level, message: &str) {
@@ -83,9 +175,38 @@ impl Host for ProxyHost {
 struct Root {
     plan: Option<Rc<Plan>>,
     host: ProxyHost,
+    scheduler: Rc<Scheduler>,
+    tick_set: bool,
 }
 
-impl Context for Root {}
+/// Kong's host answers `plugin_vm_id` as not implemented; Envoy always has one.
+fn detect_host() -> HostKind {
+    match hostcalls::get_property(vec!["plugin_vm_id"]) {
+        Ok(Some(_)) => HostKind::Envoy,
+        _ => HostKind::Kong,
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some((context_id, request)) = self.scheduler.take_call(token) else {
+            return;
+        };
+        if !self.host.set_effective_context(context_id) {
+            return;
+        }
+        if let Ok(mut req) = request.try_borrow_mut() {
+            req.on_call_response(&self.host, token, body_size);
+        }
+        self.scheduler.track(context_id, &request, true);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
@@ -93,8 +214,13 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match flow::configure(&self.host, &bytes) {
+        let kind = detect_host();
+        match flow::configure(&self.host, &bytes, kind) {
             Some(plan) => {
+                // Kong traps on a second non-zero tick period; only Envoy runs the native driver.
+                if plan.needs_tick() && kind == HostKind::Envoy && !self.tick_set {
+                    self.tick_set = hostcalls::set_tick_period(TICK).is_ok();
+                }
                 self.plan = Some(Rc::new(plan));
                 self.host = ProxyHost::with_metrics();
                 true
@@ -103,13 +229,27 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        for (context_id, request) in self.scheduler.due(self.host.now_ms()) {
+            if !self.host.set_effective_context(context_id) {
+                continue;
+            }
+            if let Ok(mut req) = request.try_borrow_mut() {
+                req.on_wake(&self.host);
+            }
+            self.scheduler.track(context_id, &request, true);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK panics on `None`; a host that keeps a refused filter running gets a
         // pass-through context rather than a trap.
         let plan = self.plan.clone().unwrap_or_default();
         Some(Box::new(Http {
-            request: Request::new(plan),
+            id: context_id,
+            request: Rc::new(RefCell::new(Request::new(plan))),
             host: self.host.clone(),
+            scheduler: Rc::clone(&self.scheduler),
         }))
     }
 
@@ -119,11 +259,11 @@ impl RootContext for Root {
 }
 
 struct Http {
-    request: Request,
+    id: u32,
+    request: Shared,
     host: ProxyHost,
+    scheduler: Rc<Scheduler>,
 }
-
-impl Context for Http {}
 
 fn action(v: Verdict) -> Action {
     match v {
@@ -132,12 +272,47 @@ fn action(v: Verdict) -> Action {
     }
 }
 
+impl Http {
+    fn run(&self, f: impl FnOnce(&mut Request, &ProxyHost) -> Verdict) -> Action {
+        let verdict = match self.request.try_borrow_mut() {
+            Ok(mut req) => f(&mut req, &self.host),
+            Err(_) => Verdict::Continue,
+        };
+        // Calls dispatched from this context come back to it; only backoffs need the root.
+        self.scheduler.track(self.id, &self.request, false);
+        action(verdict)
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        self.run(|req, host| {
+            req.on_call_response(host, token, body_size);
+            Verdict::Continue
+        });
+    }
+}
+
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        action(self.request.on_request_headers(&self.host, end_of_stream))
+        self.run(|req, host| req.on_request_headers(host, end_of_stream))
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        action(self.request.on_response_headers(&self.host))
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(|req, host| req.on_request_body(host, body_size, end_of_stream))
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.run(|req, host| req.on_response_headers(host, end_of_stream))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.run(|req, host| req.on_response_body(host, body_size, end_of_stream))
     }
 }

@@ -12,6 +12,7 @@ noise hits them alike. Reported: medians over rounds and the differences between
 """
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -21,7 +22,7 @@ import time
 
 from tests.e2e.harness import Harness
 
-ROUNDS = 9
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "9"))
 SECONDS = 2
 
 CONFIGURED = {
@@ -34,6 +35,8 @@ CONFIGURED = {
         "allow_paths": ["/healthz", "/status/*"],
         "bypass_token_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     },
+    "retry": {"attempts": 3, "backoff": {"base_ms": 25, "max_ms": 500},
+              "attempt_count_header": "x-rollsafe-attempts"},
 }
 
 
@@ -61,6 +64,9 @@ def main() -> int:
             "noop": harness.envoy({}, clusters, **opts),
             "configured": harness.envoy(CONFIGURED, clusters, **opts),
         }
+        # Extra variants for investigations: BENCH_VARIANTS='{"name": {config}, ...}'
+        for name, cfg in json.loads(os.environ.get("BENCH_VARIANTS", "{}")).items():
+            variants[name] = harness.envoy(cfg, clusters, **opts)
         for envoy in variants.values():  # warm up: connections, VM, JIT
             subprocess.run(["wrk", "-t1", "-c8", "-d1s", f"http://127.0.0.1:{envoy.port}/bench"],
                            capture_output=True, check=True)
@@ -78,7 +84,8 @@ def main() -> int:
         med = {k: statistics.median(v) for k, v in us_per_req.items()}
         print("\nEnvoy CPU per request (median of rounds, 1 worker, loopback, direct_response):")
         for k in variants:
-            print(f"  {k:<11} {med[k]:6.1f} µs   ({statistics.median(rps[k]):.0f} req/s)")
+            print(f"  {k:<11} {med[k]:6.1f} µs   ({statistics.median(rps[k]):.0f} req/s)"
+                  f"   {med[k] - med['noop']:+.1f} µs vs noop")
         print(f"  noop - bare          = {med['noop'] - med['bare']:+.1f} µs  (the proxy-wasm floor)")
         print(f"  configured - noop    = {med['configured'] - med['noop']:+.1f} µs  (target: ≤ 3 µs)")
         print(f"  configured / bare    = {med['configured'] / med['bare']:.2f}x")

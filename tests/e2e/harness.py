@@ -181,13 +181,26 @@ class Envoy:
         self.name = f"envoy-{next(harness.counter)}"
         self.log_path = harness.dir / f"{self.name}.log"
 
+    def route_action(self, cluster: str) -> dict:
+        """The route as the README tells Envoy operators to write it next to rollsafe: the
+        route's timeout is the per-try timeout of attempt 1, and the router itself retries what
+        never reached the application (rollsafe cannot replay a body Envoy stopped handing it)."""
+        cfg = self.filter_config if isinstance(self.filter_config, dict) else {}
+        retry = cfg.get("retry") if isinstance(cfg.get("retry"), dict) else None
+        if retry is None:
+            return {"cluster": cluster, "timeout": "60s"}
+        per_try_ms = int(retry.get("per_try_timeout_ms", 5000))
+        return {"cluster": cluster, "timeout": f"{per_try_ms / 1000}s",
+                "retry_policy": {"retry_on": "connect-failure,reset-before-request",
+                                 "num_retries": 1}}
+
     def bootstrap(self) -> dict:
         cfg = self.filter_config
         config_text = cfg if isinstance(cfg, str) else json.dumps(cfg)
         routes = [
-            {"match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "60s"}}
+            {"match": {"prefix": prefix}, "route": self.route_action(cluster)}
             for prefix, cluster in self.routes
-        ] + [{"match": {"prefix": "/"}, "route": {"cluster": self.default_cluster, "timeout": "60s"}}]
+        ] + [{"match": {"prefix": "/"}, "route": self.route_action(self.default_cluster)}]
         if self.direct_response:
             routes = [{"match": {"prefix": "/"},
                        "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]

@@ -43,6 +43,9 @@ def test_config_given_as_json_string_is_accepted(harness):
 @pytest.mark.parametrize("config, field", [
     ({"bogus": 1}, "bogus"),
     ("{not json", "config"),
+    ({"retry": {"attempts": 0}}, "retry.attempts: must be 1..=10, got 0"),
+    ({"maintenance": {"windows": [{"rrule": "FREQ=HOURLY", "start_time": "02:00", "duration_s": 60}]}},
+     "maintenance.windows[0].rrule: FREQ must be DAILY or WEEKLY"),
 ])
 def test_invalid_config_is_refused_and_the_log_names_the_field(harness, config, field):
     pod = harness.pod("a1", "a")

@@ -1,0 +1,419 @@
+//! The exchange drivers driven natively through the flow with a fake host.
+
+use super::fake::FakeHost;
+use super::flow::{configure, Request, Verdict};
+use super::scheduler::Scheduler;
+use super::{HostKind, Metric};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+fn request(host: &FakeHost, kind: HostKind, retry: &str) -> Request {
+    let cfg = format!(r#"{{"retry": {retry}}}"#);
+    Request::new(Rc::new(
+        configure(host, cfg.as_bytes(), kind).expect("config"),
+    ))
+}
+
+const DISPATCH: &str =
+    r#"{"target":"group-a","exchange":"dispatch","attempt_count_header":"x-attempts"}"#;
+const NATIVE: &str =
+    r#"{"target":"group-a","exchange":"native","backoff":{"base_ms":10,"max_ms":10,"min_ms":100}}"#;
+
+#[test]
+fn dispatch_get_retries_at_once_and_answers_with_the_last_upstream_answer() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[
+        (":method", "GET"),
+        (":path", "/a?b=1"),
+        (":authority", "api"),
+        ("x-trace", "t1"),
+    ]);
+    // No body: the first attempt goes out from request headers, which stay paused.
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Pause);
+    let d = host.dispatches();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].target, "group-a");
+    assert_eq!(d[0].header(":path"), Some("/a?b=1"));
+    assert_eq!(d[0].header(":authority"), Some("api"));
+    assert_eq!(d[0].header("x-trace"), Some("t1"));
+    assert_eq!(d[0].timeout_ms, 5_000);
+
+    host.answer_call(&[(":status", "503"), ("retry-after", "2")], "busy");
+    req.on_call_response(&host, host.last_token(), 4);
+    // Immediate re-dispatch, no wait on this driver.
+    assert_eq!(host.dispatches().len(), 2);
+    assert!(host.responses().is_empty());
+
+    host.answer_call(
+        &[
+            (":status", "200"),
+            ("content-type", "text/plain"),
+            ("connection", "keep-alive"),
+            ("content-length", "2"),
+        ],
+        "ok",
+    );
+    req.on_call_response(&host, host.last_token(), 2);
+    let sent = host.responses();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].status, 200);
+    assert_eq!(sent[0].body, b"ok");
+    assert_eq!(sent[0].header("content-type"), Some("text/plain"));
+    assert_eq!(
+        sent[0].header("connection"),
+        None,
+        "hop-by-hop headers are not copied"
+    );
+    assert_eq!(sent[0].header("content-length"), None);
+    assert_eq!(sent[0].header("x-attempts"), Some("2"));
+    assert_eq!(
+        host.counted(Metric::Attempts),
+        2,
+        "attempts rollsafe sent itself"
+    );
+    assert_eq!(host.counted(Metric::Retry503), 1);
+    // The local reply passes back through the response callback untouched.
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+}
+
+#[test]
+fn dispatch_exhausted_attempts_keep_the_upstreams_retry_after() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(
+        &host,
+        HostKind::Kong,
+        r#"{"target":"orders:8080","attempts":2}"#,
+    );
+    host.set_request(&[(":method", "GET"), (":path", "/")]);
+    // Kong: no end_of_stream, no body framing: no body.
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+    for _ in 0..2 {
+        host.answer_call(&[(":status", "503"), ("retry-after", "2")], "busy");
+        req.on_call_response(&host, host.last_token(), 4);
+    }
+    assert_eq!(host.dispatches().len(), 2);
+    let sent = host.responses();
+    assert_eq!(sent[0].status, 503);
+    assert_eq!(sent[0].header("retry-after"), Some("2"));
+    assert_eq!(host.counted(Metric::RetryGaveUp), 1);
+}
+
+#[test]
+fn dispatch_post_with_body_is_buffered_and_not_retried_after_it_may_have_arrived() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/orders"),
+        ("content-length", "11"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    host.set_body(b"hello world");
+    assert_eq!(req.on_request_body(&host, 5, false), Verdict::Pause);
+    assert!(host.dispatches().is_empty());
+    assert_eq!(req.on_request_body(&host, 11, true), Verdict::Pause);
+    assert_eq!(host.dispatches()[0].body, b"hello world");
+    // The route's own upstream answering early must not reach the client.
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    host.answer_call(&[(":status", "503")], "busy");
+    req.on_call_response(&host, host.last_token(), 4);
+    assert_eq!(
+        host.dispatches().len(),
+        1,
+        "POST is not retried after a 503"
+    );
+    // The held route answer is rewritten into the upstream's 503.
+    assert_eq!(host.rewritten.borrow().as_ref().map(|r| r.0), Some(503));
+}
+
+#[test]
+fn dispatch_post_is_retried_when_the_connection_was_refused() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/orders"),
+        ("content-length", "2"),
+    ]);
+    req.on_request_headers(&host, false);
+    host.set_body(b"{}");
+    req.on_request_body(&host, 2, true);
+    host.answer_call(
+        &[(":status", "503")],
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+    );
+    req.on_call_response(&host, host.last_token(), 200);
+    assert_eq!(host.dispatches().len(), 2);
+    assert_eq!(host.dispatches()[1].body, b"{}");
+    host.answer_call(&[(":status", "201")], "made");
+    req.on_call_response(&host, host.last_token(), 4);
+    assert_eq!(host.responses()[0].status, 201);
+    assert_eq!(host.counted(Metric::RetryConnectFailure), 1);
+}
+
+#[test]
+fn kong_body_not_handed_over_is_never_treated_as_empty() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Kong, r#"{"target":"orders:8080"}"#);
+    host.set_request(&[
+        (":method", "PUT"),
+        (":path", "/orders/1"),
+        ("content-length", "20000"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    // nginx spilled the body to a file: the filter gets nothing.
+    assert_eq!(req.on_request_body(&host, 0, true), Verdict::Pause);
+    assert!(host.dispatches().is_empty());
+    let sent = host.responses();
+    assert_eq!(sent[0].status, 413);
+    assert_eq!(
+        sent[0].header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(host.counted(Metric::BodyTooLarge), 1);
+}
+
+#[test]
+fn body_over_the_limit_can_pass_through_unprotected() {
+    let host = FakeHost::at(1_000);
+    let cfg = r#"{"target":"t","exchange":"dispatch","max_body_bytes":4,"body_too_large":"pass-through"}"#;
+    let mut req = request(&host, HostKind::Envoy, cfg);
+    host.set_request(&[
+        (":method", "PUT"),
+        (":path", "/x"),
+        ("transfer-encoding", "chunked"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    assert_eq!(req.on_request_body(&host, 10, false), Verdict::Continue);
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+    assert!(host.dispatches().is_empty() && host.responses().is_empty());
+}
+
+#[test]
+fn dispatch_failures_without_an_answer_end_in_a_problem() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Kong, r#"{"target":"orders:8080"}"#);
+    host.set_request(&[(":method", "GET"), (":path", "/slow")]);
+    req.on_request_headers(&host, false);
+    for _ in 0..3 {
+        host.answer_call(&[(":dispatch_status", "timeout")], "");
+        req.on_call_response(&host, host.last_token(), 0);
+    }
+    let sent = host.responses();
+    assert_eq!(sent[0].status, 504);
+    assert_eq!(sent[0].json()["attempts"], 3);
+    assert_eq!(host.counted(Metric::RetryTimeout), 2);
+}
+
+#[test]
+fn native_retry_waits_its_backoff_then_answers_from_the_dispatched_attempt() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, NATIVE);
+    host.set_request(&[
+        (":method", "DELETE"),
+        (":path", "/orders/1"),
+        (":authority", "api"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Continue);
+    assert!(
+        host.set_request_headers.borrow().is_empty(),
+        "nothing written per request"
+    );
+    host.set_response(&[(":status", "503")]);
+    host.set_property("response.code_details", "via_upstream");
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    let wake = req.take_wake().expect("a backoff is scheduled");
+    assert!(
+        (1_100..1_110).contains(&wake),
+        "min 100 ms + jitter under 10 ms: {wake}"
+    );
+    assert!(
+        host.dispatches().is_empty(),
+        "nothing is sent before the backoff ends"
+    );
+
+    host.now.set(wake);
+    req.on_wake(&host);
+    let d = host.dispatches();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].header(":method"), Some("DELETE"));
+    host.answer_call(&[(":status", "200")], "done");
+    req.on_call_response(&host, req.pending_call().unwrap(), 4);
+    assert_eq!(host.responses()[0].status, 200);
+    assert_eq!(host.responses()[0].body, b"done");
+}
+
+#[test]
+fn native_success_passes_through_without_any_call() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, NATIVE);
+    host.set_request(&[(":method", "GET"), (":path", "/")]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Continue);
+    host.set_response(&[(":status", "200")]);
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+    assert!(host.dispatches().is_empty() && host.responses().is_empty());
+    assert_eq!(
+        host.header_reads(),
+        1,
+        "one read of the header map, kept for a retry"
+    );
+}
+
+#[test]
+fn native_is_refused_on_kongs_host() {
+    let host = FakeHost::default();
+    let cfg = r#"{"retry":{"target":"t","exchange":"native"}}"#;
+    assert!(configure(&host, cfg.as_bytes(), HostKind::Kong).is_none());
+    assert!(host.logs_at(super::Level::Error)[0].starts_with("rollsafe: retry.exchange: native"));
+}
+
+#[test]
+fn a_client_that_goes_away_mid_exchange_leaves_nothing_behind() {
+    let host = FakeHost::at(1_000);
+    let scheduler = Scheduler::default();
+    let req = Rc::new(RefCell::new(request(&host, HostKind::Envoy, NATIVE)));
+    host.set_request(&[(":method", "GET"), (":path", "/")]);
+    req.borrow_mut().on_request_headers(&host, true);
+    host.set_response(&[(":status", "502")]);
+    assert_eq!(
+        req.borrow_mut().on_response_headers(&host, false),
+        Verdict::Pause
+    );
+    scheduler.track(7, &req, false);
+    assert_eq!(scheduler.len(), 1);
+
+    // Backoff over: the root dispatches for the request; the call is routed back by token.
+    let due = scheduler.due(5_000);
+    assert_eq!(due.len(), 1);
+    let (id, r) = &due[0];
+    assert_eq!(*id, 7);
+    r.borrow_mut().on_wake(&host);
+    scheduler.track(7, r, true);
+    drop(due);
+    let token = host.last_token();
+
+    // The client disconnects: the SDK drops the context.
+    drop(req);
+    assert!(
+        scheduler.take_call(token).is_none(),
+        "a late answer finds nobody"
+    );
+    assert!(scheduler.due(10_000).is_empty());
+    assert!(scheduler.is_empty());
+    assert!(host.responses().is_empty());
+}
+
+#[test]
+fn stale_or_duplicate_call_answers_are_ignored() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[(":method", "GET"), (":path", "/")]);
+    req.on_request_headers(&host, true);
+    host.answer_call(&[(":status", "200")], "ok");
+    req.on_call_response(&host, 9_999, 2);
+    assert!(host.responses().is_empty());
+    let token = host.last_token();
+    req.on_call_response(&host, token, 2);
+    req.on_call_response(&host, token, 2);
+    assert_eq!(host.responses().len(), 1);
+}
+
+#[test]
+fn native_request_with_a_body_is_held_whole_and_every_attempt_dispatched() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, NATIVE);
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/p"),
+        ("content-length", "4"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    host.set_body(b"da");
+    assert_eq!(req.on_request_body(&host, 2, false), Verdict::Pause);
+    host.set_body(b"data");
+    assert_eq!(req.on_request_body(&host, 4, true), Verdict::Pause);
+    assert_eq!(host.dispatches()[0].body, b"data");
+    // The route's upstream (which saw only headers) answering must not leak.
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    host.answer_call(
+        &[(":status", "503")],
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+    );
+    req.on_call_response(&host, host.last_token(), 200);
+    // Native waits its backoff even for dispatched attempts.
+    let wake = req.take_wake().expect("backoff");
+    assert!(wake >= 1_100);
+    assert_eq!(host.dispatches().len(), 1);
+    host.now.set(wake - 1);
+    req.on_wake(&host);
+    assert_eq!(host.dispatches().len(), 1, "not before the backoff ends");
+    host.now.set(wake);
+    req.on_wake(&host);
+    assert_eq!(host.dispatches().len(), 2);
+    host.answer_call(&[(":status", "201")], "");
+    req.on_call_response(&host, host.last_token(), 0);
+    assert_eq!(host.rewritten.borrow().as_ref().map(|r| r.0), Some(201));
+}
+
+#[test]
+fn a_held_route_answer_is_rewritten_into_the_final_answer() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/p"),
+        ("content-length", "2"),
+    ]);
+    req.on_request_headers(&host, false);
+    host.set_body(b"{}");
+    req.on_request_body(&host, 2, true);
+    // The route's upstream (which only got headers) answers while the attempt is out: held.
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    host.answer_call(&[(":status", "201"), ("x-pod", "a1")], "made");
+    req.on_call_response(&host, host.last_token(), 4);
+    assert!(host.responses().is_empty(), "no second local reply");
+    let (status, headers) = host.rewritten.borrow().clone().unwrap();
+    assert_eq!(status, 201);
+    assert!(headers.contains(&("x-pod".to_string(), "a1".to_string())));
+    assert!(headers.contains(&("content-length".to_string(), "4".to_string())));
+    // The held body passes next and is replaced whole.
+    assert_eq!(req.on_response_body(&host, 10, false), Verdict::Pause);
+    assert_eq!(req.on_response_body(&host, 90, true), Verdict::Continue);
+    assert_eq!(host.replaced_body.borrow().as_deref(), Some(&b"made"[..]));
+}
+
+#[test]
+fn route_answering_before_the_body_is_whole_passes_through_instead_of_hanging() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, NATIVE);
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/p"),
+        ("content-length", "4"),
+    ]);
+    req.on_request_headers(&host, false);
+    // Envoy's router gave up on the route (every pod refused) before the body arrived.
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+    assert!(host.dispatches().is_empty() && host.responses().is_empty());
+    assert_eq!(host.counted(Metric::RetryGaveUp), 1);
+}
+
+#[test]
+fn without_a_target_envoy_attempts_follow_the_routes_cluster() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, r#"{"exchange":"dispatch"}"#);
+    host.set_property("xds.cluster_name", "group-b");
+    host.set_request(&[(":method", "GET"), (":path", "/b/1")]);
+    req.on_request_headers(&host, true);
+    assert_eq!(host.dispatches()[0].target, "group-b");
+}
+
+#[test]
+fn kong_requires_a_target() {
+    let host = FakeHost::default();
+    assert!(configure(&host, br#"{"retry":{}}"#, HostKind::Kong).is_none());
+    assert!(host.logs_at(super::Level::Error)[0]
+        .starts_with("rollsafe: retry.target: required on Kong"));
+    assert!(configure(&host, br#"{"retry":{}}"#, HostKind::Envoy).is_some());
+}
