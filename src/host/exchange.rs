@@ -14,7 +14,7 @@
 //!
 //! Both hosts' failure signals become one [`Outcome`]; the retry decision is `retry::Policy`'s.
 
-use super::{CallResponse, Host, Level, Metric};
+use super::{header as find, CallResponse, Host, Level, Metric};
 use crate::plan::HostKind;
 use crate::problem::{self, Problem};
 use crate::retry::{self, BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
@@ -54,13 +54,6 @@ fn is_hop_by_hop(name: &str) -> bool {
             | "upgrade"
             | "content-length"
     )
-}
-
-fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 pub struct Exchange {

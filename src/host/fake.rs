@@ -1,6 +1,6 @@
 //! A scriptable in-memory host for native flow tests.
 
-use super::{CallResponse, Host, Level, Metric};
+use super::{header, CallResponse, Host, Level, Metric};
 use std::cell::{Cell, RefCell};
 
 /// A local reply the flow sent.
@@ -13,15 +13,19 @@ pub struct Sent {
 
 impl Sent {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("JSON body")
     }
+}
+
+fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[derive(Default)]
@@ -63,10 +67,7 @@ pub struct Dispatched {
 
 impl Dispatched {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 }
 
@@ -78,10 +79,7 @@ impl FakeHost {
     }
 
     pub fn set_request(&self, headers: &[(&str, &str)]) {
-        *self.request.borrow_mut() = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        *self.request.borrow_mut() = owned(headers);
     }
 
     pub fn responses(&self) -> Vec<Sent> {
@@ -93,10 +91,7 @@ impl FakeHost {
     }
 
     pub fn set_response(&self, headers: &[(&str, &str)]) {
-        *self.response_headers.borrow_mut() = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        *self.response_headers.borrow_mut() = owned(headers);
     }
 
     pub fn set_property(&self, path: &str, value: &str) {
@@ -108,10 +103,7 @@ impl FakeHost {
     /// The answer the next delivered call response carries.
     pub fn answer_call(&self, headers: &[(&str, &str)], body: &str) {
         *self.call.borrow_mut() = CallResponse {
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: owned(headers),
             body: body.as_bytes().to_vec(),
         };
     }
@@ -181,11 +173,7 @@ impl Host for FakeHost {
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
-        self.response_headers
-            .borrow()
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
+        header(&self.response_headers.borrow(), name).map(str::to_string)
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
@@ -217,10 +205,7 @@ impl Host for FakeHost {
         self.dispatched.borrow_mut().push(Dispatched {
             token,
             target: target.to_string(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: owned(headers),
             body: body.to_vec(),
             timeout_ms,
         });
@@ -234,13 +219,7 @@ impl Host for FakeHost {
     }
 
     fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]) {
-        *self.rewritten.borrow_mut() = Some((
-            status,
-            headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ));
+        *self.rewritten.borrow_mut() = Some((status, owned(headers)));
     }
 
     fn replace_response_body(&self, _size: usize, body: &[u8]) {
@@ -254,20 +233,13 @@ impl Host for FakeHost {
 
     fn request_header(&self, name: &str) -> Option<String> {
         self.header_reads.set(self.header_reads.get() + 1);
-        self.request
-            .borrow()
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
+        header(&self.request.borrow(), name).map(str::to_string)
     }
 
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         self.sent.borrow_mut().push(Sent {
             status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: owned(headers),
             body: body.to_vec(),
         });
     }

@@ -81,6 +81,14 @@ impl Metric {
 
 pub use crate::plan::HostKind;
 
+/// A header's value by case-insensitive name.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// The answer to a `dispatch` as the host delivered it.
 #[derive(Debug, Clone, Default)]
 pub struct CallResponse {

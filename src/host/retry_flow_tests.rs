@@ -14,6 +14,19 @@ fn request(host: &FakeHost, kind: HostKind, retry: &str) -> Request {
     ))
 }
 
+/// A write with a body, taken through request headers and the whole body.
+fn send_with_body(host: &FakeHost, req: &mut Request, method: &str, path: &str, body: &[u8]) {
+    let len = body.len().to_string();
+    host.set_request(&[
+        (":method", method),
+        (":path", path),
+        ("content-length", &len),
+    ]);
+    assert_eq!(req.on_request_headers(host, false), Verdict::Continue);
+    host.set_body(body);
+    req.on_request_body(host, body.len(), true);
+}
+
 const DISPATCH: &str =
     r#"{"target":"group-a","exchange":"dispatch","attempt_count_header":"x-attempts"}"#;
 const NATIVE: &str =
@@ -131,14 +144,7 @@ fn dispatch_post_with_body_is_buffered_and_not_retried_after_it_may_have_arrived
 fn dispatch_post_is_retried_when_the_connection_was_refused() {
     let host = FakeHost::at(1_000);
     let mut req = request(&host, HostKind::Envoy, DISPATCH);
-    host.set_request(&[
-        (":method", "POST"),
-        (":path", "/orders"),
-        ("content-length", "2"),
-    ]);
-    req.on_request_headers(&host, false);
-    host.set_body(b"{}");
-    req.on_request_body(&host, 2, true);
+    send_with_body(&host, &mut req, "POST", "/orders", b"{}");
     host.answer_call(
         &[(":status", "503")],
         "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
@@ -360,14 +366,7 @@ fn native_request_with_a_body_is_held_whole_and_every_attempt_dispatched() {
 fn a_held_route_answer_is_rewritten_into_the_final_answer() {
     let host = FakeHost::at(1_000);
     let mut req = request(&host, HostKind::Envoy, DISPATCH);
-    host.set_request(&[
-        (":method", "POST"),
-        (":path", "/p"),
-        ("content-length", "2"),
-    ]);
-    req.on_request_headers(&host, false);
-    host.set_body(b"{}");
-    req.on_request_body(&host, 2, true);
+    send_with_body(&host, &mut req, "POST", "/p", b"{}");
     // The route's upstream (which only got headers) answers while the attempt is out: held.
     assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
     host.answer_call(&[(":status", "201"), ("x-pod", "a1")], "made");
