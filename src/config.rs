@@ -42,6 +42,9 @@ pub struct Config {
     /// Retries with backoff on 502/503/504, connect failure, reset and timeout (RFC 9110 safe).
     #[serde(default)]
     pub retry: Option<crate::retry::RetryConfig>,
+    /// Idempotency keys: replay, 400/409/422, per-caller scope, bounded node-local store.
+    #[serde(default)]
+    pub idempotency: Option<crate::idempotency::IdempotencyConfig>,
 }
 
 /// Parses (syntax and shape; `plan::load` adds the semantic checks) the configuration bytes the host hands to `on_configure`.

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod host;
+pub mod idempotency;
 pub mod maintenance;
 pub mod plan;
 pub mod problem;

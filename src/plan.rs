@@ -4,7 +4,7 @@
 use crate::config::{self, Config, ConfigError};
 use crate::host::exchange::Driver;
 use crate::retry::ExchangeMode;
-use crate::{maintenance, retry};
+use crate::{idempotency, maintenance, retry};
 
 /// Which proxy-wasm host runs the filter; detected once at configure time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,18 +21,28 @@ pub struct Plan {
     pub maintenance: Option<maintenance::Policy>,
     /// The retry policy and the driver that carries the exchange.
     pub retry: Option<(retry::Policy, Driver)>,
+    pub idempotency: Option<idempotency::Policy>,
 }
 
 impl Plan {
     pub fn compile(cfg: &Config, host: HostKind) -> Result<Plan, ConfigError> {
-        let retry = match &cfg.retry {
+        let idem = cfg
+            .idempotency
+            .as_ref()
+            .map(|i| idempotency::Policy::compile(i, "idempotency"))
+            .transpose()?;
+        // Idempotency owns the exchange too: without a retry section, one attempt.
+        let single = retry::RetryConfig::single_attempt();
+        let retry_cfg = cfg.retry.as_ref().or(idem.as_ref().map(|_| &single));
+        let retry = match retry_cfg {
             None => None,
             Some(r) => {
                 let policy = retry::Policy::compile(r, "retry")?;
                 if host == HostKind::Kong && policy.target.is_none() {
                     return Err(ConfigError::new(
                         "retry.target",
-                        "required on Kong's host: the host:port attempts are sent to",
+                        "required on Kong's host (also with idempotency alone): the host:port \
+                         attempts are sent to",
                     ));
                 }
                 let driver = match (policy.exchange, host) {
@@ -59,12 +69,13 @@ impl Plan {
                 .map(|m| maintenance::Policy::compile(m, "maintenance"))
                 .transpose()?,
             retry,
+            idempotency: idem,
         })
     }
 
     /// True when no capability is configured: requests pass without rollsafe looking at them.
     pub fn is_pass_through(&self) -> bool {
-        self.maintenance.is_none() && self.retry.is_none()
+        self.maintenance.is_none() && self.retry.is_none() && self.idempotency.is_none()
     }
 
     /// Whether any exchange may wait a backoff on the root context's tick.

@@ -64,6 +64,27 @@ pub struct RetryConfig {
     pub attempt_count_header: Option<String>,
 }
 
+impl RetryConfig {
+    /// What an exchange owned only for idempotency uses: one attempt, the defaults otherwise.
+    pub fn single_attempt() -> RetryConfig {
+        RetryConfig {
+            attempts: 1,
+            on: default_conditions(),
+            per_try_timeout_ms: default_per_try_timeout(),
+            deadline_ms: default_deadline(),
+            backoff: BackoffConfig::default(),
+            respect_retry_after: true,
+            max_retry_after_ms: default_max_retry_after(),
+            budget: BudgetConfig::default(),
+            max_body_bytes: default_max_body(),
+            body_too_large: BodyTooLarge::default(),
+            target: None,
+            exchange: ExchangeMode::default(),
+            attempt_count_header: None,
+        }
+    }
+}
+
 fn default_attempts() -> u32 {
     3
 }

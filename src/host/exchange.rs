@@ -14,10 +14,12 @@
 //!
 //! Both hosts' failure signals become one [`Outcome`]; the retry decision is `retry::Policy`'s.
 
-use super::{header as find, CallResponse, Host, Level, Metric};
-use crate::plan::HostKind;
+use super::{header as find, CallResponse, Host, HostShared, Level, Metric};
+use crate::idempotency::{self, Claim, KeyError, Stored};
+use crate::plan::{HostKind, Plan};
 use crate::problem::{self, Problem};
 use crate::retry::{self, BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
+use std::rc::Rc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
@@ -56,7 +58,18 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// The request's idempotency key, once validated.
+struct Idem {
+    /// Caller scope and key: what the store is keyed by.
+    key: String,
+    scope: String,
+    /// The claimed slot, while this request owns the key.
+    slot: Option<u32>,
+}
+
 pub struct Exchange {
+    plan: Rc<Plan>,
+    idem: Option<Idem>,
     /// Where dispatched attempts go: `retry.target`, or on Envoy the route's cluster.
     target: Option<String>,
     /// The request headers as the host gave them (pseudo headers included).
@@ -100,13 +113,14 @@ struct RouteHeld {
 impl Exchange {
     /// Called from request headers. `None`: the exchange is not owned (pass through).
     pub fn start(
+        plan: &Rc<Plan>,
         policy: &Policy,
         driver: Driver,
-        kind: HostKind,
         host: &impl Host,
         end_of_stream: bool,
         now: u64,
     ) -> (Option<Exchange>, Step) {
+        let kind = plan.host;
         // Kept as the host gave it: a retry needs the request (Envoy does not show request
         // headers in the response phase); most requests never retry, so nothing is parsed now.
         let all = host.request_headers();
@@ -118,6 +132,8 @@ impl Exchange {
             HostKind::Kong => declared_len.is_some_and(|n| n > 0) || chunked,
         };
         let mut ex = Exchange {
+            plan: Rc::clone(plan),
+            idem: None,
             target: policy.target.clone(),
             headers: all,
             body: Vec::new(),
@@ -137,6 +153,53 @@ impl Exchange {
             route_held: None,
             rewrite_body: None,
         };
+        if let Some(ip) = plan
+            .idempotency
+            .as_ref()
+            .filter(|ip| ip.applies_to(ex.method()))
+        {
+            let values: Vec<&str> = ex
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(&ip.header))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            match idempotency::parse_key(&values) {
+                Ok(key) => {
+                    let scope = ex.scope_id(ip, host);
+                    ex.idem = Some(Idem {
+                        key: format!("{scope}:{key}"),
+                        scope,
+                        slot: None,
+                    });
+                    // Every attempt of a keyed request is rollsafe's: a duplicate or a refused
+                    // request must never reach the application.
+                    ex.owns_all = true;
+                }
+                Err(KeyError::Missing) if !ip.required => {}
+                Err(e) => {
+                    host.count(Metric::IdemBadKey);
+                    let detail = match e {
+                        KeyError::Missing => format!("This request needs an {} header.", ip.header),
+                        KeyError::Repeated => {
+                            format!("The {} header appears more than once.", ip.header)
+                        }
+                        KeyError::Invalid(why) => {
+                            format!("The {} header is invalid: {why}.", ip.header)
+                        }
+                    };
+                    ex.problem(
+                        host,
+                        400,
+                        "idempotency-key-invalid",
+                        "Invalid idempotency key",
+                        detail,
+                        None,
+                    );
+                    return (Some(ex), Step::Pause);
+                }
+            }
+        }
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
@@ -157,6 +220,62 @@ impl Exchange {
                 (Some(ex), Step::Continue)
             }
         }
+    }
+
+    /// The caller scope: route and hashed headers, as configured.
+    fn scope_id(&self, ip: &idempotency::Policy, host: &impl Host) -> String {
+        let route = ip
+            .scope
+            .contains(&idempotency::ScopePart::Route)
+            .then(|| {
+                [
+                    &["xds", "route_name"][..],
+                    &["kong", "route_id"][..],
+                    &["plugin_root_id"][..],
+                ]
+                .iter()
+                .find_map(|path| host.property(path).filter(|v| !v.is_empty()))
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+            })
+            .flatten();
+        let parts: Vec<Option<&str>> = ip
+            .scope
+            .iter()
+            .map(|p| match p {
+                idempotency::ScopePart::Route => route.as_deref(),
+                idempotency::ScopePart::Header(name) => find(&self.headers, name),
+            })
+            .collect();
+        idempotency::scope_id(&parts)
+    }
+
+    /// Answers with a problem document (and optional `Retry-After`).
+    fn problem(
+        &mut self,
+        host: &impl Host,
+        status: u32,
+        kind: &str,
+        title: &str,
+        detail: String,
+        retry_after_s: Option<u64>,
+    ) {
+        self.answered = true;
+        let path = self.path().to_string();
+        let body = Problem {
+            kind,
+            title,
+            status,
+            detail,
+            instance: Some(&path),
+            extensions: Default::default(),
+        }
+        .to_json();
+        let ra = retry_after_s.map(|s| s.to_string());
+        let mut headers = vec![("content-type", problem::CONTENT_TYPE)];
+        if let Some(ra) = &ra {
+            headers.push(("retry-after", ra));
+        }
+        self.deliver(host, status, &headers, body);
     }
 
     fn method(&self) -> &str {
@@ -413,9 +532,10 @@ impl Exchange {
             retry_after_ms,
             elapsed_ms: now.saturating_sub(self.started_ms),
         };
+        let key_enforced = self.idem.as_ref().is_some_and(|i| i.slot.is_some());
         match policy.decide(
             self.method(),
-            false,
+            key_enforced,
             &report,
             self.can_wait,
             now,
@@ -470,6 +590,9 @@ impl Exchange {
     }
 
     fn send_attempt(&mut self, policy: &Policy, host: &impl Host) {
+        if !self.claim_key(host) {
+            return;
+        }
         if self.target.is_none() {
             self.target = route_cluster(host);
         }
@@ -497,8 +620,139 @@ impl Exchange {
         }
     }
 
+    /// Before the first attempt of a keyed request: claim the key, or answer from the store.
+    /// Returns whether the attempt may go out.
+    fn claim_key(&mut self, host: &impl Host) -> bool {
+        let plan = Rc::clone(&self.plan);
+        let (Some(ip), Some(idem)) = (plan.idempotency.as_ref(), self.idem.as_ref()) else {
+            return true;
+        };
+        if idem.slot.is_some() {
+            return true;
+        }
+        let fp = idempotency::fingerprint(self.method(), self.path(), &idem.scope, &self.body);
+        let now = host.now_ms();
+        let key = idem.key.clone();
+        match idempotency::claim(&HostShared(host), ip.slots, &key, &fp, now, ip.lease_ms) {
+            Claim::Claimed { slot } => {
+                if let Some(i) = self.idem.as_mut() {
+                    i.slot = Some(slot);
+                }
+                true
+            }
+            Claim::InFlight {
+                same: true,
+                retry_after_ms,
+            } => {
+                host.count(Metric::IdemInFlight);
+                let detail =
+                    "A request with this idempotency key is still being processed.".to_string();
+                let secs = retry_after_ms.div_ceil(1000).max(1);
+                self.problem(
+                    host,
+                    409,
+                    "idempotency-key-in-flight",
+                    "Request in progress",
+                    detail,
+                    Some(secs),
+                );
+                false
+            }
+            Claim::InFlight { same: false, .. } | Claim::Done { same: false, .. } => {
+                host.count(Metric::IdemMismatch);
+                let detail = "This idempotency key was used with a different request.".to_string();
+                self.problem(
+                    host,
+                    422,
+                    "idempotency-key-reused",
+                    "Idempotency key reused",
+                    detail,
+                    None,
+                );
+                false
+            }
+            Claim::Done { same: true, stored } => {
+                host.count(Metric::IdemReplayed);
+                self.answered = true;
+                let mut headers: Vec<(&str, &str)> = stored
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                headers.push(("idempotent-replayed", "true"));
+                if stored.body_omitted {
+                    headers.push(("idempotent-replay-body", "omitted"));
+                }
+                self.deliver(host, u32::from(stored.status), &headers, stored.body);
+                false
+            }
+            Claim::Full => {
+                host.count(Metric::IdemStoreFull);
+                host.log(Level::Warn, "rollsafe: idempotency store full");
+                match ip.when_full {
+                    idempotency::WhenFull::Reject => {
+                        let detail =
+                            "The idempotency store is full; try again shortly.".to_string();
+                        self.problem(
+                            host,
+                            503,
+                            "idempotency-store-full",
+                            "Idempotency store full",
+                            detail,
+                            Some(1),
+                        );
+                        false
+                    }
+                    idempotency::WhenFull::PassThrough => {
+                        // Unprotected: the request runs once, under the plain retry rules.
+                        self.idem = None;
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes the claimed record with a storable answer, or releases it so the client's
+    /// next try runs.
+    fn settle_key(&mut self, host: &impl Host, answer: Option<&Answer>) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(ip), Some(idem)) = (plan.idempotency.as_ref(), self.idem.as_mut()) else {
+            return;
+        };
+        let Some(slot) = idem.slot.take() else {
+            return;
+        };
+        let done = answer.filter(|a| ip.stores(a.status)).map(|a| {
+            let keep = a.body.len() <= ip.max_response_bytes;
+            let stored = Stored {
+                status: a.status,
+                headers: a
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| ip.replay_headers.iter().any(|h| k.eq_ignore_ascii_case(h)))
+                    .cloned()
+                    .collect(),
+                body: if keep { a.body.clone() } else { Vec::new() },
+                body_omitted: !keep,
+            };
+            (stored, host.now_ms() + ip.ttl_ms)
+        });
+        let stored = done.is_some();
+        if idempotency::finish(&HostShared(host), slot, &idem.key, done) {
+            host.count(if stored {
+                Metric::IdemStored
+            } else {
+                Metric::IdemReleased
+            });
+        }
+    }
+
     /// Sends the final answer: the last upstream answer, or a problem when there is none.
     fn answer(&mut self, policy: &Policy, host: &impl Host) {
+        let last = self.last.take();
+        self.settle_key(host, last.as_ref());
+        self.last = last;
         self.answered = true;
         let attempts = self.attempt.to_string();
         let count_header = policy.attempt_count_header.as_deref();

@@ -1,7 +1,8 @@
 //! A scriptable in-memory host for native flow tests.
 
-use super::{header, CallResponse, Host, Level, Metric};
+use super::{header, CallResponse, Host, Level, Metric, SetError};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 /// A local reply the flow sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub struct FakeHost {
     pub rewritten: RefCell<Option<Rewritten>>,
     pub replaced_body: RefCell<Option<Vec<u8>>>,
     pub rng: Cell<u64>,
+    /// Shared data with Envoy's CAS rules (cas 0 = no check; absent keys inserted).
+    pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
 }
 
 /// A held response rewritten in place: status and headers.
@@ -224,6 +227,20 @@ impl Host for FakeHost {
 
     fn replace_response_body(&self, _size: usize, body: &[u8]) {
         *self.replaced_body.borrow_mut() = Some(body.to_vec());
+    }
+
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared.borrow().get(key).cloned()
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let mut m = self.shared.borrow_mut();
+        let current = m.get(key).map(|(_, c)| *c);
+        if matches!(current, Some(c) if cas != 0 && cas != c) {
+            return Err(SetError::CasMismatch);
+        }
+        m.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
+        Ok(())
     }
 
     fn set_effective_context(&self, id: u32) -> bool {

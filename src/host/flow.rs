@@ -94,7 +94,7 @@ impl Request {
         }
         if let Some((policy, driver)) = &self.plan.retry {
             let (exchange, step) =
-                Exchange::start(policy, *driver, self.plan.host, host, end_of_stream, now);
+                Exchange::start(&self.plan, policy, *driver, host, end_of_stream, now);
             self.exchange = exchange;
             return step.into();
         }

@@ -12,6 +12,8 @@ pub mod scheduler;
 #[cfg(test)]
 pub mod fake;
 #[cfg(test)]
+mod idempotency_flow_tests;
+#[cfg(test)]
 mod retry_flow_tests;
 
 /// Log levels the flow uses (mapped to the host's).
@@ -41,10 +43,17 @@ pub enum Metric {
     /// A retryable failure not retried: attempts used up, or unsafe to repeat.
     RetryGaveUp,
     BodyTooLarge,
+    IdemReplayed,
+    IdemInFlight,
+    IdemMismatch,
+    IdemBadKey,
+    IdemStored,
+    IdemReleased,
+    IdemStoreFull,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 20] = [
         Metric::MaintenanceRejected,
         Metric::MaintenanceBypassed,
         Metric::Attempts,
@@ -58,6 +67,13 @@ impl Metric {
         Metric::RetryDeadlineExceeded,
         Metric::RetryGaveUp,
         Metric::BodyTooLarge,
+        Metric::IdemReplayed,
+        Metric::IdemInFlight,
+        Metric::IdemMismatch,
+        Metric::IdemBadKey,
+        Metric::IdemStored,
+        Metric::IdemReleased,
+        Metric::IdemStoreFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +91,13 @@ impl Metric {
             Metric::RetryDeadlineExceeded => "rollsafe_retry_deadline_exceeded",
             Metric::RetryGaveUp => "rollsafe_retry_gave_up",
             Metric::BodyTooLarge => "rollsafe_body_too_large",
+            Metric::IdemReplayed => "rollsafe_idempotency_replays",
+            Metric::IdemInFlight => "rollsafe_idempotency_409",
+            Metric::IdemMismatch => "rollsafe_idempotency_422",
+            Metric::IdemBadKey => "rollsafe_idempotency_400",
+            Metric::IdemStored => "rollsafe_idempotency_stored",
+            Metric::IdemReleased => "rollsafe_idempotency_released",
+            Metric::IdemStoreFull => "rollsafe_idempotency_store_full",
         }
     }
 }
@@ -135,4 +158,21 @@ pub trait Host {
     fn set_effective_context(&self, id: u32) -> bool;
     fn log(&self, level: Level, message: &str);
     fn count(&self, metric: Metric);
+    /// Shared data (all workers of the node): value and CAS token.
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+pub use crate::idempotency::SetError;
+
+/// The host's shared data as the idempotency store sees it.
+pub struct HostShared<'a, H: Host>(pub &'a H);
+
+impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.0.shared_get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        self.0.shared_set(key, value, cas)
+    }
 }

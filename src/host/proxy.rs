@@ -5,7 +5,7 @@
 
 use super::flow::{self, Request, Verdict};
 use super::scheduler::{Scheduler, Shared};
-use super::{CallResponse, Host, HostKind, Level, Metric};
+use super::{CallResponse, Host, HostKind, HostShared, Level, Metric, SetError};
 use crate::plan::Plan;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -163,6 +163,24 @@ impl Host for ProxyHost {
         let _ = hostcalls::log(level, message);
     }
 
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            // An empty value may come back as no data: the key still exists while it has a cas.
+            Ok((data, Some(cas))) if data.is_some() || cas != 0 => {
+                Some((data.unwrap_or_default(), cas))
+            }
+            _ => None,
+        }
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+            Ok(()) => Ok(()),
+            Err(proxy_wasm::types::Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(_) => Err(SetError::Refused),
+        }
+    }
+
     fn count(&self, metric: Metric) {
         let index = Metric::ALL.iter().position(|m| *m == metric);
         if let Some(Some(id)) = index.and_then(|i| self.metric_ids.get(i)) {
@@ -221,8 +239,11 @@ impl RootContext for Root {
                 if plan.needs_tick() && kind == HostKind::Envoy && !self.tick_set {
                     self.tick_set = hostcalls::set_tick_period(TICK).is_ok();
                 }
-                self.plan = Some(Rc::new(plan));
                 self.host = ProxyHost::with_metrics();
+                if let Some(idem) = &plan.idempotency {
+                    crate::idempotency::create_slots(&HostShared(&self.host), idem.slots);
+                }
+                self.plan = Some(Rc::new(plan));
                 true
             }
             None => false,

@@ -1,0 +1,938 @@
+//! Idempotency keys (IETF draft-ietf-httpapi-idempotency-key-header, Stripe-style replay):
+//! key parsing, request fingerprints, and the record store's claim protocol. Pure: time is an
+//! argument and the store is a trait the host layer implements with proxy-wasm shared data.
+//!
+//! The store is a fixed table of `max_entries` slots whose keys are created at configure time.
+//! A claim is a compare-and-swap on an existing slot — exclusive on both hosts (HOSTS.md: on
+//! Envoy "absent, so set" lets two workers win). A request key maps to a short probe sequence
+//! of slots; the full key is stored inside the record and compared, since Kong's shm tells keys
+//! apart by CRC32 only. Memory is bounded by the slot count and the largest stored response.
+
+use crate::config::ConfigError;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Slots probed for one key.
+const PROBE: usize = 8;
+/// Claim attempts when another worker changes a slot between read and write.
+const CAS_TRIES: usize = 4;
+const MAGIC: &[u8; 4] = b"RSI1";
+
+/// `idempotency` config section.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Request header carrying the key.
+    #[serde(default = "default_header")]
+    #[cfg_attr(test, schemars(regex(pattern = r"^[A-Za-z0-9_-]+$")))]
+    pub header: String,
+    /// Methods the key applies to.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<crate::maintenance::Method>,
+    /// A request of those methods without a key gets 400.
+    #[serde(default)]
+    pub required: bool,
+    /// How long a completed result is replayed, seconds.
+    #[serde(default = "default_ttl")]
+    #[cfg_attr(test, schemars(range(min = 1, max = 604800)))]
+    pub ttl_s: u64,
+    /// How long a claim in flight holds the key before another try may run, ms.
+    #[serde(default = "default_lease")]
+    #[cfg_attr(test, schemars(range(min = 100, max = 600000)))]
+    pub lease_ms: u64,
+    /// What separates callers: `route` and `header:<name>` (hashed). Default: the route and the
+    /// `Authorization` header, so one client cannot read another's result.
+    #[serde(default = "default_scope")]
+    #[cfg_attr(
+        test,
+        schemars(inner(regex(pattern = r"^(route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")))
+    )]
+    pub scope: Vec<String>,
+    /// Largest response body stored for replay, bytes.
+    #[serde(default = "default_max_response")]
+    #[cfg_attr(test, schemars(range(max = 1048576)))]
+    pub max_response_bytes: u64,
+    /// Records kept per node (slots created at configure time).
+    #[serde(default = "default_max_entries")]
+    #[cfg_attr(test, schemars(range(min = 16, max = 1000000)))]
+    pub max_entries: u32,
+    /// Statuses whose results are stored and replayed: classes (`2xx`) or exact codes.
+    #[serde(default = "default_store_statuses")]
+    #[cfg_attr(test, schemars(inner(regex(pattern = r"^([1-5]xx|[1-5][0-9][0-9])$"))))]
+    pub store_statuses: Vec<String>,
+    /// Statuses never stored even when their class is (the client should simply retry).
+    #[serde(default = "default_skip_statuses")]
+    pub skip_statuses: Vec<u16>,
+    /// Response headers replayed besides the defaults (content-type, location, etag,
+    /// cache-control).
+    #[serde(default)]
+    pub replay_headers: Vec<String>,
+    /// The store has no free slot: `reject` (503 + `Retry-After`) or `pass-through` (forward the
+    /// request unprotected). Logged and counted either way.
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    #[default]
+    Reject,
+    PassThrough,
+}
+
+fn default_header() -> String {
+    "Idempotency-Key".into()
+}
+fn default_methods() -> Vec<crate::maintenance::Method> {
+    use crate::maintenance::Method;
+    vec![Method::POST, Method::PATCH]
+}
+fn default_ttl() -> u64 {
+    86_400
+}
+fn default_lease() -> u64 {
+    30_000
+}
+fn default_scope() -> Vec<String> {
+    vec!["route".into(), "header:authorization".into()]
+}
+fn default_max_response() -> u64 {
+    64 * 1024
+}
+fn default_max_entries() -> u32 {
+    4096
+}
+fn default_store_statuses() -> Vec<String> {
+    vec!["2xx".into(), "4xx".into()]
+}
+fn default_skip_statuses() -> Vec<u16> {
+    vec![408, 409, 425, 429]
+}
+
+/// Where a part of the caller scope comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopePart {
+    Route,
+    Header(String),
+}
+
+/// The compiled section.
+#[derive(Debug)]
+pub struct Policy {
+    pub header: String,
+    methods: u8,
+    pub required: bool,
+    pub ttl_ms: u64,
+    pub lease_ms: u64,
+    pub scope: Vec<ScopePart>,
+    pub max_response_bytes: usize,
+    pub slots: u32,
+    store_classes: Vec<u16>,
+    store_exact: Vec<u16>,
+    skip: Vec<u16>,
+    pub replay_headers: Vec<String>,
+    pub when_full: WhenFull,
+}
+
+impl Policy {
+    pub fn compile(cfg: &IdempotencyConfig, at: &str) -> Result<Policy, ConfigError> {
+        let err = |field: &str, reason: String| ConfigError::new(format!("{at}.{field}"), reason);
+        let header = cfg.header.to_ascii_lowercase();
+        if header.is_empty()
+            || !header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(err(
+                "header",
+                format!("not a valid header name: {:?}", cfg.header),
+            ));
+        }
+        if !(1..=604_800).contains(&cfg.ttl_s) {
+            return Err(err(
+                "ttl_s",
+                format!("must be 1..=604800, got {}", cfg.ttl_s),
+            ));
+        }
+        if !(100..=600_000).contains(&cfg.lease_ms) {
+            return Err(err(
+                "lease_ms",
+                format!("must be 100..=600000, got {}", cfg.lease_ms),
+            ));
+        }
+        if cfg.max_response_bytes > 1 << 20 {
+            let got = cfg.max_response_bytes;
+            return Err(err(
+                "max_response_bytes",
+                format!("must be 0..=1048576, got {got}"),
+            ));
+        }
+        if !(16..=1_000_000).contains(&cfg.max_entries) {
+            return Err(err(
+                "max_entries",
+                format!("must be 16..=1000000, got {}", cfg.max_entries),
+            ));
+        }
+        let mut scope = Vec::new();
+        for (i, s) in cfg.scope.iter().enumerate() {
+            scope.push(match s.split_once(':') {
+                None if s == "route" => ScopePart::Route,
+                Some(("header", name)) if !name.is_empty() => {
+                    ScopePart::Header(name.to_ascii_lowercase())
+                }
+                _ => {
+                    return Err(err(
+                        &format!("scope[{i}]"),
+                        format!("must be \"route\" or \"header:<name>\", got {s:?}"),
+                    ))
+                }
+            });
+        }
+        let (mut store_classes, mut store_exact) = (Vec::new(), Vec::new());
+        for (i, s) in cfg.store_statuses.iter().enumerate() {
+            let bad = || {
+                err(
+                    &format!("store_statuses[{i}]"),
+                    format!("must be like \"2xx\" or \"201\", got {s:?}"),
+                )
+            };
+            match s.strip_suffix("xx") {
+                Some(c) => store_classes.push(
+                    c.parse::<u16>()
+                        .ok()
+                        .filter(|c| (1..=5).contains(c))
+                        .ok_or_else(bad)?,
+                ),
+                None => store_exact.push(
+                    s.parse::<u16>()
+                        .ok()
+                        .filter(|c| (100..=599).contains(c))
+                        .ok_or_else(bad)?,
+                ),
+            }
+        }
+        let mut methods = 0u8;
+        for m in &cfg.methods {
+            methods |= 1 << (*m as u8);
+        }
+        Ok(Policy {
+            header,
+            methods,
+            required: cfg.required,
+            ttl_ms: cfg.ttl_s * 1000,
+            lease_ms: cfg.lease_ms,
+            scope,
+            max_response_bytes: cfg.max_response_bytes as usize,
+            slots: cfg.max_entries,
+            store_classes,
+            store_exact,
+            skip: cfg.skip_statuses.clone(),
+            replay_headers: ["content-type", "location", "etag", "cache-control"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(cfg.replay_headers.iter().map(|h| h.to_ascii_lowercase()))
+                .collect(),
+            when_full: cfg.when_full,
+        })
+    }
+
+    pub fn applies_to(&self, method: &str) -> bool {
+        use crate::maintenance::Method;
+        let m = match method {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            "POST" => Method::POST,
+            "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
+            "DELETE" => Method::DELETE,
+            "OPTIONS" => Method::OPTIONS,
+            _ => return false,
+        };
+        self.methods & (1 << (m as u8)) != 0
+    }
+
+    /// Whether a final answer with this status completes the record (else it is released).
+    pub fn stores(&self, status: u16) -> bool {
+        !self.skip.contains(&status)
+            && (self.store_exact.contains(&status) || self.store_classes.contains(&(status / 100)))
+    }
+
+    /// Shared-data key of slot `i` (Kong: zone `rollsafe`).
+    pub fn slot_key(i: u32) -> String {
+        format!("rollsafe/idem/{i}")
+    }
+}
+
+/// Why a key header was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    Missing,
+    Repeated,
+    Invalid(&'static str),
+}
+
+/// Parses the key: a Structured Field string (`"…"`) or a bare token; 1–255 visible ASCII
+/// characters; exactly one header line.
+pub fn parse_key(values: &[&str]) -> Result<String, KeyError> {
+    let raw = match values {
+        [] => return Err(KeyError::Missing),
+        [one] => one.trim(),
+        _ => return Err(KeyError::Repeated),
+    };
+    let key = if let Some(inner) = raw.strip_prefix('"') {
+        let inner = inner
+            .strip_suffix('"')
+            .ok_or(KeyError::Invalid("unterminated string"))?;
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(e @ ('"' | '\\')) => out.push(e),
+                    _ => return Err(KeyError::Invalid("bad escape in string")),
+                },
+                '"' => return Err(KeyError::Invalid("unescaped quote in string")),
+                c if (' '..='~').contains(&c) => out.push(c),
+                _ => return Err(KeyError::Invalid("not printable ASCII")),
+            }
+        }
+        out
+    } else {
+        if raw.is_empty() {
+            return Err(KeyError::Invalid("empty"));
+        }
+        if !raw.chars().all(|c| ('!'..='~').contains(&c)) {
+            return Err(KeyError::Invalid("not visible ASCII (use a quoted string)"));
+        }
+        raw.to_string()
+    };
+    if key.is_empty() {
+        return Err(KeyError::Invalid("empty"));
+    }
+    if key.len() > 255 {
+        return Err(KeyError::Invalid("longer than 255 characters"));
+    }
+    Ok(key)
+}
+
+/// Hex of the first 16 bytes of SHA-256 over the scope parts (a part absent counts as empty).
+pub fn scope_id(parts: &[Option<&str>]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        let p = p.unwrap_or("");
+        h.update((p.len() as u32).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    let digest = h.finalize();
+    hex(digest.get(..16).unwrap_or_default())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 over method, path and query, scope and body (length-prefixed, so parts can't blur).
+pub fn fingerprint(method: &str, path: &str, scope: &str, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [method.as_bytes(), path.as_bytes(), scope.as_bytes(), body] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+/// A stored response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body was larger than `max_response_bytes` and was not kept.
+    pub body_omitted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    InFlight,
+    Done(Stored),
+}
+
+/// One slot's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+    pub expires_ms: u64,
+    pub state: State,
+}
+
+/// The shared-data operations the store needs (the host layer maps them to proxy-wasm).
+pub trait Shared {
+    /// The value and its CAS token.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes when the stored CAS still equals `cas`.
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// Someone else wrote the slot since it was read.
+    CasMismatch,
+    /// The host refused the write (Kong: the shm zone is full).
+    Refused,
+}
+
+/// The outcome of claiming a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This request owns the key; run it. `slot` and `cas` identify the claim.
+    Claimed { slot: u32 },
+    /// Another request with this key is running; `same` says whether it has this fingerprint.
+    InFlight { same: bool, retry_after_ms: u64 },
+    /// A completed result exists.
+    Done { same: bool, stored: Stored },
+    /// No free slot (or the host refused the write).
+    Full,
+}
+
+fn probe_start(key: &str, slots: u32) -> u32 {
+    let d = Sha256::digest(key.as_bytes());
+    let mut n = [0u8; 8];
+    n.copy_from_slice(d.get(..8).unwrap_or(&[0; 8]));
+    (u64::from_be_bytes(n) % u64::from(slots.max(1))) as u32
+}
+
+/// Creates the slots that do not exist yet (configure time, every worker).
+pub fn create_slots(store: &impl Shared, slots: u32) {
+    for i in 0..slots {
+        let key = Policy::slot_key(i);
+        if store.get(&key).is_none() {
+            let _ = store.set(&key, &[], 0);
+        }
+    }
+}
+
+/// Claims `key` with `fp`, or reports what holds it.
+pub fn claim(
+    store: &impl Shared,
+    slots: u32,
+    key: &str,
+    fp: &[u8; 32],
+    now: u64,
+    lease_ms: u64,
+) -> Claim {
+    let start = probe_start(key, slots);
+    for _ in 0..CAS_TRIES {
+        let mut free: Option<(u32, u32)> = None;
+        let mut found = None;
+        for i in 0..PROBE.min(slots as usize) as u32 {
+            let slot = (start + i) % slots;
+            let Some((value, cas)) = store.get(&Policy::slot_key(slot)) else {
+                continue;
+            };
+            match decode(&value) {
+                Some(rec) if rec.key == key && rec.expires_ms > now => {
+                    found = Some(rec);
+                    break;
+                }
+                Some(rec) if rec.expires_ms > now => {}
+                // Empty, expired, or unreadable (not ours): free.
+                _ => {
+                    if free.is_none() {
+                        free = Some((slot, cas));
+                    }
+                }
+            }
+        }
+        if let Some(rec) = found {
+            let same = rec.fingerprint == *fp;
+            return match rec.state {
+                State::InFlight => Claim::InFlight {
+                    same,
+                    retry_after_ms: rec.expires_ms.saturating_sub(now),
+                },
+                State::Done(stored) => Claim::Done { same, stored },
+            };
+        }
+        let Some((slot, cas)) = free else {
+            return Claim::Full;
+        };
+        let rec = Record {
+            key: key.to_string(),
+            fingerprint: *fp,
+            expires_ms: now + lease_ms,
+            state: State::InFlight,
+        };
+        match store.set(&Policy::slot_key(slot), &encode(&rec), cas) {
+            Ok(()) => return Claim::Claimed { slot },
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Refused) => return Claim::Full,
+        }
+    }
+    // The slots kept changing under us: someone else is busy with them.
+    Claim::Full
+}
+
+/// Replaces this request's in-flight record in `slot`: completed with `stored` for the TTL, or
+/// freed (`None`) so the client's next try runs. Only a record still holding `key` is touched.
+pub fn finish(store: &impl Shared, slot: u32, key: &str, done: Option<(Stored, u64)>) -> bool {
+    let slot_key = Policy::slot_key(slot);
+    for _ in 0..CAS_TRIES {
+        let Some((value, cas)) = store.get(&slot_key) else {
+            return false;
+        };
+        let Some(mut rec) = decode(&value) else {
+            return false;
+        };
+        if rec.key != key || rec.state != State::InFlight {
+            return false;
+        }
+        let value = match &done {
+            Some((stored, expires_ms)) => {
+                rec.state = State::Done(stored.clone());
+                rec.expires_ms = *expires_ms;
+                encode(&rec)
+            }
+            None => Vec::new(),
+        };
+        match store.set(&slot_key, &value, cas) {
+            Ok(()) => return true,
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Refused) => {
+                // Too large for what is left of the zone: free the slot rather than leave it
+                // claimed until the lease runs out.
+                if done.is_some() {
+                    let _ = store.set(&slot_key, &[], cas);
+                }
+                return false;
+            }
+        }
+    }
+    false
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// The record as bytes: `RSI1`, then fixed fields and length-prefixed strings.
+pub fn encode(rec: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + rec.key.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&rec.expires_ms.to_be_bytes());
+    out.extend_from_slice(&rec.fingerprint);
+    put_str(&mut out, rec.key.as_bytes());
+    match &rec.state {
+        State::InFlight => out.push(0),
+        State::Done(s) => {
+            out.push(1);
+            out.extend_from_slice(&s.status.to_be_bytes());
+            out.push(u8::from(s.body_omitted));
+            out.extend_from_slice(&(s.headers.len() as u32).to_be_bytes());
+            for (k, v) in &s.headers {
+                put_str(&mut out, k.as_bytes());
+                put_str(&mut out, v.as_bytes());
+            }
+            put_str(&mut out, &s.body);
+        }
+    }
+    out
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?.to_vec()).ok()
+    }
+}
+
+/// Decodes a record; `None` for an empty slot or anything that is not a whole record.
+pub fn decode(value: &[u8]) -> Option<Record> {
+    let mut r = Reader(value);
+    if r.take(4)? != MAGIC {
+        return None;
+    }
+    let expires_ms = r.u64()?;
+    let fingerprint: [u8; 32] = r.take(32)?.try_into().ok()?;
+    let key = r.string()?;
+    let state = match r.u8()? {
+        0 => State::InFlight,
+        1 => {
+            let status = r.u16()?;
+            let body_omitted = r.u8()? != 0;
+            let n = r.u32()? as usize;
+            let mut headers = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                headers.push((r.string()?, r.string()?));
+            }
+            let body = r.bytes()?.to_vec();
+            State::Done(Stored {
+                status,
+                headers,
+                body,
+                body_omitted,
+            })
+        }
+        _ => return None,
+    };
+    Some(Record {
+        key,
+        fingerprint,
+        expires_ms,
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Shared data with each host's CAS rules (HOSTS.md): on Kong a write succeeds only when the
+    /// given cas equals the stored one (absent = 0); on Envoy cas 0 means "no check" and an
+    /// absent key is inserted whatever the cas.
+    type Interleaved = Box<dyn FnOnce(&FakeShared)>;
+
+    struct FakeShared {
+        kong: bool,
+        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        /// Runs once just before the next write: another worker's interleaved write.
+        interleave: RefCell<Option<Interleaved>>,
+        capacity: usize,
+    }
+
+    impl FakeShared {
+        fn new(kong: bool) -> Self {
+            FakeShared {
+                kong,
+                map: RefCell::default(),
+                interleave: RefCell::new(None),
+                capacity: usize::MAX,
+            }
+        }
+        fn raw_set(&self, key: &str, value: &[u8]) {
+            let mut m = self.map.borrow_mut();
+            let cas = m.get(key).map_or(0, |(_, c)| *c) + 1;
+            m.insert(key.to_string(), (value.to_vec(), cas));
+        }
+    }
+
+    impl Shared for FakeShared {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.map.borrow().get(key).cloned()
+        }
+        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+            let interleaved = self.interleave.borrow_mut().take();
+            if let Some(f) = interleaved {
+                f(self);
+            }
+            if value.len() > self.capacity {
+                return Err(SetError::Refused);
+            }
+            let current = self.map.borrow().get(key).map(|(_, c)| *c);
+            let ok = match (self.kong, current) {
+                (true, None) => cas == 0,
+                (true, Some(c)) => cas == c,
+                (false, None) => true,
+                (false, Some(c)) => cas == 0 || cas == c,
+            };
+            if !ok {
+                return Err(SetError::CasMismatch);
+            }
+            self.raw_set(key, value);
+            Ok(())
+        }
+    }
+
+    fn stored(status: u16, body: &str) -> Stored {
+        Stored {
+            status,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: body.into(),
+            body_omitted: false,
+        }
+    }
+
+    const FP: [u8; 32] = [7; 32];
+    const OTHER: [u8; 32] = [8; 32];
+
+    #[test]
+    fn state_machine_claim_in_flight_done_expired() {
+        for kong in [true, false] {
+            let s = FakeShared::new(kong);
+            create_slots(&s, 64);
+            let Claim::Claimed { slot } = claim(&s, 64, "k1", &FP, 1_000, 30_000) else {
+                panic!()
+            };
+            assert_eq!(
+                claim(&s, 64, "k1", &FP, 2_000, 30_000),
+                Claim::InFlight {
+                    same: true,
+                    retry_after_ms: 29_000
+                }
+            );
+            assert_eq!(
+                claim(&s, 64, "k1", &OTHER, 2_000, 30_000),
+                Claim::InFlight {
+                    same: false,
+                    retry_after_ms: 29_000
+                }
+            );
+            assert!(finish(&s, slot, "k1", Some((stored(201, "made"), 100_000))));
+            assert_eq!(
+                claim(&s, 64, "k1", &FP, 3_000, 30_000),
+                Claim::Done {
+                    same: true,
+                    stored: stored(201, "made")
+                }
+            );
+            assert!(matches!(
+                claim(&s, 64, "k1", &OTHER, 3_000, 30_000),
+                Claim::Done { same: false, .. }
+            ));
+            // After the TTL the key is free again.
+            assert!(matches!(
+                claim(&s, 64, "k1", &FP, 100_000, 30_000),
+                Claim::Claimed { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn released_claims_and_expired_leases_let_the_next_try_run() {
+        let s = FakeShared::new(true);
+        create_slots(&s, 16);
+        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, 0, 1_000) else {
+            panic!()
+        };
+        assert!(finish(&s, slot, "k", None));
+        assert!(matches!(
+            claim(&s, 16, "k", &FP, 1, 1_000),
+            Claim::Claimed { .. }
+        ));
+        // A crashed or stalled holder: the lease runs out.
+        assert!(matches!(
+            claim(&s, 16, "k", &FP, 500, 1_000),
+            Claim::InFlight { .. }
+        ));
+        assert!(matches!(
+            claim(&s, 16, "k", &FP, 1_001, 1_000),
+            Claim::Claimed { .. }
+        ));
+    }
+
+    #[test]
+    fn two_workers_racing_for_one_key_cannot_both_win_on_either_host() {
+        for kong in [true, false] {
+            let s = FakeShared::new(kong);
+            create_slots(&s, 16);
+            // Worker B claims between worker A's read and A's write.
+            *s.interleave.borrow_mut() = Some(Box::new(|s: &FakeShared| {
+                assert!(matches!(
+                    claim(s, 16, "k", &FP, 0, 1_000),
+                    Claim::Claimed { .. }
+                ));
+            }));
+            assert!(
+                matches!(
+                    claim(&s, 16, "k", &FP, 0, 1_000),
+                    Claim::InFlight { same: true, .. }
+                ),
+                "kong={kong}"
+            );
+        }
+    }
+
+    #[test]
+    fn slots_that_were_never_created_are_not_claimed_absent_so_set() {
+        // Without pre-created slots there is nothing to CAS against: report full rather than
+        // risk Envoy's non-exclusive first insert.
+        let s = FakeShared::new(false);
+        assert_eq!(claim(&s, 16, "k", &FP, 0, 1_000), Claim::Full);
+    }
+
+    #[test]
+    fn a_full_table_reports_full_and_never_evicts_live_records() {
+        let s = FakeShared::new(true);
+        create_slots(&s, 16);
+        let mut claimed = 0;
+        for i in 0..200 {
+            if matches!(
+                claim(&s, 16, &format!("k{i}"), &FP, 0, 60_000),
+                Claim::Claimed { .. }
+            ) {
+                claimed += 1;
+            }
+        }
+        assert!(claimed <= 16);
+        assert_eq!(claim(&s, 16, "late", &FP, 0, 60_000), Claim::Full);
+        assert_eq!(s.map.borrow().len(), 16, "memory is bounded by the slots");
+    }
+
+    #[test]
+    fn crc_colliding_or_foreign_slot_contents_are_told_apart_by_the_full_key() {
+        let s = FakeShared::new(true);
+        create_slots(&s, 16);
+        let Claim::Claimed { slot } = claim(&s, 16, "a", &FP, 0, 60_000) else {
+            panic!()
+        };
+        // Another key landing on the same slot never reads "a"'s record as its own.
+        assert!(!finish(&s, slot, "b", None));
+        s.raw_set(&Policy::slot_key((slot + 1) % 16), b"garbage");
+        assert!(matches!(
+            claim(&s, 16, "b", &FP, 0, 60_000),
+            Claim::Claimed { .. }
+        ));
+    }
+
+    #[test]
+    fn refused_writes_degrade_to_full() {
+        let mut s = FakeShared::new(true);
+        create_slots(&s, 16);
+        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, 0, 60_000) else {
+            panic!()
+        };
+        s.capacity = 100;
+        assert!(!finish(
+            &s,
+            slot,
+            "k",
+            Some((stored(200, &"x".repeat(1000)), 99))
+        ));
+        assert!(matches!(
+            claim(&s, 16, "k", &FP, 1, 60_000),
+            Claim::Claimed { .. } | Claim::Full
+        ));
+    }
+
+    #[test]
+    fn records_round_trip_and_garbage_is_not_a_record() {
+        let rec = Record {
+            key: "k".into(),
+            fingerprint: FP,
+            expires_ms: 42,
+            state: State::Done(stored(201, "b")),
+        };
+        assert_eq!(decode(&encode(&rec)), Some(rec.clone()));
+        let bytes = encode(&rec);
+        for cut in 0..bytes.len() {
+            assert_eq!(decode(&bytes[..cut]), None);
+        }
+        assert_eq!(decode(b""), None);
+    }
+
+    #[test]
+    fn key_parsing() {
+        assert_eq!(
+            parse_key(&["\"8e03978e-40d5-43e8-bc93-6894a57f9324\""]).unwrap(),
+            "8e03978e-40d5-43e8-bc93-6894a57f9324"
+        );
+        assert_eq!(parse_key(&["abc-123"]).unwrap(), "abc-123");
+        assert_eq!(
+            parse_key(&["\"with space and \\\"quote\\\"\""]).unwrap(),
+            "with space and \"quote\""
+        );
+        assert_eq!(parse_key(&[&"k".repeat(255)]).unwrap().len(), 255);
+        assert_eq!(parse_key(&[]), Err(KeyError::Missing));
+        assert_eq!(parse_key(&["a", "b"]), Err(KeyError::Repeated));
+        for bad in [
+            "",
+            "\"\"",
+            "\"open",
+            "has space",
+            "\"bad\\escape\"",
+            "caf\u{e9}",
+            "\"a\"b\"",
+        ] {
+            assert!(
+                matches!(parse_key(&[bad]), Err(KeyError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(parse_key(&[&"k".repeat(256)]).is_err());
+    }
+
+    #[test]
+    fn fingerprint_covers_method_path_scope_and_body() {
+        let base = fingerprint("POST", "/o?x=1", "s", b"{}");
+        assert_ne!(base, fingerprint("PATCH", "/o?x=1", "s", b"{}"));
+        assert_ne!(base, fingerprint("POST", "/o?x=2", "s", b"{}"));
+        assert_ne!(base, fingerprint("POST", "/o?x=1", "t", b"{}"));
+        assert_ne!(base, fingerprint("POST", "/o?x=1", "s", b"{ }"));
+        assert_ne!(
+            fingerprint("POST", "/ab", "", b""),
+            fingerprint("POST", "/a", "b", b"")
+        );
+    }
+
+    #[test]
+    fn stored_statuses() {
+        let cfg: IdempotencyConfig = serde_json::from_str("{}").unwrap();
+        let p = Policy::compile(&cfg, "idempotency").unwrap();
+        for (status, stored) in [
+            (200, true),
+            (201, true),
+            (400, true),
+            (404, true),
+            (422, true),
+            (408, false),
+            (409, false),
+            (425, false),
+            (429, false),
+            (500, false),
+            (503, false),
+            (302, false),
+        ] {
+            assert_eq!(p.stores(status), stored, "{status}");
+        }
+        assert!(p.applies_to("POST") && p.applies_to("PATCH") && !p.applies_to("PUT"));
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        for (json, field) in [
+            (r#"{"scope":["cookie:x"]}"#, "idempotency.scope[0]"),
+            (
+                r#"{"store_statuses":["2x"]}"#,
+                "idempotency.store_statuses[0]",
+            ),
+            (r#"{"max_entries":1}"#, "idempotency.max_entries"),
+            (r#"{"lease_ms":1}"#, "idempotency.lease_ms"),
+            (r#"{"header":"bad header"}"#, "idempotency.header"),
+        ] {
+            let cfg: IdempotencyConfig = serde_json::from_str(json).unwrap();
+            assert_eq!(
+                Policy::compile(&cfg, "idempotency").unwrap_err().path,
+                field,
+                "{json}"
+            );
+        }
+    }
+}

@@ -1,0 +1,179 @@
+"""Idempotency keys through a real Envoy (2 worker threads), with both exchange drivers."""
+
+import concurrent.futures
+import json
+import time
+
+import pytest
+
+DRIVERS = ["native", "dispatch"]
+
+
+def config(driver: str, idem: dict | None = None, **retry) -> dict:
+    r = {"exchange": driver, "backoff": {"base_ms": 10, "max_ms": 20}}
+    r.update(retry)
+    return {"retry": r, "idempotency": idem or {}}
+
+
+def post(envoy, key, body, auth="Bearer alice", path="/orders", timeout=30):
+    headers = {"content-type": "application/json", "authorization": auth}
+    if key is not None:
+        headers["idempotency-key"] = key
+    return envoy.request("POST", path, body, headers, timeout=timeout)
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request):
+    return request.param
+
+
+def test_same_key_twice_writes_once_and_replays(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver), {"group-a": [pod]})
+    first = post(envoy, '"order-1"', '{"sku": 1}')
+    second = post(envoy, '"order-1"', '{"sku": 1}')
+    assert first.status == 201
+    assert second.status == first.status
+    assert second.body == first.body
+    assert second.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert second.headers["content-type"] == first.headers["content-type"]
+    assert len(pod.ledger()) == 1
+    # The key reached the application unchanged, so it can deduplicate too.
+    assert pod.ledger()[0]["idempotency_key"] == '"order-1"'
+
+
+def test_fifty_concurrent_duplicates_write_once(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver), {"group-a": [pod]})
+    pod.script({"delay_ms": 300, "count": 1, "commit": True, "status": 201})
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda _: post(envoy, '"burst"', '{"sku": 9}'), range(50)))
+    statuses = sorted(r.status for r in results)
+    assert len(pod.ledger()) == 1, statuses
+    assert set(statuses) <= {201, 409}, statuses
+    assert statuses.count(201) >= 1
+    for r in results:
+        if r.status == 409:
+            assert r.headers["content-type"] == "application/problem+json"
+            assert int(r.headers["retry-after"]) >= 1
+        elif r.headers.get("idempotent-replayed") != "true":
+            assert r.json()["committed"] is True
+
+
+def test_same_key_different_body_is_422(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver), {"group-a": [pod]})
+    assert post(envoy, '"k-422"', '{"sku": 1}').status == 201
+    r = post(envoy, '"k-422"', '{"sku": 2}')
+    assert r.status == 422
+    assert r.json()["type"] == "urn:problem-type:rollsafe:idempotency-key-reused"
+    assert len(pod.ledger()) == 1
+
+
+def test_same_key_other_caller_runs_separately(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver), {"group-a": [pod]})
+    assert post(envoy, '"shared"', '{"sku": 1}', auth="Bearer alice").status == 201
+    r = post(envoy, '"shared"', '{"sku": 1}', auth="Bearer bob")
+    assert r.status == 201
+    assert "idempotent-replayed" not in r.headers
+    assert len(pod.ledger()) == 2
+
+
+def test_upstream_500_releases_the_key_and_the_retry_runs_once(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver), {"group-a": [pod]})
+    pod.script({"status": 500, "body": "boom"})
+    assert post(envoy, '"k-500"', '{"sku": 5}').status == 500
+    r = post(envoy, '"k-500"', '{"sku": 5}')
+    assert r.status == 201
+    assert "idempotent-replayed" not in r.headers
+    assert len(pod.ledger()) == 1
+    # Now completed: replayed from here on.
+    assert post(envoy, '"k-500"', '{"sku": 5}').headers["idempotent-replayed"] == "true"
+
+
+def test_stalled_pod_lease_expires_and_a_retry_is_possible(harness, driver):
+    pod = harness.pod("a1", "a")
+    cfg = config(driver, {"lease_ms": 800}, per_try_timeout_ms=5000, deadline_ms=6000)
+    envoy = harness.envoy(cfg, {"group-a": [pod]})
+    pod.script({"delay_ms": 2500, "status": 201, "commit": True})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit(post, envoy, '"k-stall"', '{"sku": 7}')
+        time.sleep(0.3)
+        assert post(envoy, '"k-stall"', '{"sku": 7}').status == 409
+        time.sleep(0.8)  # the lease ran out while the pod still stalls
+        again = post(envoy, '"k-stall"', '{"sku": 7}')
+        assert again.status == 201
+        assert stalled.result().status == 201
+
+
+def test_keyed_post_answered_503_after_the_pod_read_it_is_retried_once(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver, attempts=3), {"group-a": [pod]})
+    pod.script({"status": 503})
+    r = post(envoy, '"k-503"', '{"sku": 3}')
+    assert r.status == 201
+    assert len(pod.attempts()) == 2
+    assert len(pod.ledger()) == 1
+
+
+def test_malformed_keys_are_400_problems(harness, driver):
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(config(driver, {"required": True}), {"group-a": [pod]})
+    for key in [None, '"unterminated', "has space", '"' + "k" * 300 + '"']:
+        r = post(envoy, key, "{}")
+        assert r.status == 400, (key, r)
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"] == "urn:problem-type:rollsafe:idempotency-key-invalid"
+    r = envoy.request("POST", "/orders", "{}", {"idempotency-key": "a", "Idempotency-Key": "b"})
+    assert r.status == 400
+    assert pod.attempts() == []
+    # GET is not a keyed method: no key needed.
+    assert envoy.request("GET", "/orders").status == 200
+
+
+def test_many_distinct_keys_stay_bounded_and_full_store_rejects(harness):
+    pod = harness.pod("a1", "a")
+    cfg = config("dispatch", {"max_entries": 256, "ttl_s": 3600})
+    envoy = harness.envoy(cfg, {"group-a": [pod]})
+    rss = lambda: int(next(l for l in open(f"/proc/{envoy.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
+    n = 100_000
+    statuses = {}
+
+    def burst(chunk):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=30)
+        out = []
+        for i in chunk:
+            conn.request("POST", "/o", b"{}", {"idempotency-key": f"key-{i}"})
+            resp = conn.getresponse()
+            resp.read()
+            out.append(resp.status)
+            if resp.getheader("connection") == "close":
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=30)
+        conn.close()
+        return out
+
+    warm = burst(range(0, 2000))
+    before = rss()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        chunks = [range(s, min(s + 2000, n)) for s in range(2000, n, 2000)]
+        for out in pool.map(burst, chunks):
+            for st in out:
+                statuses[st] = statuses.get(st, 0) + 1
+    for st in warm:
+        statuses[st] = statuses.get(st, 0) + 1
+    after = rss()
+    assert sum(statuses.values()) == n
+    assert set(statuses) <= {201, 503}, statuses
+    # At most the slots' worth of writes were stored; the rest were turned away as configured.
+    assert statuses.get(201, 0) <= 256 + 8 * 2, statuses
+    assert statuses[503] >= n - 300
+    assert len(pod.ledger()) == statuses.get(201, 0)
+    assert after - before < 20_000, f"RSS grew {after - before} KiB"
+    assert envoy.proc.poll() is None
+    stats = envoy.stats()
+    assert stats["wasmcustom.rollsafe_idempotency_store_full"] >= n - 300
