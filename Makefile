@@ -79,6 +79,7 @@ e2e: $(VENV)/.stamp $(DIST) $(POD) $(CHECK)
 bench: deps $(DIST) $(POD)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+	cargo run -q --release --example routing_bench
 	$(PY) -m tests.e2e.bench
 
 clean:

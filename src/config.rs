@@ -39,6 +39,9 @@ pub struct Config {
     /// Scheduled maintenance windows: matching requests get 503 + `Retry-After` + problem+json.
     #[serde(default)]
     pub maintenance: Option<crate::maintenance::MaintenanceConfig>,
+    /// Consistent-hash routing of a user key to pod groups, with failover.
+    #[serde(default)]
+    pub routing: Option<crate::routing::RoutingConfig>,
     /// Retries with backoff on 502/503/504, connect failure, reset and timeout (RFC 9110 safe).
     #[serde(default)]
     pub retry: Option<crate::retry::RetryConfig>,

@@ -20,6 +20,7 @@ pub mod maintenance;
 pub mod plan;
 pub mod problem;
 pub mod retry;
+pub mod routing;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

@@ -420,6 +420,11 @@ impl Policy {
     }
 }
 
+/// The bit of a method in a method set (0 for methods outside the known ones).
+pub fn method_mask(method: &str) -> u8 {
+    method_bit(method)
+}
+
 fn method_bit(method: &str) -> u8 {
     let m = match method {
         "GET" => Method::GET,

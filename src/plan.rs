@@ -4,7 +4,7 @@
 use crate::config::{self, Config, ConfigError};
 use crate::host::exchange::Driver;
 use crate::retry::ExchangeMode;
-use crate::{idempotency, maintenance, retry};
+use crate::{idempotency, maintenance, retry, routing};
 
 /// Which proxy-wasm host runs the filter; detected once at configure time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -22,6 +22,7 @@ pub struct Plan {
     /// The retry policy and the driver that carries the exchange.
     pub retry: Option<(retry::Policy, Driver)>,
     pub idempotency: Option<idempotency::Policy>,
+    pub routing: Option<routing::Policy>,
 }
 
 impl Plan {
@@ -70,12 +71,20 @@ impl Plan {
                 .transpose()?,
             retry,
             idempotency: idem,
+            routing: cfg
+                .routing
+                .as_ref()
+                .map(|r| routing::Policy::compile(r, "routing"))
+                .transpose()?,
         })
     }
 
     /// True when no capability is configured: requests pass without rollsafe looking at them.
     pub fn is_pass_through(&self) -> bool {
-        self.maintenance.is_none() && self.retry.is_none() && self.idempotency.is_none()
+        self.maintenance.is_none()
+            && self.retry.is_none()
+            && self.idempotency.is_none()
+            && self.routing.is_none()
     }
 
     /// Whether any exchange may wait a backoff on the root context's tick.

@@ -58,6 +58,17 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// The pod group a hashed request was routed to.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub key_hash: u64,
+    pub group: usize,
+    /// Pinned by `missing_key: group:<name>`: no failover.
+    pub fixed: bool,
+    /// Groups this exchange already failed on.
+    pub tried: Vec<usize>,
+}
+
 /// The request's idempotency key, once validated.
 struct Idem {
     /// Caller scope and key: what the store is keyed by.
@@ -70,6 +81,7 @@ struct Idem {
 pub struct Exchange {
     plan: Rc<Plan>,
     idem: Option<Idem>,
+    routed: Option<Routed>,
     /// Where dispatched attempts go: `retry.target`, or on Envoy the route's cluster.
     target: Option<String>,
     /// The request headers as the host gave them (pseudo headers included).
@@ -119,8 +131,15 @@ impl Exchange {
         host: &impl Host,
         end_of_stream: bool,
         now: u64,
+        routed: Option<Routed>,
     ) -> (Option<Exchange>, Step) {
         let kind = plan.host;
+        let group_target = routed.as_ref().and_then(|r| {
+            plan.routing
+                .as_ref()
+                .and_then(|rp| rp.groups.get(r.group))
+                .map(|g| g.target.clone())
+        });
         // Kept as the host gave it: a retry needs the request (Envoy does not show request
         // headers in the response phase); most requests never retry, so nothing is parsed now.
         let all = host.request_headers();
@@ -134,7 +153,8 @@ impl Exchange {
         let mut ex = Exchange {
             plan: Rc::clone(plan),
             idem: None,
-            target: policy.target.clone(),
+            routed,
+            target: group_target.or_else(|| policy.target.clone()),
             headers: all,
             body: Vec::new(),
             declared_len,
@@ -428,6 +448,7 @@ impl Exchange {
                     .response_header("retry-after")
                     .and_then(|v| retry::parse_retry_after(&v, host.now_ms()));
                 self.last_outcome = Some(outcome);
+                self.note_outcome(host, outcome);
                 match self.decide(policy, host, outcome, retry_after) {
                     Some((wait_ms, timeout_ms)) => {
                         self.schedule(policy, host, wait_ms, timeout_ms);
@@ -486,6 +507,7 @@ impl Exchange {
             .and_then(|a| find(&a.headers, "retry-after"))
             .and_then(|v| retry::parse_retry_after(v, host.now_ms()));
         self.last_outcome = Some(outcome);
+        self.note_outcome(host, outcome);
         if answer.is_some() {
             self.last = answer;
         }
@@ -593,6 +615,7 @@ impl Exchange {
         if !self.claim_key(host) {
             return;
         }
+        self.reroute(host);
         if self.target.is_none() {
             self.target = route_cluster(host);
         }
@@ -616,6 +639,53 @@ impl Exchange {
                 );
                 self.last_outcome = Some(Outcome::ConnectFailure);
                 self.answer(policy, host);
+            }
+        }
+    }
+
+    /// Group health: a failed attempt counts against its group; a good one clears it.
+    fn note_outcome(&mut self, host: &impl Host, outcome: Outcome) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_mut()) else {
+            return;
+        };
+        let failed = match outcome {
+            Outcome::Status(s) => s >= 500,
+            Outcome::ConnectFailure | Outcome::Reset | Outcome::Timeout => true,
+        };
+        if failed {
+            if rp.failed(r.group, host.now_ms()) {
+                host.count(Metric::RoutingGroupDown);
+                let name = rp.groups.get(r.group).map_or("?", |g| g.name.as_str());
+                host.log(Level::Warn, &format!("rollsafe: group {name} marked down"));
+            }
+            r.tried.push(r.group);
+        } else {
+            rp.succeeded(r.group);
+        }
+    }
+
+    /// A retry of a routed request goes to the key's next group that is up and untried.
+    fn reroute(&mut self, host: &impl Host) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_mut()) else {
+            return;
+        };
+        if r.fixed || r.tried.is_empty() {
+            return;
+        }
+        let next = rp.pick(r.key_hash, host.now_ms(), &r.tried);
+        if next == r.group {
+            return;
+        }
+        host.count(Metric::RoutingFailover);
+        r.group = next;
+        if let Some(g) = rp.groups.get(next) {
+            self.target = Some(g.target.clone());
+            for (k, v) in self.headers.iter_mut() {
+                if k.eq_ignore_ascii_case(&rp.group_header) {
+                    *v = g.name.clone();
+                }
             }
         }
     }

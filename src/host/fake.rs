@@ -166,6 +166,12 @@ impl Host for FakeHost {
             .push((name.to_string(), value.to_string()));
     }
 
+    fn set_property(&self, path: &[&str], value: &[u8]) {
+        self.properties
+            .borrow_mut()
+            .push((path.join("."), value.to_vec()));
+    }
+
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
         let body = self.request_body.borrow();
         Some(

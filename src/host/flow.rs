@@ -1,11 +1,13 @@
 //! The request flow, written against the [`Host`] seam. The proxy-wasm contexts in `proxy`
 //! forward every callback here; native tests drive the same code with a fake host.
 
-use super::exchange::{Exchange, Step};
+use super::exchange::{classify_native, Exchange, Routed, Step};
 use super::{Host, HostKind, Level, Metric};
 use crate::maintenance::{self, Decision, RequestFacts, RetryAfterFormat};
 use crate::plan::{self, Plan};
 use crate::problem::{self, Problem};
+use crate::retry::Outcome;
+use crate::routing::{self, KeySource, Missing};
 use std::rc::Rc;
 
 /// What the filter does with a callback: let the stream go on, or hold it.
@@ -45,6 +47,8 @@ pub struct Request {
     answered_locally: bool,
     /// The upstream exchange, when rollsafe owns it (retries configured).
     exchange: Option<Exchange>,
+    /// The group a hashed request went to, when no exchange tracks it.
+    routed: Option<usize>,
 }
 
 impl From<Step> for Verdict {
@@ -62,6 +66,7 @@ impl Request {
             plan,
             answered_locally: false,
             exchange: None,
+            routed: None,
         }
     }
 
@@ -92,13 +97,85 @@ impl Request {
                 }
             }
         }
-        if let Some((policy, driver)) = &self.plan.retry {
+        let plan = Rc::clone(&self.plan);
+        let routed = match &plan.routing {
+            Some(rp) => match self.route(rp, host, now) {
+                Ok(r) => r,
+                Err(v) => return v,
+            },
+            None => None,
+        };
+        if let Some((policy, driver)) = &plan.retry {
             let (exchange, step) =
-                Exchange::start(&self.plan, policy, *driver, host, end_of_stream, now);
+                Exchange::start(&plan, policy, *driver, host, end_of_stream, now, routed);
             self.exchange = exchange;
             return step.into();
         }
+        self.routed = routed.map(|r| r.group);
         Verdict::Continue
+    }
+
+    /// Picks the pod group of a hashed request and names it for the host: a request header
+    /// (seen by the upstream; an Envoy route matches it to the group's cluster) and, on Kong,
+    /// `kong.service.target`. `Err` when the request was answered (missing key, `reject`).
+    fn route(
+        &mut self,
+        rp: &routing::Policy,
+        host: &impl Host,
+        now: u64,
+    ) -> Result<Option<Routed>, Verdict> {
+        let method = host.request_header(":method").unwrap_or_default();
+        if !rp.hashes(&method) {
+            return Ok(None);
+        }
+        let key = rp.key.iter().find_map(|src| match src {
+            KeySource::Header(name) => host.request_header(name).filter(|v| !v.is_empty()),
+            KeySource::Cookie(name) => host
+                .request_header("cookie")
+                .and_then(|c| routing::cookie(&c, name).map(str::to_string))
+                .filter(|v| !v.is_empty()),
+        });
+        let (key_hash, fixed) = match key {
+            Some(k) => (routing::hash_key(k.as_bytes()), None),
+            None => {
+                host.count(Metric::RoutingMissingKey);
+                match rp.missing {
+                    Missing::Reject => {
+                        let path = host.request_header(":path").unwrap_or_default();
+                        let body = Problem {
+                            kind: "routing-key-missing",
+                            title: "Missing routing key",
+                            status: 400,
+                            detail: "This request needs a user key to be routed (routing.key)."
+                                .into(),
+                            instance: Some(&path),
+                            extensions: Default::default(),
+                        }
+                        .to_json();
+                        self.answered_locally = true;
+                        host.send_response(400, &[("content-type", problem::CONTENT_TYPE)], &body);
+                        return Err(Verdict::Pause);
+                    }
+                    // Evenly over the groups: never everything to one group by accident.
+                    Missing::Spread => (host.random(), None),
+                    Missing::Group(g) => (0, Some(g)),
+                }
+            }
+        };
+        let group = fixed.unwrap_or_else(|| rp.pick(key_hash, now, &[]));
+        let Some(g) = rp.groups.get(group) else {
+            return Ok(None);
+        };
+        host.set_request_header(&rp.group_header, &g.name);
+        if self.plan.host == HostKind::Kong {
+            host.set_property(&["kong", "service", "target"], g.target.as_bytes());
+        }
+        Ok(Some(Routed {
+            key_hash,
+            group,
+            fixed: fixed.is_some(),
+            tried: Vec::new(),
+        }))
     }
 
     pub fn on_request_body(
@@ -123,7 +200,37 @@ impl Request {
             (Some((policy, _)), Some(exchange)) => exchange
                 .on_response_headers(policy, host, end_of_stream)
                 .into(),
-            _ => Verdict::Continue,
+            _ => {
+                self.note_routed_answer(host);
+                Verdict::Continue
+            }
+        }
+    }
+
+    /// Without an exchange, the route's answer still tells the group's health.
+    fn note_routed_answer(&mut self, host: &impl Host) {
+        let (Some(rp), Some(group)) = (&self.plan.routing, self.routed) else {
+            return;
+        };
+        let status = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let outcome = if status >= 500 || status == 0 {
+            let details = host
+                .property(&["response", "code_details"])
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            classify_native(status, details.as_deref())
+        } else {
+            Outcome::Status(status)
+        };
+        match outcome {
+            Outcome::Status(s) if s < 500 => rp.succeeded(group),
+            _ => {
+                if rp.failed(group, host.now_ms()) {
+                    host.count(Metric::RoutingGroupDown);
+                }
+            }
         }
     }
 

@@ -50,10 +50,13 @@ pub enum Metric {
     IdemStored,
     IdemReleased,
     IdemStoreFull,
+    RoutingMissingKey,
+    RoutingFailover,
+    RoutingGroupDown,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 23] = [
         Metric::MaintenanceRejected,
         Metric::MaintenanceBypassed,
         Metric::Attempts,
@@ -74,6 +77,9 @@ impl Metric {
         Metric::IdemStored,
         Metric::IdemReleased,
         Metric::IdemStoreFull,
+        Metric::RoutingMissingKey,
+        Metric::RoutingFailover,
+        Metric::RoutingGroupDown,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +104,9 @@ impl Metric {
             Metric::IdemStored => "rollsafe_idempotency_stored",
             Metric::IdemReleased => "rollsafe_idempotency_released",
             Metric::IdemStoreFull => "rollsafe_idempotency_store_full",
+            Metric::RoutingMissingKey => "rollsafe_routing_missing_key",
+            Metric::RoutingFailover => "rollsafe_routing_failover",
+            Metric::RoutingGroupDown => "rollsafe_routing_group_down",
         }
     }
 }
@@ -131,6 +140,8 @@ pub trait Host {
     /// All request headers, pseudo headers included.
     fn request_headers(&self) -> Vec<(String, String)>;
     fn set_request_header(&self, name: &str, value: &str);
+    /// Sets a host property (Kong: `kong.service.target`).
+    fn set_property(&self, path: &[&str], value: &[u8]);
     /// `size` bytes of the request body as the host holds it now.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn response_header(&self, name: &str) -> Option<String>;

@@ -45,6 +45,8 @@ def main() -> int:
 Try:
   curl -i {base}/a/orders
   curl -i -X POST {base}/b/orders -H 'content-type: application/json' -d '{{"sku": 42}}'
+  curl -i -X POST {base}/b/orders -H 'user-id: alice' -H 'Idempotency-Key: "k1"' -d '{{"sku": 1}}'
+      # same user -> same group (x-pod-group); repeat it -> Idempotent-Replayed: true
   curl -i -X POST {base}/c/orders -d '{{}}'     # maintenance window: 503 + Retry-After + problem+json
   curl -i {base}/c/orders                      # reads pass during the window
   curl -i -X POST {base}/c/orders -d '{{}}' -H 'x-maintenance-bypass: demo'   # operator bypass

@@ -201,6 +201,18 @@ class Envoy:
             {"match": {"prefix": prefix}, "route": self.route_action(cluster)}
             for prefix, cluster in self.routes
         ] + [{"match": {"prefix": "/"}, "route": self.route_action(self.default_cluster)}]
+        cfg = self.filter_config if isinstance(self.filter_config, dict) else {}
+        routing = cfg.get("routing") if isinstance(cfg.get("routing"), dict) else None
+        if routing:
+            # The Envoy side of rollsafe's routing (README): a route per group matching the
+            # group header rollsafe sets, before the path routes.
+            header = routing.get("group_header", "x-rollsafe-group")
+            routes = [
+                {"match": {"prefix": "/", "headers": [
+                    {"name": header, "string_match": {"exact": g["name"]}}]},
+                 "route": self.route_action(g["target"])}
+                for g in routing["groups"]
+            ] + routes
         if self.direct_response:
             routes = [{"match": {"prefix": "/"},
                        "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]
