@@ -23,6 +23,9 @@ pub struct Plan {
     pub retry: Option<(retry::Policy, Driver)>,
     pub idempotency: Option<idempotency::Policy>,
     pub routing: Option<routing::Policy>,
+    /// The exchange exists only for idempotency (no `retry` section): requests whose method
+    /// takes no key pass without one.
+    pub exchange_for_keys_only: bool,
 }
 
 impl Plan {
@@ -69,6 +72,7 @@ impl Plan {
                 .as_ref()
                 .map(|m| maintenance::Policy::compile(m, "maintenance"))
                 .transpose()?,
+            exchange_for_keys_only: cfg.retry.is_none() && retry.is_some(),
             retry,
             idempotency: idem,
             routing: cfg

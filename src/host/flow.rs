@@ -105,7 +105,14 @@ impl Request {
             },
             None => None,
         };
-        if let Some((policy, driver)) = &plan.retry {
+        let keyed_method = |method: &str| {
+            plan.idempotency
+                .as_ref()
+                .is_some_and(|ip| ip.applies_to(method))
+        };
+        let needs_exchange = !plan.exchange_for_keys_only
+            || keyed_method(&host.request_header(":method").unwrap_or_default());
+        if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
             let (exchange, step) =
                 Exchange::start(&plan, policy, *driver, host, end_of_stream, now, routed);
             self.exchange = exchange;

@@ -149,3 +149,14 @@ fn bad_keys_are_400_and_nothing_is_sent() {
     assert!(host.dispatches().is_empty());
     assert_eq!(host.counted(Metric::IdemBadKey), 2);
 }
+
+#[test]
+fn with_idempotency_alone_unkeyed_methods_pass_without_an_exchange() {
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, r#"{"idempotency":{}}"#);
+    let mut req = Request::new(plan);
+    host.set_request(&[(":method", "GET"), (":path", "/orders")]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Continue);
+    assert_eq!(host.header_reads(), 1, "only :method is read");
+    assert!(host.dispatches().is_empty());
+}

@@ -35,8 +35,9 @@ CONFIGURED = {
         "allow_paths": ["/healthz", "/status/*"],
         "bypass_token_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     },
-    "retry": {"attempts": 3, "backoff": {"base_ms": 25, "max_ms": 500},
-              "attempt_count_header": "x-rollsafe-attempts"},
+    "retry": {"attempts": 3, "backoff": {"base_ms": 25, "max_ms": 500}},
+    "idempotency": {"max_entries": 1024},
+    "routing": {"groups": [{"name": "a", "target": "bench"}, {"name": "b", "target": "bench"}]},
 }
 
 
@@ -63,6 +64,7 @@ def main() -> int:
             "bare": harness.envoy({}, clusters, wasm=None, **opts),
             "noop": harness.envoy({}, clusters, **opts),
             "configured": harness.envoy(CONFIGURED, clusters, **opts),
+            "maint_only": harness.envoy({"maintenance": CONFIGURED["maintenance"]}, clusters, **opts),
         }
         # Extra variants for investigations: BENCH_VARIANTS='{"name": {config}, ...}'
         for name, cfg in json.loads(os.environ.get("BENCH_VARIANTS", "{}")).items():
