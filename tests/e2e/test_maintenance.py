@@ -33,7 +33,7 @@ def wait_until(ts: float) -> None:
 
 def test_window_turns_writes_away_until_it_ends(harness):
     pod = harness.pod("a1", "a")
-    start = float(int(time.time()) + 3)  # whole seconds: RFC 3339 in the config
+    start = float(int(time.time()) + 6)  # whole seconds: RFC 3339 in the config; Envoy starts first
     end = start + 3
     envoy = harness.envoy(maintenance_config(start, end), {"group-a": [pod]})
 
