@@ -29,7 +29,7 @@ pub struct IdempotencyConfig {
     pub header: String,
     /// Methods the key applies to.
     #[serde(default = "default_methods")]
-    pub methods: Vec<crate::maintenance::Method>,
+    pub methods: Vec<crate::method::Method>,
     /// A request of those methods without a key gets 400.
     #[serde(default)]
     pub required: bool,
@@ -86,8 +86,8 @@ pub enum WhenFull {
 fn default_header() -> String {
     "Idempotency-Key".into()
 }
-fn default_methods() -> Vec<crate::maintenance::Method> {
-    use crate::maintenance::Method;
+fn default_methods() -> Vec<crate::method::Method> {
+    use crate::method::Method;
     vec![Method::POST, Method::PATCH]
 }
 fn default_ttl() -> u64 {
@@ -214,13 +214,9 @@ impl Policy {
                 ),
             }
         }
-        let mut methods = 0u8;
-        for m in &cfg.methods {
-            methods |= 1 << (*m as u8);
-        }
         Ok(Policy {
             header,
-            methods,
+            methods: crate::method::set(&cfg.methods),
             required: cfg.required,
             ttl_ms: cfg.ttl_s * 1000,
             lease_ms: cfg.lease_ms,
@@ -240,18 +236,7 @@ impl Policy {
     }
 
     pub fn applies_to(&self, method: &str) -> bool {
-        use crate::maintenance::Method;
-        let m = match method {
-            "GET" => Method::GET,
-            "HEAD" => Method::HEAD,
-            "POST" => Method::POST,
-            "PUT" => Method::PUT,
-            "PATCH" => Method::PATCH,
-            "DELETE" => Method::DELETE,
-            "OPTIONS" => Method::OPTIONS,
-            _ => return false,
-        };
-        self.methods & (1 << (m as u8)) != 0
+        crate::method::mask(method) & self.methods != 0
     }
 
     /// Whether a final answer with this status completes the record (else it is released).

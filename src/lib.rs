@@ -17,6 +17,7 @@ pub mod config;
 pub mod host;
 pub mod idempotency;
 pub mod maintenance;
+pub mod method;
 pub mod plan;
 pub mod problem;
 pub mod retry;

@@ -7,6 +7,8 @@
 //! `Retry-After` always points at the moment the service is really back.
 
 use crate::config::ConfigError;
+use crate::method;
+pub use crate::method::Method;
 use serde::Deserialize;
 use std::cell::Cell;
 
@@ -47,33 +49,6 @@ pub struct MaintenanceConfig {
 
 fn default_bypass_header() -> String {
     "x-maintenance-bypass".into()
-}
-
-/// HTTP methods, upper case as on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[cfg_attr(test, derive(schemars::JsonSchema))]
-pub enum Method {
-    GET,
-    HEAD,
-    POST,
-    PUT,
-    PATCH,
-    DELETE,
-    OPTIONS,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::GET => "GET",
-            Method::HEAD => "HEAD",
-            Method::POST => "POST",
-            Method::PUT => "PUT",
-            Method::PATCH => "PATCH",
-            Method::DELETE => "DELETE",
-            Method::OPTIONS => "OPTIONS",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -292,10 +267,7 @@ impl Policy {
             .enumerate()
             .map(|(i, w)| compile_window(w, &format!("{at}.windows[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut methods = 0u8;
-        for m in &cfg.methods {
-            methods |= 1 << (*m as u8);
-        }
+        let methods = method::set(&cfg.methods);
         let mut exact_paths = Vec::new();
         let mut prefix_paths = Vec::new();
         for (i, p) in cfg.allow_paths.iter().enumerate() {
@@ -396,7 +368,7 @@ impl Policy {
 
     /// The decision for a request that arrived while the span ending at `until` is active.
     pub fn decide(&self, until: u64, req: &RequestFacts) -> Decision {
-        if self.methods != 0 && self.methods & method_bit(req.method) == 0 {
+        if self.methods != 0 && self.methods & method::mask(req.method) == 0 {
             return Decision::Allowed;
         }
         let path = req.path.split('?').next().unwrap_or(req.path);
@@ -418,26 +390,6 @@ impl Policy {
         }
         Decision::Reject { until }
     }
-}
-
-/// The bit of a method in a method set (0 for methods outside the known ones).
-pub fn method_mask(method: &str) -> u8 {
-    method_bit(method)
-}
-
-fn method_bit(method: &str) -> u8 {
-    let m = match method {
-        "GET" => Method::GET,
-        "HEAD" => Method::HEAD,
-        "POST" => Method::POST,
-        "PUT" => Method::PUT,
-        "PATCH" => Method::PATCH,
-        "DELETE" => Method::DELETE,
-        "OPTIONS" => Method::OPTIONS,
-        // Any other method (CONNECT, TRACE, extensions) is never allowlisted by method.
-        _ => return 0,
-    };
-    1 << (m as u8)
 }
 
 fn is_token_char(b: u8) -> bool {

@@ -28,7 +28,7 @@ pub struct RoutingConfig {
     pub groups: Vec<GroupConfig>,
     /// Methods that are hashed; others go to the route's normal target.
     #[serde(default = "default_methods")]
-    pub methods: Vec<crate::maintenance::Method>,
+    pub methods: Vec<crate::method::Method>,
     /// A hashed request without a key: `reject` (400 problem+json), `spread` (evenly over the
     /// groups, not pinned), or `group:<name>` (that group).
     #[serde(default = "default_missing")]
@@ -66,8 +66,8 @@ pub struct GroupConfig {
 fn default_key() -> Vec<String> {
     vec!["header:user-id".into(), "header:x-user-id".into()]
 }
-fn default_methods() -> Vec<crate::maintenance::Method> {
-    use crate::maintenance::Method;
+fn default_methods() -> Vec<crate::method::Method> {
+    use crate::method::Method;
     vec![Method::POST, Method::PUT, Method::PATCH, Method::DELETE]
 }
 fn default_missing() -> String {
@@ -237,10 +237,7 @@ impl Policy {
                 format!("not a valid header name: {:?}", cfg.group_header),
             ));
         }
-        let mut methods = 0u8;
-        for m in &cfg.methods {
-            methods |= 1 << (*m as u8);
-        }
+        let methods = crate::method::set(&cfg.methods);
         let n = groups.len();
         Ok(Policy {
             key,
@@ -255,7 +252,7 @@ impl Policy {
     }
 
     pub fn hashes(&self, method: &str) -> bool {
-        crate::maintenance::method_mask(method) & self.methods != 0
+        crate::method::mask(method) & self.methods != 0
     }
 
     /// The key's groups in preference order (highest rendezvous score first).
