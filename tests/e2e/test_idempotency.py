@@ -134,9 +134,9 @@ def test_malformed_keys_are_400_problems(harness, driver):
     assert envoy.request("GET", "/orders").status == 200
 
 
-def test_many_distinct_keys_stay_bounded_and_full_store_rejects(harness):
+def test_many_distinct_keys_stay_bounded_and_full_store_rejects(harness, driver):
     pod = harness.pod("a1", "a")
-    cfg = config("dispatch", {"max_entries": 256, "ttl_s": 3600})
+    cfg = config(driver, {"max_entries": 256, "ttl_s": 3600})
     envoy = harness.envoy(cfg, {"group-a": [pod]})
     rss = lambda: int(next(l for l in open(f"/proc/{envoy.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
     n = 100_000
