@@ -224,6 +224,7 @@ impl Exchange {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
         policy.note_request(now);
+        ex.name_group(host);
         match ex.owns_all {
             true if !has_body => {
                 ex.send_attempt(policy, host);
@@ -640,6 +641,25 @@ impl Exchange {
                 self.last_outcome = Some(Outcome::ConnectFailure);
                 self.answer(policy, host);
             }
+        }
+    }
+
+    /// Names the routed group: on rollsafe's own attempts only when it sends every attempt
+    /// (the live request then goes to the route's normal target, which holds the stream while
+    /// the body is held — a dead group's cluster would make Envoy's router answer before the
+    /// body is whole); on the live request when it is attempt 1.
+    fn name_group(&mut self, host: &impl Host) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_ref()) else {
+            return;
+        };
+        let Some(g) = rp.groups.get(r.group) else {
+            return;
+        };
+        // Dispatched attempts carry it in any case (a retry replays these headers).
+        self.headers.push((rp.group_header.clone(), g.name.clone()));
+        if !self.owns_all {
+            super::flow::name_group(host, plan.host, &rp.group_header, &g.name, &g.target);
         }
     }
 

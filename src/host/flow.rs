@@ -173,9 +173,9 @@ impl Request {
         let Some(g) = rp.groups.get(group) else {
             return Ok(None);
         };
-        host.set_request_header(&rp.group_header, &g.name);
-        if self.plan.host == HostKind::Kong {
-            host.set_property(&["kong", "service", "target"], g.target.as_bytes());
+        if self.plan.retry.is_none() {
+            // Nothing owns this request: the host's own proxying goes to the group.
+            name_group(host, self.plan.host, &rp.group_header, &g.name, &g.target);
         }
         Ok(Some(Routed {
             key_hash,
@@ -316,6 +316,15 @@ impl Request {
             ],
             &body,
         );
+    }
+}
+
+/// Points the host's own proxying of this request at a group: the group header (seen by the
+/// upstream; an Envoy route matches it) and, on Kong, `kong.service.target`.
+pub fn name_group(host: &impl Host, kind: HostKind, header: &str, name: &str, target: &str) {
+    host.set_request_header(header, name);
+    if kind == HostKind::Kong {
+        host.set_property(&["kong", "service", "target"], target.as_bytes());
     }
 }
 

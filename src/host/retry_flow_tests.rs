@@ -416,3 +416,30 @@ fn kong_requires_a_target() {
         .starts_with("rollsafe: retry.target: required on Kong"));
     assert!(configure(&host, br#"{"retry":{}}"#, HostKind::Envoy).is_some());
 }
+
+#[test]
+fn an_owned_routed_request_names_its_group_only_on_rollsafes_attempts() {
+    let host = FakeHost::at(1_000);
+    let cfg = r#"{"retry":{"exchange":"native"},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
+    let mut req = Request::new(Rc::new(
+        configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap(),
+    ));
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/o"),
+        ("content-length", "2"),
+        ("user-id", "u1"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    host.set_body(b"{}");
+    req.on_request_body(&host, 2, true);
+    assert!(
+        host.set_request_headers.borrow().is_empty(),
+        "the live request keeps its route"
+    );
+    let d = &host.dispatches()[0];
+    assert_eq!(
+        d.target,
+        format!("c{}", d.header("x-rollsafe-group").unwrap())
+    );
+}
