@@ -166,6 +166,12 @@ impl Host for FakeHost {
             .push((name.to_string(), value.to_string()));
     }
 
+    fn remove_request_header(&self, name: &str) {
+        self.request
+            .borrow_mut()
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
     fn set_property(&self, path: &[&str], value: &[u8]) {
         self.properties
             .borrow_mut()

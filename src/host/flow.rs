@@ -131,6 +131,8 @@ impl Request {
         host: &impl Host,
         now: u64,
     ) -> Result<Option<Routed>, Verdict> {
+        // Only rollsafe names groups: a client must not pick its own.
+        host.remove_request_header(&rp.group_header);
         let method = host.request_header(":method").unwrap_or_default();
         if !rp.hashes(&method) {
             return Ok(None);

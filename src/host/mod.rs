@@ -140,6 +140,7 @@ pub trait Host {
     /// All request headers, pseudo headers included.
     fn request_headers(&self) -> Vec<(String, String)>;
     fn set_request_header(&self, name: &str, value: &str);
+    fn remove_request_header(&self, name: &str);
     /// Sets a host property (Kong: `kong.service.target`).
     fn set_property(&self, path: &[&str], value: &[u8]);
     /// `size` bytes of the request body as the host holds it now.

@@ -80,6 +80,10 @@ impl Host for ProxyHost {
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
     }
 
+    fn remove_request_header(&self, name: &str) {
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+    }
+
     fn set_property(&self, path: &[&str], value: &[u8]) {
         let _ = hostcalls::set_property(path.to_vec(), Some(value));
     }

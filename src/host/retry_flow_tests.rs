@@ -3,7 +3,7 @@
 use super::fake::FakeHost;
 use super::flow::{configure, Request, Verdict};
 use super::scheduler::Scheduler;
-use super::{HostKind, Metric};
+use super::{Host, HostKind, Metric};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -442,4 +442,23 @@ fn an_owned_routed_request_names_its_group_only_on_rollsafes_attempts() {
         d.target,
         format!("c{}", d.header("x-rollsafe-group").unwrap())
     );
+}
+
+#[test]
+fn a_client_supplied_group_header_is_dropped() {
+    let host = FakeHost::at(1_000);
+    let cfg = r#"{"routing":{"groups":[{"name":"a","target":"ca"}]}}"#;
+    let mut req = Request::new(Rc::new(
+        configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap(),
+    ));
+    host.set_request(&[
+        (":method", "GET"),
+        (":path", "/"),
+        ("x-rollsafe-group", "a"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Continue);
+    assert!(host
+        .request_headers()
+        .iter()
+        .all(|(k, _)| k != "x-rollsafe-group"));
 }

@@ -43,6 +43,12 @@ def test_each_users_writes_always_reach_one_group_and_reads_are_not_pinned(harne
     r = envoy.request("GET", "/orders/user-1", headers={"user-id": "user-1"})
     assert r.status == 200 and r.headers["x-pod-group"] == "a"
     assert "x-rollsafe-group" not in r.json()["headers"]
+    # A client cannot pick a group by sending the group header itself.
+    r = envoy.request("GET", "/orders/x", headers={"x-rollsafe-group": "c"})
+    assert r.headers["x-pod-group"] == "a" and "x-rollsafe-group" not in r.json()["headers"]
+    b_user = next(u for u, g in placed.items() if g == {"b"})
+    r = envoy.request("POST", "/orders/spoof", "{}", {"user-id": f"user-{b_user}", "x-rollsafe-group": "c"})
+    assert r.headers["x-pod-group"] == "b"
 
 
 @pytest.mark.parametrize("driver", ["native", "dispatch"])
