@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -60,3 +61,26 @@ def test_invalid_config_is_refused_and_the_log_names_the_field(harness, config, 
     assert any(f"rollsafe: {field}" in line for line in lines), log[-3000:]
     # The filter never runs with a refused configuration: Envoy does not serve traffic with it.
     assert not envoy.ready()
+
+
+def test_pod_drains_on_sigterm_and_dies_on_sigkill(harness):
+    """The harness's rolling-update tools: a drained pod finishes what it has, then refuses."""
+    import concurrent.futures
+    import socket
+
+    from tests.e2e.harness import request
+
+    pod = harness.pod("a1", "a")
+    pod.script({"delay_ms": 800, "status": 201, "commit": True})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(request, pod.ip, pod.port, "POST", "/orders", "in-flight")
+        time.sleep(0.3)
+        assert pod.stop() == 0  # SIGTERM: waits for the in-flight request, then exits 0
+        assert slow.result().status == 201
+    assert [w["body"] for w in pod.ledger()] == ["in-flight"]
+    with pytest.raises(OSError):
+        socket.create_connection((pod.ip, pod.port), timeout=0.5).close()
+    pod.start()
+    assert request(pod.ip, pod.port, "GET", "/x").status == 200
+    pod.kill()
+    assert pod.proc.returncode == -9
