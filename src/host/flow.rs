@@ -98,8 +98,14 @@ impl Request {
             }
         }
         let plan = Rc::clone(&self.plan);
+        // Read once, only when routing or a keys-only exchange must look at it.
+        let method = if plan.routing.is_some() || plan.exchange_for_keys_only {
+            host.request_header(":method").unwrap_or_default()
+        } else {
+            String::new()
+        };
         let routed = match &plan.routing {
-            Some(rp) => match self.route(rp, host, now) {
+            Some(rp) => match self.route(rp, host, &method, now) {
                 Ok(r) => r,
                 Err(v) => return v,
             },
@@ -110,8 +116,7 @@ impl Request {
                 .as_ref()
                 .is_some_and(|ip| ip.applies_to(method))
         };
-        let needs_exchange = !plan.exchange_for_keys_only
-            || keyed_method(&host.request_header(":method").unwrap_or_default());
+        let needs_exchange = !plan.exchange_for_keys_only || keyed_method(&method);
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
             let (exchange, step) =
                 Exchange::start(&plan, policy, *driver, host, end_of_stream, now, routed);
@@ -129,12 +134,12 @@ impl Request {
         &mut self,
         rp: &routing::Policy,
         host: &impl Host,
+        method: &str,
         now: u64,
     ) -> Result<Option<Routed>, Verdict> {
         // Only rollsafe names groups: a client must not pick its own.
         host.remove_request_header(&rp.group_header);
-        let method = host.request_header(":method").unwrap_or_default();
-        if !rp.hashes(&method) {
+        if !rp.hashes(method) {
             return Ok(None);
         }
         let key = rp.key.iter().find_map(|src| match src {
