@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 const PROBE: usize = 8;
 /// Claim attempts when another worker changes a slot between read and write.
 const CAS_TRIES: usize = 4;
-const MAGIC: &[u8; 4] = b"RSI1";
+const MAGIC: &[u8; 4] = b"RSI2";
 
 /// `idempotency` config section.
 #[derive(Debug, Clone, Deserialize)]
@@ -319,10 +319,34 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 over method, path and query, scope and body (length-prefixed, so parts can't blur).
-pub fn fingerprint(method: &str, path: &str, scope: &str, body: &[u8]) -> [u8; 32] {
+/// What a record keeps of the request it answers, to tell a repeat from a different request
+/// with the same key. Everything here is known from the request headers, so a duplicate, a
+/// replay and a 422 are decided before any upstream is contacted (on Envoy the route's upstream
+/// request starts as soon as the headers go on, so a body-time decision would always reach it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// SHA-256 over method, path and query, and caller scope.
+    pub fingerprint: [u8; 32],
+    /// The declared body length (`Content-Length`); `None` when the body is chunked.
+    pub body_len: Option<u64>,
+}
+
+impl Facts {
+    /// Whether a request with `other` facts is the same request. An unknown length on either
+    /// side compares equal: a chunked body is told apart by method, path and scope alone.
+    pub fn same_as(&self, other: &Facts) -> bool {
+        self.fingerprint == other.fingerprint
+            && match (self.body_len, other.body_len) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+/// SHA-256 over method, path and query, and scope (length-prefixed, so parts can't blur).
+pub fn fingerprint(method: &str, path: &str, scope: &str) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [method.as_bytes(), path.as_bytes(), scope.as_bytes(), body] {
+    for part in [method.as_bytes(), path.as_bytes(), scope.as_bytes()] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -349,7 +373,10 @@ pub enum State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: String,
-    pub fingerprint: [u8; 32],
+    pub facts: Facts,
+    /// The claim's owner (a random token per request): only it may complete, release or extend
+    /// the claim, so a holder whose lease ran out can never overwrite a newer claim.
+    pub owner: u64,
     pub expires_ms: u64,
     pub state: State,
 }
@@ -373,7 +400,7 @@ pub enum SetError {
 /// The outcome of claiming a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This request owns the key; run it. `slot` and `cas` identify the claim.
+    /// This request owns the key; run it. `slot` and the owner token identify the claim.
     Claimed { slot: u32 },
     /// Another request with this key is running; `same` says whether it has this fingerprint.
     InFlight { same: bool, retry_after_ms: u64 },
@@ -405,7 +432,8 @@ pub fn claim(
     store: &impl Shared,
     slots: u32,
     key: &str,
-    fp: &[u8; 32],
+    facts: &Facts,
+    owner: u64,
     now: u64,
     lease_ms: u64,
 ) -> Claim {
@@ -433,7 +461,7 @@ pub fn claim(
             }
         }
         if let Some(rec) = found {
-            let same = rec.fingerprint == *fp;
+            let same = rec.facts.same_as(facts);
             return match rec.state {
                 State::InFlight => Claim::InFlight {
                     same,
@@ -447,7 +475,8 @@ pub fn claim(
         };
         let rec = Record {
             key: key.to_string(),
-            fingerprint: *fp,
+            facts: *facts,
+            owner,
             expires_ms: now + lease_ms,
             state: State::InFlight,
         };
@@ -461,9 +490,26 @@ pub fn claim(
     Claim::Full
 }
 
-/// Replaces this request's in-flight record in `slot`: completed with `stored` for the TTL, or
-/// freed (`None`) so the client's next try runs. Only a record still holding `key` is touched.
-pub fn finish(store: &impl Shared, slot: u32, key: &str, done: Option<(Stored, u64)>) -> bool {
+/// How a claim ends or goes on.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Completed: replayed until `expires_ms`. `body_len` is the length actually received
+    /// (known now even for a chunked body).
+    Complete {
+        stored: Stored,
+        expires_ms: u64,
+        body_len: Option<u64>,
+    },
+    /// Freed, so the client's next try runs.
+    Release,
+    /// Still in flight: the lease now runs until `expires_ms`.
+    Extend { expires_ms: u64 },
+}
+
+/// Applies `settle` to this request's in-flight record in `slot`. Only a record still held by
+/// `owner` under `key` is touched (compare-and-swap), so a stale owner changes nothing; returns
+/// whether the write happened.
+pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool {
     let slot_key = Policy::slot_key(slot);
     for _ in 0..CAS_TRIES {
         let Some((value, cas)) = store.get(&slot_key) else {
@@ -472,16 +518,27 @@ pub fn finish(store: &impl Shared, slot: u32, key: &str, done: Option<(Stored, u
         let Some(mut rec) = decode(&value) else {
             return false;
         };
-        if rec.key != key || rec.state != State::InFlight {
+        if rec.key != key || rec.owner != owner || rec.state != State::InFlight {
             return false;
         }
-        let value = match &done {
-            Some((stored, expires_ms)) => {
+        let value = match settle {
+            Settle::Complete {
+                stored,
+                expires_ms,
+                body_len,
+            } => {
                 rec.state = State::Done(stored.clone());
                 rec.expires_ms = *expires_ms;
+                if body_len.is_some() {
+                    rec.facts.body_len = *body_len;
+                }
                 encode(&rec)
             }
-            None => Vec::new(),
+            Settle::Release => Vec::new(),
+            Settle::Extend { expires_ms } => {
+                rec.expires_ms = rec.expires_ms.max(*expires_ms);
+                encode(&rec)
+            }
         };
         match store.set(&slot_key, &value, cas) {
             Ok(()) => return true,
@@ -489,7 +546,7 @@ pub fn finish(store: &impl Shared, slot: u32, key: &str, done: Option<(Stored, u
             Err(SetError::Refused) => {
                 // Too large for what is left of the zone: free the slot rather than leave it
                 // claimed until the lease runs out.
-                if done.is_some() {
+                if matches!(settle, Settle::Complete { .. }) {
                     let _ = store.set(&slot_key, &[], cas);
                 }
                 return false;
@@ -504,12 +561,14 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// The record as bytes: `RSI1`, then fixed fields and length-prefixed strings.
+/// The record as bytes: `RSI2`, then fixed fields and length-prefixed strings.
 pub fn encode(rec: &Record) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + rec.key.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&rec.expires_ms.to_be_bytes());
-    out.extend_from_slice(&rec.fingerprint);
+    out.extend_from_slice(&rec.owner.to_be_bytes());
+    out.extend_from_slice(&rec.facts.fingerprint);
+    out.extend_from_slice(&rec.facts.body_len.map_or(u64::MAX, |n| n).to_be_bytes());
     put_str(&mut out, rec.key.as_bytes());
     match &rec.state {
         State::InFlight => out.push(0),
@@ -564,7 +623,9 @@ pub fn decode(value: &[u8]) -> Option<Record> {
         return None;
     }
     let expires_ms = r.u64()?;
+    let owner = r.u64()?;
     let fingerprint: [u8; 32] = r.take(32)?.try_into().ok()?;
+    let body_len = Some(r.u64()?).filter(|n| *n != u64::MAX);
     let key = r.string()?;
     let state = match r.u8()? {
         0 => State::InFlight,
@@ -588,7 +649,11 @@ pub fn decode(value: &[u8]) -> Option<Record> {
     };
     Some(Record {
         key,
-        fingerprint,
+        facts: Facts {
+            fingerprint,
+            body_len,
+        },
+        owner,
         expires_ms,
         state,
     })
@@ -665,46 +730,67 @@ mod tests {
         }
     }
 
-    const FP: [u8; 32] = [7; 32];
-    const OTHER: [u8; 32] = [8; 32];
+    const FP: Facts = Facts {
+        fingerprint: [7; 32],
+        body_len: Some(2),
+    };
+    const OTHER: Facts = Facts {
+        fingerprint: [8; 32],
+        body_len: Some(2),
+    };
+    const OWNER: u64 = 0xA11CE;
+
+    fn done(stored: Stored, expires_ms: u64) -> Settle {
+        Settle::Complete {
+            stored,
+            expires_ms,
+            body_len: None,
+        }
+    }
 
     #[test]
     fn state_machine_claim_in_flight_done_expired() {
         for kong in [true, false] {
             let s = FakeShared::new(kong);
             create_slots(&s, 64);
-            let Claim::Claimed { slot } = claim(&s, 64, "k1", &FP, 1_000, 30_000) else {
+            let Claim::Claimed { slot } = claim(&s, 64, "k1", &FP, OWNER, 1_000, 30_000) else {
                 panic!()
             };
             assert_eq!(
-                claim(&s, 64, "k1", &FP, 2_000, 30_000),
+                claim(&s, 64, "k1", &FP, OWNER, 2_000, 30_000),
                 Claim::InFlight {
                     same: true,
                     retry_after_ms: 29_000
                 }
             );
             assert_eq!(
-                claim(&s, 64, "k1", &OTHER, 2_000, 30_000),
+                claim(&s, 64, "k1", &OTHER, OWNER, 2_000, 30_000),
                 Claim::InFlight {
                     same: false,
                     retry_after_ms: 29_000
                 }
             );
-            assert!(finish(&s, slot, "k1", Some((stored(201, "made"), 100_000))));
+            assert!(settle(
+                &s,
+                slot,
+                "k1",
+                OWNER,
+                &done(stored(201, "made"), 100_000)
+            ));
             assert_eq!(
-                claim(&s, 64, "k1", &FP, 3_000, 30_000),
+                claim(&s, 64, "k1", &FP, OWNER, 3_000, 30_000),
                 Claim::Done {
                     same: true,
                     stored: stored(201, "made")
                 }
             );
             assert!(matches!(
-                claim(&s, 64, "k1", &OTHER, 3_000, 30_000),
+                claim(&s, 64, "k1", &OTHER, OWNER, 3_000, 30_000),
                 Claim::Done { same: false, .. }
             ));
             // After the TTL the key is free again.
             assert!(matches!(
-                claim(&s, 64, "k1", &FP, 100_000, 30_000),
+                claim(&s, 64, "k1", &FP, OWNER, 100_000, 30_000),
                 Claim::Claimed { .. }
             ));
         }
@@ -714,21 +800,21 @@ mod tests {
     fn released_claims_and_expired_leases_let_the_next_try_run() {
         let s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, 0, 1_000) else {
+        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
             panic!()
         };
-        assert!(finish(&s, slot, "k", None));
+        assert!(settle(&s, slot, "k", OWNER, &Settle::Release));
         assert!(matches!(
-            claim(&s, 16, "k", &FP, 1, 1_000),
+            claim(&s, 16, "k", &FP, OWNER, 1, 1_000),
             Claim::Claimed { .. }
         ));
         // A crashed or stalled holder: the lease runs out.
         assert!(matches!(
-            claim(&s, 16, "k", &FP, 500, 1_000),
+            claim(&s, 16, "k", &FP, OWNER, 500, 1_000),
             Claim::InFlight { .. }
         ));
         assert!(matches!(
-            claim(&s, 16, "k", &FP, 1_001, 1_000),
+            claim(&s, 16, "k", &FP, OWNER, 1_001, 1_000),
             Claim::Claimed { .. }
         ));
     }
@@ -741,13 +827,13 @@ mod tests {
             // Worker B claims between worker A's read and A's write.
             *s.interleave.borrow_mut() = Some(Box::new(|s: &FakeShared| {
                 assert!(matches!(
-                    claim(s, 16, "k", &FP, 0, 1_000),
+                    claim(s, 16, "k", &FP, OWNER, 0, 1_000),
                     Claim::Claimed { .. }
                 ));
             }));
             assert!(
                 matches!(
-                    claim(&s, 16, "k", &FP, 0, 1_000),
+                    claim(&s, 16, "k", &FP, OWNER, 0, 1_000),
                     Claim::InFlight { same: true, .. }
                 ),
                 "kong={kong}"
@@ -760,7 +846,7 @@ mod tests {
         // Without pre-created slots there is nothing to CAS against: report full rather than
         // risk Envoy's non-exclusive first insert.
         let s = FakeShared::new(false);
-        assert_eq!(claim(&s, 16, "k", &FP, 0, 1_000), Claim::Full);
+        assert_eq!(claim(&s, 16, "k", &FP, OWNER, 0, 1_000), Claim::Full);
     }
 
     #[test]
@@ -770,14 +856,14 @@ mod tests {
         let mut claimed = 0;
         for i in 0..200 {
             if matches!(
-                claim(&s, 16, &format!("k{i}"), &FP, 0, 60_000),
+                claim(&s, 16, &format!("k{i}"), &FP, OWNER, 0, 60_000),
                 Claim::Claimed { .. }
             ) {
                 claimed += 1;
             }
         }
         assert!(claimed <= 16);
-        assert_eq!(claim(&s, 16, "late", &FP, 0, 60_000), Claim::Full);
+        assert_eq!(claim(&s, 16, "late", &FP, OWNER, 0, 60_000), Claim::Full);
         assert_eq!(s.map.borrow().len(), 16, "memory is bounded by the slots");
     }
 
@@ -785,14 +871,14 @@ mod tests {
     fn crc_colliding_or_foreign_slot_contents_are_told_apart_by_the_full_key() {
         let s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "a", &FP, 0, 60_000) else {
+        let Claim::Claimed { slot } = claim(&s, 16, "a", &FP, OWNER, 0, 60_000) else {
             panic!()
         };
         // Another key landing on the same slot never reads "a"'s record as its own.
-        assert!(!finish(&s, slot, "b", None));
+        assert!(!settle(&s, slot, "b", OWNER, &Settle::Release));
         s.raw_set(&Policy::slot_key((slot + 1) % 16), b"garbage");
         assert!(matches!(
-            claim(&s, 16, "b", &FP, 0, 60_000),
+            claim(&s, 16, "b", &FP, OWNER, 0, 60_000),
             Claim::Claimed { .. }
         ));
     }
@@ -801,18 +887,19 @@ mod tests {
     fn refused_writes_degrade_to_full() {
         let mut s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, 0, 60_000) else {
+        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, OWNER, 0, 60_000) else {
             panic!()
         };
         s.capacity = 100;
-        assert!(!finish(
+        assert!(!settle(
             &s,
             slot,
             "k",
-            Some((stored(200, &"x".repeat(1000)), 99))
+            OWNER,
+            &done(stored(200, &"x".repeat(1000)), 99)
         ));
         assert!(matches!(
-            claim(&s, 16, "k", &FP, 1, 60_000),
+            claim(&s, 16, "k", &FP, OWNER, 1, 60_000),
             Claim::Claimed { .. } | Claim::Full
         ));
     }
@@ -821,7 +908,8 @@ mod tests {
     fn records_round_trip_and_garbage_is_not_a_record() {
         let rec = Record {
             key: "k".into(),
-            fingerprint: FP,
+            facts: FP,
+            owner: OWNER,
             expires_ms: 42,
             state: State::Done(stored(201, "b")),
         };
@@ -865,15 +953,84 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_covers_method_path_scope_and_body() {
-        let base = fingerprint("POST", "/o?x=1", "s", b"{}");
-        assert_ne!(base, fingerprint("PATCH", "/o?x=1", "s", b"{}"));
-        assert_ne!(base, fingerprint("POST", "/o?x=2", "s", b"{}"));
-        assert_ne!(base, fingerprint("POST", "/o?x=1", "t", b"{}"));
-        assert_ne!(base, fingerprint("POST", "/o?x=1", "s", b"{ }"));
+    fn fingerprint_covers_method_path_and_scope_and_facts_compare_the_length() {
+        let base = fingerprint("POST", "/o?x=1", "s");
+        assert_ne!(base, fingerprint("PATCH", "/o?x=1", "s"));
+        assert_ne!(base, fingerprint("POST", "/o?x=2", "s"));
+        assert_ne!(base, fingerprint("POST", "/o?x=1", "t"));
         assert_ne!(
-            fingerprint("POST", "/ab", "", b""),
-            fingerprint("POST", "/a", "b", b"")
+            fingerprint("POST", "/ab", ""),
+            fingerprint("POST", "/a", "b")
+        );
+        let facts = |body_len| Facts {
+            fingerprint: base,
+            body_len,
+        };
+        assert!(facts(Some(2)).same_as(&facts(Some(2))));
+        assert!(!facts(Some(2)).same_as(&facts(Some(3))));
+        assert!(
+            facts(None).same_as(&facts(Some(3))),
+            "chunked: length unknown"
+        );
+        assert!(!FP.same_as(&OTHER));
+    }
+
+    #[test]
+    fn a_stale_owner_can_neither_complete_nor_release_a_newer_claim() {
+        let s = FakeShared::new(true);
+        create_slots(&s, 16);
+        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
+            panic!()
+        };
+        // The lease runs out while the first holder is still busy; a second try claims.
+        let Claim::Claimed { slot: again } = claim(&s, 16, "k", &FP, 2, 1_500, 1_000) else {
+            panic!()
+        };
+        assert_eq!(slot, again);
+        assert!(!settle(
+            &s,
+            slot,
+            "k",
+            OWNER,
+            &done(stored(201, "old"), 9_000)
+        ));
+        assert!(!settle(&s, slot, "k", OWNER, &Settle::Release));
+        assert!(!settle(
+            &s,
+            slot,
+            "k",
+            OWNER,
+            &Settle::Extend { expires_ms: 9_000 }
+        ));
+        assert!(matches!(
+            claim(&s, 16, "k", &FP, 3, 1_600, 1_000),
+            Claim::InFlight {
+                same: true,
+                retry_after_ms: 900
+            }
+        ));
+        // The newer owner extends and completes its own claim.
+        assert!(settle(
+            &s,
+            slot,
+            "k",
+            2,
+            &Settle::Extend { expires_ms: 5_000 }
+        ));
+        assert!(matches!(
+            claim(&s, 16, "k", &FP, 3, 2_600, 1_000),
+            Claim::InFlight {
+                retry_after_ms: 2_400,
+                ..
+            }
+        ));
+        assert!(settle(&s, slot, "k", 2, &done(stored(201, "new"), 9_000)));
+        assert_eq!(
+            claim(&s, 16, "k", &FP, 3, 3_000, 1_000),
+            Claim::Done {
+                same: true,
+                stored: stored(201, "new")
+            }
         );
     }
 

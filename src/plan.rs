@@ -2,7 +2,6 @@
 //! lookup tables, the exchange driver) so that requests only compare and look up.
 
 use crate::config::{self, Config, ConfigError};
-use crate::host::exchange::Driver;
 use crate::retry::ExchangeMode;
 use crate::{idempotency, maintenance, retry, routing};
 
@@ -13,6 +12,15 @@ pub enum HostKind {
     Envoy,
     /// Kong's ngx_wasm_module.
     Kong,
+}
+
+/// How an exchange rollsafe owns is carried (HOSTS.md "What follows").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// Every attempt is rollsafe's own `dispatch_http_call` (Kong's host; Envoy on request).
+    Dispatch,
+    /// Attempt 1 is the route's own request; retries are dispatched (Envoy).
+    Native,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +73,22 @@ impl Plan {
                 Some((policy, driver))
             }
         };
+        if let (Some(ip), Some((policy, _))) = (&idem, &retry) {
+            // A lease that ends while its exchange can still produce an answer lets a second
+            // execution start beside the first.
+            let longest = policy.longest_exchange_ms();
+            if ip.lease_ms < longest {
+                return Err(ConfigError::new(
+                    "idempotency.lease_ms",
+                    format!(
+                        "must cover the longest exchange ({longest} ms: retry.attempts × \
+                         per_try_timeout_ms plus the waits between them, at most \
+                         retry.deadline_ms), got {}",
+                        ip.lease_ms
+                    ),
+                ));
+            }
+        }
         Ok(Plan {
             host,
             maintenance: cfg

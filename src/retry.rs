@@ -443,6 +443,21 @@ impl Policy {
             .is_some_and(|c| self.conditions & (1 << (c as u8)) != 0)
     }
 
+    /// The longest an exchange can take from its first attempt to its answer: every attempt's
+    /// timeout and every wait between them, cut at the deadline (which bounds attempts after
+    /// the first, and every wait).
+    pub fn longest_exchange_ms(&self) -> u64 {
+        let n = u64::from(self.attempts);
+        let b = &self.backoff;
+        let wait = if self.respect_retry_after {
+            (b.min_ms + b.max_ms).max(self.max_retry_after_ms)
+        } else {
+            b.min_ms + b.max_ms
+        };
+        let unbounded = n * self.per_try_timeout_ms + (n - 1) * wait;
+        unbounded.min(self.first_timeout_ms().max(self.deadline_ms))
+    }
+
     /// Timeout of the first attempt.
     pub fn first_timeout_ms(&self) -> u64 {
         self.per_try_timeout_ms.min(self.deadline_ms)

@@ -41,6 +41,7 @@ pub struct FakeHost {
     pub set_request_headers: RefCell<Vec<(String, String)>>,
     pub response_headers: RefCell<Vec<(String, String)>>,
     pub request_body: RefCell<Vec<u8>>,
+    pub response_body: RefCell<Vec<u8>>,
     pub properties: RefCell<Vec<(String, Vec<u8>)>>,
     /// Every dispatch: (token, target, headers, body, timeout).
     pub dispatched: RefCell<Vec<Dispatched>>,
@@ -189,6 +190,11 @@ impl Host for FakeHost {
 
     fn response_header(&self, name: &str) -> Option<String> {
         header(&self.response_headers.borrow(), name).map(str::to_string)
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        let body = self.response_body.borrow();
+        Some(body.get(..size.min(body.len()))?.to_vec())
     }
 
     fn set_response_header(&self, name: &str, value: &str) {

@@ -268,6 +268,13 @@ impl Request {
         }
     }
 
+    /// The request is over (the host logs it): the client may have gone away mid-exchange.
+    pub fn on_done(&mut self, host: &impl Host) {
+        if let Some(exchange) = &mut self.exchange {
+            exchange.on_client_gone(host);
+        }
+    }
+
     /// A scheduled backoff ended.
     pub fn on_wake(&mut self, host: &impl Host) {
         if let (Some((policy, _)), Some(exchange)) = (&self.plan.retry, &mut self.exchange) {

@@ -1,159 +1,306 @@
-//! Keyed requests through the flow with a fake host (Envoy's shared-data CAS rules).
+//! Keyed requests through the flow with a fake host, on both drivers: Kong's (every attempt
+//! dispatched) and Envoy's native one (attempt 1 is the route's own request, which starts the
+//! moment the request headers go on). "Reaches an upstream" means exactly that: headers that
+//! continue on Envoy, or a dispatch.
 
 use super::fake::FakeHost;
 use super::flow::{configure, Request, Verdict};
-use super::{HostKind, HostShared, Metric};
+use super::{HostKind, HostShared, Level, Metric};
 use std::rc::Rc;
 
-fn plan(host: &FakeHost, cfg: &str) -> Rc<crate::plan::Plan> {
-    let plan = configure(host, cfg.as_bytes(), HostKind::Envoy).expect("config");
+fn plan(host: &FakeHost, kind: HostKind, cfg: &str) -> Rc<crate::plan::Plan> {
+    let plan = configure(host, cfg.as_bytes(), kind).expect("config");
     if let Some(ip) = &plan.idempotency {
         crate::idempotency::create_slots(&HostShared(host), ip.slots);
     }
     Rc::new(plan)
 }
 
-const CFG: &str =
-    r#"{"retry":{"exchange":"dispatch","target":"a"},"idempotency":{"max_response_bytes":8}}"#;
+/// Both drivers with the same idempotency section.
+fn drivers(idem: &str) -> [(HostKind, String); 2] {
+    [
+        (
+            HostKind::Kong,
+            format!(r#"{{"retry":{{"target":"orders:80"}},"idempotency":{idem}}}"#),
+        ),
+        (
+            HostKind::Envoy,
+            format!(r#"{{"retry":{{"backoff":{{"base_ms":1,"max_ms":1}}}},"idempotency":{idem}}}"#),
+        ),
+    ]
+}
 
-/// A keyed POST up to its first dispatch (or local answer).
-fn keyed(host: &FakeHost, plan: &Rc<crate::plan::Plan>, key: &str, body: &[u8]) -> Request {
+struct Sent {
+    req: Request,
+    /// Whether the request reached an upstream (a route request started, or a dispatch).
+    upstream: bool,
+}
+
+/// A keyed POST through request headers and, when they go on, its whole body.
+fn keyed(
+    host: &FakeHost,
+    plan: &Rc<crate::plan::Plan>,
+    path: &str,
+    key: &str,
+    body: &[u8],
+) -> Sent {
     let mut req = Request::new(Rc::clone(plan));
     let len = body.len().to_string();
     host.set_request(&[
         (":method", "POST"),
-        (":path", "/orders"),
+        (":path", path),
         ("content-length", &len),
         ("idempotency-key", key),
         ("authorization", "Bearer a"),
     ]);
-    assert_eq!(req.on_request_headers(host, false), Verdict::Continue);
-    host.set_body(body);
-    req.on_request_body(host, body.len(), true);
-    req
+    let dispatched = host.dispatches().len();
+    let verdict = req.on_request_headers(host, false);
+    let mut upstream = plan.host == HostKind::Envoy && verdict == Verdict::Continue;
+    if verdict == Verdict::Continue {
+        host.set_body(body);
+        req.on_request_body(host, body.len(), true);
+    }
+    upstream |= host.dispatches().len() > dispatched;
+    Sent { req, upstream }
+}
+
+/// The upstream answers the attempt in flight: the call response on Kong, the route's
+/// response on Envoy.
+fn upstream_answers(host: &FakeHost, sent: &mut Sent, status: &str, body: &str) {
+    let headers = [(":status", status), ("content-type", "application/json")];
+    if sent.req.pending_call().is_some() {
+        host.answer_call(&headers, body);
+        sent.req
+            .on_call_response(host, host.last_token(), body.len());
+    } else {
+        host.set_response(&headers);
+        *host.response_body.borrow_mut() = body.as_bytes().to_vec();
+        if sent.req.on_response_headers(host, false) == Verdict::Continue {
+            sent.req.on_response_body(host, body.len(), true);
+        }
+    }
 }
 
 #[test]
-fn completed_key_is_replayed_and_a_changed_body_is_422() {
-    let host = FakeHost::at(1_000);
-    let plan = plan(&host, CFG);
-    let mut first = keyed(&host, &plan, "\"k\"", b"{}");
-    host.answer_call(
-        &[
-            (":status", "201"),
-            ("content-type", "application/json"),
-            ("x-other", "no"),
-        ],
-        "{\"id\":1}",
-    );
-    first.on_call_response(&host, host.last_token(), 8);
-    assert_eq!(host.counted(Metric::IdemStored), 1);
+fn a_completed_key_is_replayed_or_422_at_header_time_without_reaching_an_upstream() {
+    for (kind, cfg) in drivers(r#"{"max_response_bytes":64}"#) {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        let mut first = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        assert!(first.upstream, "{kind:?}");
+        upstream_answers(&host, &mut first, "201", "{\"id\":1}");
+        assert_eq!(host.counted(Metric::IdemStored), 1, "{kind:?}");
+        let dispatched = host.dispatches().len();
 
-    keyed(&host, &plan, "\"k\"", b"{}");
-    let sent = host.responses();
-    let replay = sent.last().unwrap();
-    assert_eq!(replay.status, 201);
-    assert_eq!(replay.body, b"{\"id\":1}");
-    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    assert_eq!(replay.header("content-type"), Some("application/json"));
-    assert_eq!(
-        replay.header("x-other"),
-        None,
-        "only the replay headers are stored"
-    );
-    assert_eq!(
-        host.dispatches().len(),
-        1,
-        "a replay never reaches the upstream"
-    );
+        let again = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        assert!(!again.upstream, "{kind:?}: a replay reaches no upstream");
+        let replay = host.responses().last().cloned().unwrap();
+        assert_eq!(replay.status, 201);
+        assert_eq!(replay.body, b"{\"id\":1}");
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+        assert_eq!(replay.header("content-type"), Some("application/json"));
 
-    keyed(&host, &plan, "\"k\"", b"{\"x\":2}");
-    assert_eq!(host.responses().last().unwrap().status, 422);
+        for (path, body) in [("/orders", &b"{\"x\":2}"[..]), ("/other", &b"{}"[..])] {
+            let other = keyed(&host, &plan, path, "\"k\"", body);
+            assert!(!other.upstream, "{kind:?}: a 422 reaches no upstream");
+            assert_eq!(
+                host.responses().last().unwrap().status,
+                422,
+                "{kind:?} {path}"
+            );
+        }
+        assert_eq!(host.dispatches().len(), dispatched, "{kind:?}");
+        assert_eq!(host.counted(Metric::IdemReplayed), 1);
+        assert_eq!(host.counted(Metric::IdemMismatch), 2);
+    }
 }
 
 #[test]
-fn key_in_flight_is_409_with_retry_after_from_the_lease() {
-    let host = FakeHost::at(1_000);
-    let plan = plan(&host, CFG);
-    let _running = keyed(&host, &plan, "\"k\"", b"{}");
-    host.now.set(1_500);
-    keyed(&host, &plan, "\"k\"", b"{}");
-    let r = host.responses().last().unwrap().clone();
-    assert_eq!(r.status, 409);
-    assert_eq!(
-        r.header("retry-after"),
-        Some("30"),
-        "29.5 s of lease left, rounded up"
-    );
+fn a_key_in_flight_is_409_with_retry_after_from_the_lease_and_reaches_no_upstream() {
+    for (kind, cfg) in drivers("{}") {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        let running = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        assert!(running.upstream);
+        host.now.set(1_500);
+        let dup = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        assert!(!dup.upstream, "{kind:?}: a duplicate reaches no upstream");
+        let r = host.responses().last().unwrap().clone();
+        assert_eq!(r.status, 409);
+        assert_eq!(
+            r.header("retry-after"),
+            Some("30"),
+            "29.5 s of lease left, rounded up"
+        );
+        // A different request under a key in flight: 422 wins over 409.
+        keyed(&host, &plan, "/orders", "\"k\"", b"{\"x\":1}");
+        assert_eq!(host.responses().last().unwrap().status, 422);
+    }
 }
 
 #[test]
 fn a_5xx_releases_the_key_and_a_large_answer_is_stored_without_its_body() {
-    let host = FakeHost::at(1_000);
-    let plan = plan(&host, CFG);
-    let mut req = keyed(&host, &plan, "\"k\"", b"{}");
-    host.answer_call(&[(":status", "500")], "boom");
-    req.on_call_response(&host, host.last_token(), 4);
-    assert_eq!(host.counted(Metric::IdemReleased), 1);
+    for (kind, cfg) in drivers(r#"{"max_response_bytes":8}"#) {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        let mut req = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        upstream_answers(&host, &mut req, "500", "boom");
+        assert_eq!(host.counted(Metric::IdemReleased), 1, "{kind:?}");
 
-    let mut again = keyed(&host, &plan, "\"k\"", b"{}");
-    assert_eq!(host.dispatches().len(), 2, "released: the retry runs");
-    host.answer_call(&[(":status", "200")], "a body longer than eight bytes");
-    again.on_call_response(&host, host.last_token(), 30);
+        let mut again = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        assert!(
+            again.upstream,
+            "{kind:?}: released, so the client's next try runs"
+        );
+        upstream_answers(&host, &mut again, "200", "a body longer than eight bytes");
 
-    keyed(&host, &plan, "\"k\"", b"{}");
-    let replay = host.responses().last().unwrap().clone();
-    assert_eq!(replay.status, 200);
-    assert!(replay.body.is_empty());
-    assert_eq!(replay.header("idempotent-replay-body"), Some("omitted"));
+        let replayed = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+        assert!(!replayed.upstream);
+        let replay = host.responses().last().unwrap().clone();
+        assert_eq!(replay.status, 200);
+        assert!(replay.body.is_empty());
+        assert_eq!(replay.header("idempotent-replay-body"), Some("omitted"));
+    }
 }
 
 #[test]
 fn a_keyed_post_is_retried_after_a_503_because_the_key_is_enforced() {
-    let host = FakeHost::at(1_000);
-    let plan = plan(
-        &host,
-        r#"{"retry":{"exchange":"dispatch","target":"a"},"idempotency":{}}"#,
-    );
-    let mut req = keyed(&host, &plan, "k", b"{}");
-    host.answer_call(&[(":status", "503")], "draining");
-    req.on_call_response(&host, host.last_token(), 8);
-    assert_eq!(host.dispatches().len(), 2);
-    assert_eq!(
-        host.dispatches()[1].header("idempotency-key"),
-        Some("k"),
-        "forwarded unchanged"
-    );
+    for (kind, cfg) in drivers("{}") {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        let mut req = keyed(&host, &plan, "/orders", "k", b"{}");
+        upstream_answers(&host, &mut req, "503", "draining");
+        if let Some(at) = req.req.take_wake() {
+            host.now.set(at);
+            req.req.on_wake(&host);
+        }
+        let d = host.dispatches();
+        let retry = d.last().expect("a retry was dispatched");
+        assert_eq!(
+            retry.header("idempotency-key"),
+            Some("k"),
+            "forwarded unchanged"
+        );
+        assert_eq!(retry.body, b"{}", "with the whole body");
+        host.answer_call(&[(":status", "201")], "made");
+        req.req.on_call_response(&host, host.last_token(), 4);
+        assert_eq!(host.responses().last().unwrap().status, 201, "{kind:?}");
+        assert_eq!(host.counted(Metric::IdemStored), 1);
+    }
 }
 
 #[test]
-fn bad_keys_are_400_and_nothing_is_sent() {
+fn bad_keys_are_400_and_reach_no_upstream() {
+    for (kind, cfg) in drivers(r#"{"required":true}"#) {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        let mut req = Request::new(Rc::clone(&plan));
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/o"),
+            ("content-length", "2"),
+            ("idempotency-key", "a"),
+            ("Idempotency-Key", "b"),
+        ]);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+        let mut req = Request::new(plan);
+        host.set_request(&[
+            (":method", "PATCH"),
+            (":path", "/o"),
+            ("content-length", "2"),
+        ]);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+        assert!(host.responses().iter().all(|r| r.status == 400));
+        assert_eq!(host.responses().len(), 2);
+        assert!(host.dispatches().is_empty());
+        assert_eq!(host.counted(Metric::IdemBadKey), 2);
+    }
+}
+
+#[test]
+fn a_stale_owners_completion_is_refused() {
+    // lease 2 s covers the exchange (one attempt of at most 1 s).
+    let cfg =
+        r#"{"retry":{"attempts":1,"per_try_timeout_ms":1000},"idempotency":{"lease_ms":2000}}"#;
     let host = FakeHost::at(1_000);
-    let plan = plan(
-        &host,
-        r#"{"retry":{"exchange":"dispatch","target":"a"},"idempotency":{"required":true}}"#,
+    let plan = plan(&host, HostKind::Envoy, cfg);
+    host.rng.set(1); // each request draws its owner token
+    let mut stale = keyed(&host, &plan, "/orders", "k", b"{}");
+    host.rng.set(2);
+    // The first holder stalls past its lease (its host lost it); the client's retry claims.
+    host.now.set(3_500);
+    let mut fresh = keyed(&host, &plan, "/orders", "k", b"{}");
+    assert!(fresh.upstream, "the lease ran out, so the next try runs");
+    upstream_answers(&host, &mut stale, "201", "stale");
+    assert_eq!(
+        host.counted(Metric::IdemStored),
+        0,
+        "the stale owner wrote nothing"
     );
+    assert!(host
+        .logs_at(Level::Warn)
+        .iter()
+        .any(|l| l.contains("no longer held")));
+    upstream_answers(&host, &mut fresh, "201", "fresh");
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+    keyed(&host, &plan, "/orders", "k", b"{}");
+    assert_eq!(host.responses().last().unwrap().body, b"fresh");
+}
+
+#[test]
+fn a_lease_shorter_than_the_exchange_is_refused_at_configure_time() {
+    let host = FakeHost::default();
+    let cfg = r#"{"retry":{"attempts":2,"per_try_timeout_ms":2000,"deadline_ms":3000},"idempotency":{"lease_ms":1000}}"#;
+    assert!(configure(&host, cfg.as_bytes(), HostKind::Envoy).is_none());
+    let err = &host.logs_at(Level::Error)[0];
+    assert!(
+        err.starts_with("rollsafe: idempotency.lease_ms: must cover the longest exchange (3000 ms"),
+        "{err}"
+    );
+    // Idempotency alone: one attempt of the default 5 s.
+    assert!(configure(
+        &host,
+        br#"{"idempotency":{"lease_ms":1000}}"#,
+        HostKind::Envoy
+    )
+    .is_none());
+    assert!(configure(
+        &host,
+        br#"{"idempotency":{"lease_ms":5000}}"#,
+        HostKind::Envoy
+    )
+    .is_some());
+}
+
+#[test]
+fn a_client_gone_before_its_body_was_whole_releases_the_key() {
+    let (kind, cfg) = drivers("{}")[1].clone();
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, kind, &cfg);
     let mut req = Request::new(Rc::clone(&plan));
     host.set_request(&[
         (":method", "POST"),
-        (":path", "/o"),
-        ("idempotency-key", "a"),
-        ("Idempotency-Key", "b"),
+        (":path", "/orders"),
+        ("content-length", "4"),
+        ("idempotency-key", "k"),
     ]);
-    assert_eq!(req.on_request_headers(&host, true), Verdict::Pause);
-    let mut req = Request::new(plan);
-    host.set_request(&[(":method", "PATCH"), (":path", "/o")]);
-    assert_eq!(req.on_request_headers(&host, true), Verdict::Pause);
-    assert!(host.responses().iter().all(|r| r.status == 400));
-    assert_eq!(host.responses().len(), 2);
-    assert!(host.dispatches().is_empty());
-    assert_eq!(host.counted(Metric::IdemBadKey), 2);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    host.set_body(b"da");
+    assert_eq!(req.on_request_body(&host, 2, false), Verdict::Pause);
+    req.on_done(&host);
+    assert_eq!(host.counted(Metric::IdemReleased), 1);
+    // A request that reached the application keeps its key until the lease ends.
+    let mut whole = keyed(&host, &plan, "/orders", "k", b"data");
+    assert!(whole.upstream);
+    whole.req.on_done(&host);
+    assert!(!keyed(&host, &plan, "/orders", "k", b"data").upstream);
+    assert_eq!(host.responses().last().unwrap().status, 409);
 }
 
 #[test]
 fn with_idempotency_alone_unkeyed_methods_pass_without_an_exchange() {
     let host = FakeHost::at(1_000);
-    let plan = plan(&host, r#"{"idempotency":{}}"#);
+    let plan = plan(&host, HostKind::Envoy, r#"{"idempotency":{}}"#);
     let mut req = Request::new(plan);
     host.set_request(&[(":method", "GET"), (":path", "/orders")]);
     assert_eq!(req.on_request_headers(&host, true), Verdict::Continue);

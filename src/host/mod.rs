@@ -6,7 +6,9 @@
 
 pub mod exchange;
 pub mod flow;
+pub mod key;
 pub mod proxy;
+pub mod reply;
 pub mod scheduler;
 
 #[cfg(test)]
@@ -43,6 +45,10 @@ pub enum Metric {
     /// A retryable failure not retried: attempts used up, or unsafe to repeat.
     RetryGaveUp,
     BodyTooLarge,
+    /// Envoy: the route's upstream had been sent the headers of a request whose body rollsafe
+    /// never released to it (a body refused mid-stream; the dispatch driver), and that stream
+    /// was reset.
+    RouteRequestAborted,
     IdemReplayed,
     IdemInFlight,
     IdemMismatch,
@@ -56,7 +62,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 23] = [
+    pub const ALL: [Metric; 24] = [
         Metric::MaintenanceRejected,
         Metric::MaintenanceBypassed,
         Metric::Attempts,
@@ -70,6 +76,7 @@ impl Metric {
         Metric::RetryDeadlineExceeded,
         Metric::RetryGaveUp,
         Metric::BodyTooLarge,
+        Metric::RouteRequestAborted,
         Metric::IdemReplayed,
         Metric::IdemInFlight,
         Metric::IdemMismatch,
@@ -97,6 +104,7 @@ impl Metric {
             Metric::RetryDeadlineExceeded => "rollsafe_retry_deadline_exceeded",
             Metric::RetryGaveUp => "rollsafe_retry_gave_up",
             Metric::BodyTooLarge => "rollsafe_body_too_large",
+            Metric::RouteRequestAborted => "rollsafe_route_request_aborted",
             Metric::IdemReplayed => "rollsafe_idempotency_replays",
             Metric::IdemInFlight => "rollsafe_idempotency_409",
             Metric::IdemMismatch => "rollsafe_idempotency_422",
@@ -146,6 +154,8 @@ pub trait Host {
     /// `size` bytes of the request body as the host holds it now.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn response_header(&self, name: &str) -> Option<String>;
+    /// `size` bytes of the response body as the host holds it now.
+    fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn set_response_header(&self, name: &str, value: &str);
     /// A host property (`["response", "code_details"]`).
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;

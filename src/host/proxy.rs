@@ -100,6 +100,12 @@ impl Host for ProxyHost {
             .flatten()
     }
 
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
+    }
+
     fn set_response_header(&self, name: &str, value: &str) {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
     }
@@ -343,5 +349,11 @@ impl HttpContext for Http {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.run(|req, host| req.on_response_body(host, body_size, end_of_stream))
+    }
+
+    fn on_log(&mut self) {
+        if let Ok(mut req) = self.request.try_borrow_mut() {
+            req.on_done(&self.host);
+        }
     }
 }

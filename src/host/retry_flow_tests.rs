@@ -326,40 +326,39 @@ fn stale_or_duplicate_call_answers_are_ignored() {
 }
 
 #[test]
-fn native_request_with_a_body_is_held_whole_and_every_attempt_dispatched() {
+fn native_request_with_a_body_goes_to_the_route_whole_and_retries_are_dispatched() {
     let host = FakeHost::at(1_000);
     let mut req = request(&host, HostKind::Envoy, NATIVE);
-    host.set_request(&[
-        (":method", "POST"),
-        (":path", "/p"),
-        ("content-length", "4"),
-    ]);
+    host.set_request(&[(":method", "PUT"), (":path", "/p"), ("content-length", "4")]);
+    // The headers go on (the route's request starts); the body is held until it is whole and
+    // then released in one piece: the upstream never sees part of it.
     assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
     host.set_body(b"da");
     assert_eq!(req.on_request_body(&host, 2, false), Verdict::Pause);
     host.set_body(b"data");
-    assert_eq!(req.on_request_body(&host, 4, true), Verdict::Pause);
-    assert_eq!(host.dispatches()[0].body, b"data");
-    // The route's upstream (which saw only headers) answering must not leak.
-    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
-    host.answer_call(
-        &[(":status", "503")],
-        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+    assert_eq!(req.on_request_body(&host, 4, true), Verdict::Continue);
+    assert!(
+        host.dispatches().is_empty(),
+        "attempt 1 is the route's own request"
     );
-    req.on_call_response(&host, host.last_token(), 200);
-    // Native waits its backoff even for dispatched attempts.
+    // The route's pod was draining: its 503 is held, and the retry waits its backoff.
+    host.set_response(&[(":status", "503")]);
+    host.set_property("response.code_details", "via_upstream");
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
     let wake = req.take_wake().expect("backoff");
     assert!(wake >= 1_100);
-    assert_eq!(host.dispatches().len(), 1);
     host.now.set(wake - 1);
     req.on_wake(&host);
-    assert_eq!(host.dispatches().len(), 1, "not before the backoff ends");
+    assert!(host.dispatches().is_empty(), "not before the backoff ends");
     host.now.set(wake);
     req.on_wake(&host);
-    assert_eq!(host.dispatches().len(), 2);
-    host.answer_call(&[(":status", "201")], "");
-    req.on_call_response(&host, host.last_token(), 0);
-    assert_eq!(host.rewritten.borrow().as_ref().map(|r| r.0), Some(201));
+    let d = host.dispatches();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].body, b"data", "the retry carries the held copy");
+    host.answer_call(&[(":status", "200")], "ok");
+    req.on_call_response(&host, host.last_token(), 2);
+    assert_eq!(host.responses()[0].status, 200);
+    assert_eq!(host.counted(Metric::RouteRequestAborted), 0);
 }
 
 #[test]
@@ -380,6 +379,8 @@ fn a_held_route_answer_is_rewritten_into_the_final_answer() {
     assert_eq!(req.on_response_body(&host, 10, false), Verdict::Pause);
     assert_eq!(req.on_response_body(&host, 90, true), Verdict::Continue);
     assert_eq!(host.replaced_body.borrow().as_deref(), Some(&b"made"[..]));
+    // The route's upstream had the headers only: counted as an aborted route request.
+    assert_eq!(host.counted(Metric::RouteRequestAborted), 1);
 }
 
 #[test]
@@ -418,30 +419,44 @@ fn kong_requires_a_target() {
 }
 
 #[test]
-fn an_owned_routed_request_names_its_group_only_on_rollsafes_attempts() {
+fn a_routed_native_request_goes_to_its_group_and_its_retry_to_the_next_group() {
     let host = FakeHost::at(1_000);
-    let cfg = r#"{"retry":{"exchange":"native"},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
-    let mut req = Request::new(Rc::new(
-        configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap(),
-    ));
+    let cfg = r#"{"retry":{"exchange":"native","backoff":{"base_ms":1,"max_ms":1}},"idempotency":{},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
+    let plan = configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap();
+    crate::idempotency::create_slots(&super::HostShared(&host), 4096);
+    let mut req = Request::new(Rc::new(plan));
     host.set_request(&[
         (":method", "POST"),
         (":path", "/o"),
         ("content-length", "2"),
         ("user-id", "u1"),
+        ("idempotency-key", "k"),
     ]);
     assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    let group = host
+        .set_request_headers
+        .borrow()
+        .iter()
+        .find(|(k, _)| k == "x-rollsafe-group")
+        .map(|(_, v)| v.clone())
+        .expect("the live request names its group (the route per group picks its cluster)");
     host.set_body(b"{}");
-    req.on_request_body(&host, 2, true);
-    assert!(
-        host.set_request_headers.borrow().is_empty(),
-        "the live request keeps its route"
+    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Continue);
+    host.set_response(&[(":status", "503")]);
+    host.set_property(
+        "response.code_details",
+        "upstream_reset_before_response_started{connection_termination}",
     );
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    if let Some(wake) = req.take_wake() {
+        host.now.set(wake);
+        req.on_wake(&host);
+    }
     let d = &host.dispatches()[0];
-    assert_eq!(
-        d.target,
-        format!("c{}", d.header("x-rollsafe-group").unwrap())
-    );
+    let other = if group == "a" { "b" } else { "a" };
+    assert_eq!(d.header("x-rollsafe-group"), Some(other));
+    assert_eq!(d.target, format!("c{other}"));
+    assert_eq!(host.counted(Metric::RoutingFailover), 1);
 }
 
 #[test]

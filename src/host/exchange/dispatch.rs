@@ -1,0 +1,231 @@
+//! Attempts rollsafe sends itself (`dispatch_http_call`): every attempt of the dispatch driver,
+//! and the retries of the native one. An attempt carries the whole held body; its answer (or
+//! the host's word that there was none) becomes an [`Outcome`].
+
+use super::{is_hop_by_hop, Answer, Exchange};
+use crate::host::{header as find, CallResponse, Host, Level, Metric};
+use crate::retry::{self, Outcome, Policy};
+
+impl Exchange {
+    pub(super) fn send_attempt(&mut self, policy: &Policy, host: &impl Host) {
+        if self.attempt == 0 {
+            self.cover_lease(policy, host);
+        }
+        self.reroute(host);
+        if self.target.is_none() {
+            self.target = route_cluster(host);
+        }
+        let target = self.target.clone().unwrap_or_default();
+        let forward = forward_headers(&self.headers);
+        let headers: Vec<(&str, &str)> = forward
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        match host.dispatch(&target, &headers, &self.body, self.next_timeout_ms) {
+            Ok(token) => {
+                self.attempt += 1;
+                self.pending = Some(token);
+                self.retry_at = None;
+                host.count(Metric::Attempts);
+            }
+            Err(e) => {
+                host.log(
+                    Level::Error,
+                    &format!("rollsafe: cannot send an attempt to {target:?}: {e}"),
+                );
+                self.last_outcome = Some(Outcome::ConnectFailure);
+                self.answer(policy, host);
+            }
+        }
+    }
+
+    /// The answer to a dispatched attempt.
+    pub fn on_call_response(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        token: u32,
+        body_size: usize,
+    ) {
+        if self.pending != Some(token) || self.answered {
+            return;
+        }
+        self.pending = None;
+        let (outcome, answer) = classify_call(host.call_response(body_size));
+        host.log(
+            Level::Debug,
+            &format!(
+                "rollsafe: {} {}: attempt {}: {outcome:?}",
+                self.method(),
+                self.path(),
+                self.attempt
+            ),
+        );
+        let retry_after = answer
+            .as_ref()
+            .and_then(|a| find(&a.headers, "retry-after"))
+            .and_then(|v| retry::parse_retry_after(v, host.now_ms()));
+        if answer.is_some() {
+            self.last = answer;
+        }
+        match self.after_attempt(policy, host, outcome, retry_after) {
+            Some((wait_ms, timeout_ms)) => self.schedule(policy, host, wait_ms, timeout_ms),
+            None => self.answer(policy, host),
+        }
+    }
+}
+
+/// The cluster Envoy's route chose for this request.
+fn route_cluster(host: &impl Host) -> Option<String> {
+    [&["xds", "cluster_name"][..], &["cluster_name"][..]]
+        .iter()
+        .find_map(|path| host.property(path))
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|s| !s.is_empty())
+}
+
+/// The request headers rollsafe sends on a dispatched attempt.
+fn forward_headers(all: &[(String, String)]) -> Vec<(String, String)> {
+    let authority = find(all, ":authority")
+        .or_else(|| find(all, "host"))
+        .unwrap_or("localhost");
+    let mut out = vec![
+        (
+            ":method".to_string(),
+            find(all, ":method").unwrap_or("GET").to_string(),
+        ),
+        (
+            ":path".to_string(),
+            find(all, ":path").unwrap_or("/").to_string(),
+        ),
+        (":authority".to_string(), authority.to_string()),
+        (
+            ":scheme".to_string(),
+            find(all, ":scheme").unwrap_or("http").to_string(),
+        ),
+    ];
+    out.extend(
+        all.iter()
+            .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k) && k != "host")
+            .cloned(),
+    );
+    out
+}
+
+/// A dispatched attempt's answer. Kong reports failures as no headers plus `:dispatch_status`;
+/// Envoy synthesizes 503/504 answers whose bodies say what failed.
+fn classify_call(resp: CallResponse) -> (Outcome, Option<Answer>) {
+    let status = find(&resp.headers, ":status").and_then(|s| s.trim().parse::<u16>().ok());
+    let Some(status) = status else {
+        let outcome = match find(&resp.headers, ":dispatch_status") {
+            Some("timeout") => Outcome::Timeout,
+            // Nothing was sent to the application yet.
+            Some("resolver failure") | Some("tls handshake failure") => Outcome::ConnectFailure,
+            // "broken connection" covers refused connections and resets after sending alike:
+            // the request may have reached the application.
+            _ => Outcome::Reset,
+        };
+        return (outcome, None);
+    };
+    // Envoy's own answers after a failure carry these bodies (an Envoy sidecar in the pod says
+    // the same when the application container is gone — equally never reached).
+    let text = resp
+        .body
+        .get(..resp.body.len().min(512))
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(text);
+    if text.starts_with("upstream connect error or disconnect/reset before headers") {
+        return if text.contains("connection failure") || text.contains("Connection refused") {
+            (Outcome::ConnectFailure, None)
+        } else {
+            (Outcome::Reset, None)
+        };
+    }
+    if status == 503 && text.starts_with("no healthy upstream") {
+        return (Outcome::ConnectFailure, None);
+    }
+    if status == 504 && text.starts_with("upstream request timeout") {
+        return (Outcome::Timeout, None);
+    }
+    let answer = Answer {
+        status,
+        headers: resp.headers,
+        body: resp.body,
+    };
+    (Outcome::Status(status), Some(answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(headers: &[(&str, &str)], body: &str) -> CallResponse {
+        CallResponse {
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn both_hosts_failure_signals_become_one_outcome() {
+        let cases = [
+            (resp(&[(":dispatch_status", "timeout")], ""), Outcome::Timeout),
+            (resp(&[(":dispatch_status", "broken connection")], ""), Outcome::Reset),
+            (resp(&[(":dispatch_status", "resolver failure")], ""), Outcome::ConnectFailure),
+            (resp(&[], ""), Outcome::Reset),
+            (
+                resp(
+                    &[(":status", "503"), ("content-type", "text/plain")],
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused",
+                ),
+                Outcome::ConnectFailure,
+            ),
+            (
+                resp(
+                    &[(":status", "503")],
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                ),
+                Outcome::Reset,
+            ),
+            (resp(&[(":status", "504")], "upstream request timeout"), Outcome::Timeout),
+            (resp(&[(":status", "503")], "no healthy upstream"), Outcome::ConnectFailure),
+            (resp(&[(":status", "503"), ("date", "x")], "busy"), Outcome::Status(503)),
+            (resp(&[(":status", "201"), ("server", "pod")], "{}"), Outcome::Status(201)),
+        ];
+        for (r, want) in cases {
+            assert_eq!(classify_call(r).0, want);
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_drop_hop_by_hop_and_keep_the_request() {
+        let all: Vec<(String, String)> = [
+            (":method", "POST"),
+            (":path", "/orders?x=1"),
+            ("host", "api.example"),
+            ("connection", "keep-alive"),
+            ("content-length", "2"),
+            ("idempotency-key", "\"k1\""),
+            ("transfer-encoding", "chunked"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let f = forward_headers(&all);
+        let names: Vec<&str> = f.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                ":method",
+                ":path",
+                ":authority",
+                ":scheme",
+                "idempotency-key"
+            ]
+        );
+        assert_eq!(find(&f, ":authority"), Some("api.example"));
+    }
+}

@@ -1,0 +1,625 @@
+//! The upstream exchange rollsafe owns: attempts, retries and the final answer.
+//!
+//! One attempt is always exactly one upstream request, received whole; a client's request
+//! never produces a second, parallel copy. Two drivers (HOSTS.md "What follows"):
+//! - **native** (Envoy, [`native`]): attempt 1 is the route's own request. A body is held in
+//!   the filter until it is whole, then released to the route in one piece (a copy is kept for
+//!   retries). The response headers decide: a retryable failure pauses the response, waits its
+//!   backoff on the root context's tick and dispatches the next attempt; a final answer streams
+//!   to the client (buffered first when it completes an idempotency record).
+//! - **dispatch** (Kong's host; Envoy on request, [`dispatch`]): every attempt is a
+//!   `dispatch_http_call` from the request phase, each retry dispatched at once from the
+//!   previous answer (the context always has a call pending, or Kong resumes the request to
+//!   `proxy_pass`); the final answer goes out with `send_http_response`.
+//!
+//! The key is decided before either driver runs ([`super::key`]). Both hosts' failure signals
+//! become one [`Outcome`]; whether to retry is `retry::Policy`'s decision.
+
+mod dispatch;
+mod native;
+
+pub use native::classify_native;
+
+use super::key::{self, Final, Gate, Key};
+use super::reply::Reply;
+use super::{header as find, Host, Level, Metric};
+use crate::plan::{Driver, HostKind, Plan};
+use crate::retry::{BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
+use std::rc::Rc;
+
+/// What the exchange wants the host to do with the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Continue,
+    Pause,
+}
+
+/// An upstream answer kept as the possible final answer.
+#[derive(Debug, Clone)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
+/// `content-length`, which the host recomputes for the bytes it actually sends.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+    )
+}
+
+/// The pod group a hashed request was routed to.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub key_hash: u64,
+    pub group: usize,
+    /// Pinned by `missing_key: group:<name>`: no failover.
+    pub fixed: bool,
+    /// Groups this exchange already failed on.
+    pub tried: Vec<usize>,
+}
+
+pub struct Exchange {
+    plan: Rc<Plan>,
+    driver: Driver,
+    key: Option<Key>,
+    routed: Option<Routed>,
+    /// Where dispatched attempts go: the group's target, `retry.target`, or on Envoy the
+    /// route's cluster.
+    target: Option<String>,
+    /// The request headers as the host gave them (pseudo headers included): a retry replays
+    /// them (Envoy shows no request headers in the response phase).
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    declared_len: Option<u64>,
+    has_body: bool,
+    /// The whole request body is held (or there is none).
+    body_done: bool,
+    started_ms: u64,
+    /// Attempts so far (the route's own attempt 1 included).
+    attempt: u32,
+    pending: Option<u32>,
+    /// A wake-up for the scheduler to file, taken once.
+    wake_at: Option<u64>,
+    /// The next attempt is due at this time (backoff).
+    retry_at: Option<u64>,
+    /// Backoffs are real waits (Envoy's root tick); false where the host cannot wait (Kong).
+    can_wait: bool,
+    next_timeout_ms: u64,
+    last: Option<Answer>,
+    last_outcome: Option<Outcome>,
+    /// rollsafe answered the request itself; its reply passes back through the response
+    /// callbacks and must be left alone.
+    pub answered: bool,
+    /// Envoy: the request headers went on, so the route's upstream request has started.
+    route_started: bool,
+    /// The route's request has its whole body (native attempt 1).
+    route_complete: bool,
+    /// Envoy, dispatch driver: the route's own upstream answered and that response is held.
+    /// The final answer then rewrites it in place: a second local reply would never reach the
+    /// client.
+    route_held: Option<RouteHeld>,
+    /// The body that replaces the held response's body when it passes.
+    rewrite_body: Option<Vec<u8>>,
+    /// Native: the route's final answer, buffered to complete the key's record.
+    storing: Option<native::Storing>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RouteHeld {
+    end_of_stream: bool,
+}
+
+impl Exchange {
+    /// Called from request headers. `None`: the exchange is not owned (pass through).
+    pub fn start(
+        plan: &Rc<Plan>,
+        policy: &Policy,
+        driver: Driver,
+        host: &impl Host,
+        end_of_stream: bool,
+        now: u64,
+        routed: Option<Routed>,
+    ) -> (Option<Exchange>, Step) {
+        let group_target = routed.as_ref().and_then(|r| {
+            plan.routing
+                .as_ref()
+                .and_then(|rp| rp.groups.get(r.group))
+                .map(|g| g.target.clone())
+        });
+        let all = host.request_headers();
+        let declared_len = find(&all, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = find(&all, "transfer-encoding").is_some();
+        // Kong never reports end_of_stream on request headers: decide from the framing there.
+        let has_body = match plan.host {
+            HostKind::Envoy => !end_of_stream,
+            HostKind::Kong => declared_len.is_some_and(|n| n > 0) || chunked,
+        };
+        let mut ex = Exchange {
+            plan: Rc::clone(plan),
+            driver,
+            key: None,
+            routed,
+            target: group_target.or_else(|| policy.target.clone()),
+            headers: all,
+            body: Vec::new(),
+            declared_len,
+            has_body,
+            body_done: !has_body,
+            started_ms: now,
+            attempt: 0,
+            pending: None,
+            wake_at: None,
+            retry_at: None,
+            can_wait: driver == Driver::Native,
+            next_timeout_ms: policy.first_timeout_ms(),
+            last: None,
+            last_outcome: None,
+            answered: false,
+            route_started: false,
+            route_complete: false,
+            route_held: None,
+            rewrite_body: None,
+            storing: None,
+        };
+        if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
+            return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
+        }
+        if let Some(ip) = plan
+            .idempotency
+            .as_ref()
+            .filter(|ip| ip.applies_to(ex.method()))
+        {
+            match key::gate(ip, host, &ex.headers, declared_len, now) {
+                Gate::Unkeyed => {}
+                Gate::Claimed(k) => ex.key = Some(k),
+                Gate::Answer(reply) => {
+                    ex.send_reply(host, &reply);
+                    return (Some(ex), Step::Pause);
+                }
+            }
+        }
+        policy.note_request(now);
+        ex.name_group(host);
+        match driver {
+            Driver::Dispatch if !has_body => {
+                ex.send_attempt(policy, host);
+                (Some(ex), Step::Pause)
+            }
+            // Pausing request headers would starve the filter of the body on both hosts.
+            Driver::Dispatch => {
+                ex.route_started = plan.host == HostKind::Envoy;
+                (Some(ex), Step::Continue)
+            }
+            Driver::Native => {
+                ex.begin_route_attempt(policy, host);
+                (Some(ex), Step::Continue)
+            }
+        }
+    }
+
+    fn method(&self) -> &str {
+        find(&self.headers, ":method").unwrap_or("GET")
+    }
+
+    fn path(&self) -> &str {
+        find(&self.headers, ":path").unwrap_or("/")
+    }
+
+    fn key_enforced(&self) -> bool {
+        self.key.as_ref().is_some_and(Key::enforced)
+    }
+
+    /// The first attempt starts: the key's lease must outlast anything the exchange can still
+    /// do (written only when the body took long enough to eat into it).
+    fn cover_lease(&mut self, policy: &Policy, host: &impl Host) {
+        if let Some(k) = self.key.as_mut() {
+            k.cover(host, host.now_ms() + policy.longest_exchange_ms());
+        }
+    }
+
+    /// Completes or releases the key with the exchange's final answer (`None`: no answer that
+    /// may be stored).
+    fn settle_key(&mut self, host: &impl Host, answer: Option<Final<'_>>) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
+            return;
+        };
+        let received = self.body_done.then_some(self.body.len() as u64);
+        k.settle(ip, host, answer, received.or(self.declared_len));
+    }
+
+    /// The body is too large to hold (or the host did not hand it over): the configured
+    /// behaviour, logged and counted. A key already claimed is released: nothing ran.
+    fn body_too_large(
+        mut self,
+        policy: &Policy,
+        host: &impl Host,
+        why: &str,
+    ) -> (Option<Exchange>, Step) {
+        host.count(Metric::BodyTooLarge);
+        self.settle_key(host, None);
+        match policy.body_too_large {
+            BodyTooLarge::Reject => {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "rollsafe: {} {}: request body {why}; answered 413",
+                        self.method(),
+                        self.path()
+                    ),
+                );
+                let detail = format!(
+                    "The request body is {why} ({} bytes at most), so it cannot be replayed safely.",
+                    policy.max_body_bytes
+                );
+                let reply = Reply::problem(
+                    413,
+                    "body-too-large",
+                    "Request body too large for safe retries",
+                    detail,
+                    self.path(),
+                    None,
+                );
+                self.send_reply(host, &reply);
+                (Some(self), Step::Pause)
+            }
+            BodyTooLarge::PassThrough => {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "rollsafe: {} {}: request body {why}; forwarded once without retries",
+                        self.method(),
+                        self.path()
+                    ),
+                );
+                (None, Step::Continue)
+            }
+        }
+    }
+
+    /// Request body callback. Returns `None` when the exchange gives up ownership.
+    pub fn on_request_body(
+        mut self,
+        policy: &Policy,
+        host: &impl Host,
+        size: usize,
+        end_of_stream: bool,
+    ) -> (Option<Exchange>, Step) {
+        if self.answered {
+            return (Some(self), Step::Pause);
+        }
+        if self.body_done {
+            return (Some(self), Step::Continue);
+        }
+        // Held until whole: an upstream never sees a partial body, and once Envoy's router has
+        // answered (say, a refused connection) it hands the filter no more of the body, so a
+        // body still in flight could never be replayed. Envoy keeps the held body buffered and
+        // reports its whole size each time.
+        if size as u64 > policy.max_body_bytes {
+            return self.body_too_large(policy, host, "larger than retry.max_body_bytes");
+        }
+        if !end_of_stream {
+            return (Some(self), Step::Pause);
+        }
+        let body = host.request_body(size).unwrap_or_default();
+        if self.declared_len.is_some_and(|n| n != body.len() as u64) {
+            // Kong spills bodies over client_body_buffer_size to a file and hands the filter
+            // nothing: never treat that as an empty body.
+            return self.body_too_large(policy, host, "was not handed over by the host");
+        }
+        self.body = body;
+        self.body_done = true;
+        match self.driver {
+            Driver::Dispatch => {
+                self.send_attempt(policy, host);
+                (Some(self), Step::Pause)
+            }
+            Driver::Native => {
+                self.begin_route_attempt(policy, host);
+                (Some(self), Step::Continue)
+            }
+        }
+    }
+
+    /// The answer to a dispatched attempt, or the route's own attempt's response headers:
+    /// retry (after its backoff) or answer.
+    fn after_attempt(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        outcome: Outcome,
+        retry_after_ms: Option<u64>,
+    ) -> Option<(u64, u64)> {
+        self.last_outcome = Some(outcome);
+        self.note_outcome(host, outcome);
+        self.decide(policy, host, outcome, retry_after_ms)
+    }
+
+    /// Asks the policy; returns the wait and the next attempt's timeout when retrying.
+    fn decide(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        outcome: Outcome,
+        retry_after_ms: Option<u64>,
+    ) -> Option<(u64, u64)> {
+        if !policy.retries(outcome) {
+            return None;
+        }
+        let now = host.now_ms();
+        let report = Report {
+            attempt: self.attempt,
+            outcome,
+            retry_after_ms,
+            elapsed_ms: now.saturating_sub(self.started_ms),
+        };
+        match policy.decide(
+            self.method(),
+            self.key_enforced(),
+            &report,
+            self.can_wait,
+            now,
+            host.random(),
+        ) {
+            Decision::Done => None,
+            Decision::Retry {
+                wait_ms,
+                timeout_ms,
+            } => {
+                host.count(match outcome {
+                    Outcome::Status(502) => Metric::Retry502,
+                    Outcome::Status(503) => Metric::Retry503,
+                    Outcome::Status(504) => Metric::Retry504,
+                    Outcome::ConnectFailure => Metric::RetryConnectFailure,
+                    Outcome::Reset => Metric::RetryReset,
+                    Outcome::Timeout | Outcome::Status(_) => Metric::RetryTimeout,
+                });
+                Some((wait_ms, timeout_ms))
+            }
+            Decision::GiveUp(why) => {
+                host.count(match why {
+                    GiveUp::Budget => Metric::RetryBudgetExhausted,
+                    GiveUp::Deadline => Metric::RetryDeadlineExceeded,
+                    GiveUp::Unsafe | GiveUp::Attempts => Metric::RetryGaveUp,
+                });
+                if why == GiveUp::Unsafe {
+                    host.log(
+                        Level::Info,
+                        &format!(
+                            "rollsafe: {} {}: {} after the request may have reached the application; not retried (RFC 9110 9.2.2)",
+                            self.method(),
+                            self.path(),
+                            outcome.reason()
+                        ),
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn schedule(&mut self, policy: &Policy, host: &impl Host, wait_ms: u64, timeout_ms: u64) {
+        let now = host.now_ms();
+        self.next_timeout_ms = timeout_ms;
+        self.retry_at = Some(now + wait_ms);
+        if wait_ms == 0 {
+            self.send_attempt(policy, host);
+        } else {
+            self.wake_at = self.retry_at;
+        }
+    }
+
+    /// The backoff wait is over (root tick): send the next attempt.
+    pub fn on_wake(&mut self, policy: &Policy, host: &impl Host) {
+        if self.answered || self.pending.is_some() {
+            return;
+        }
+        if self.retry_at.is_some_and(|at| host.now_ms() >= at) {
+            self.send_attempt(policy, host);
+        }
+    }
+
+    /// When the exchange wants to be woken (native driver backoff), taken once.
+    pub fn take_wake(&mut self) -> Option<u64> {
+        self.wake_at.take()
+    }
+
+    pub fn pending(&self) -> Option<u32> {
+        self.pending
+    }
+
+    /// The client went away. A key whose request never reached an upstream whole is released
+    /// (nothing can have run); otherwise it stays claimed until its lease ends, since the
+    /// application may still be executing it.
+    pub fn on_client_gone(&mut self, host: &impl Host) {
+        if self.answered || self.storing.is_some() {
+            return;
+        }
+        let reached = self.route_complete || self.attempt > 0 && self.driver == Driver::Dispatch;
+        if !reached {
+            self.settle_key(host, None);
+        }
+    }
+
+    /// Names the routed group. The native driver's attempt 1 is the route's own request, so it
+    /// is pointed at the group (header, and `kong.service.target` on Kong); dispatched attempts
+    /// carry the header in any case (a retry replays these headers).
+    fn name_group(&mut self, host: &impl Host) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_ref()) else {
+            return;
+        };
+        let Some(g) = rp.groups.get(r.group) else {
+            return;
+        };
+        self.headers.push((rp.group_header.clone(), g.name.clone()));
+        if self.driver == Driver::Native {
+            super::flow::name_group(host, plan.host, &rp.group_header, &g.name, &g.target);
+        }
+    }
+
+    /// Group health: a failed attempt counts against its group; a good one clears it.
+    fn note_outcome(&mut self, host: &impl Host, outcome: Outcome) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_mut()) else {
+            return;
+        };
+        let failed = match outcome {
+            Outcome::Status(s) => s >= 500,
+            Outcome::ConnectFailure | Outcome::Reset | Outcome::Timeout => true,
+        };
+        if failed {
+            if rp.failed(r.group, host.now_ms()) {
+                host.count(Metric::RoutingGroupDown);
+                let name = rp.groups.get(r.group).map_or("?", |g| g.name.as_str());
+                host.log(Level::Warn, &format!("rollsafe: group {name} marked down"));
+            }
+            r.tried.push(r.group);
+        } else {
+            rp.succeeded(r.group);
+        }
+    }
+
+    /// A retry of a routed request goes to the key's next group that is up and untried.
+    fn reroute(&mut self, host: &impl Host) {
+        let plan = Rc::clone(&self.plan);
+        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_mut()) else {
+            return;
+        };
+        if r.fixed || r.tried.is_empty() {
+            return;
+        }
+        let next = rp.pick(r.key_hash, host.now_ms(), &r.tried);
+        if next == r.group {
+            return;
+        }
+        host.count(Metric::RoutingFailover);
+        r.group = next;
+        if let Some(g) = rp.groups.get(next) {
+            self.target = Some(g.target.clone());
+            for (k, v) in self.headers.iter_mut() {
+                if k.eq_ignore_ascii_case(&rp.group_header) {
+                    *v = g.name.clone();
+                }
+            }
+        }
+    }
+
+    /// Sends the final answer: the last upstream answer, or a problem when there is none.
+    fn answer(&mut self, policy: &Policy, host: &impl Host) {
+        let last = self.last.take();
+        self.settle_key(
+            host,
+            last.as_ref().map(|a| Final {
+                status: a.status,
+                headers: &a.headers,
+                body: Some(&a.body),
+            }),
+        );
+        let attempts = self.attempt.to_string();
+        let count_header = policy.attempt_count_header.as_deref();
+        let reply = match last {
+            Some(a) => {
+                let mut headers: Vec<(String, String)> = a
+                    .headers
+                    .into_iter()
+                    .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k))
+                    .collect();
+                if let Some(h) = count_header {
+                    headers.push((h.to_string(), attempts));
+                }
+                Reply {
+                    status: u32::from(a.status),
+                    headers,
+                    body: a.body,
+                }
+            }
+            None => {
+                let (status, kind, title) = match self.last_outcome {
+                    Some(Outcome::Timeout) | None => {
+                        (504, "upstream-timeout", "Upstream timed out")
+                    }
+                    Some(_) => (502, "upstream-unreachable", "Upstream unreachable"),
+                };
+                let detail = format!(
+                    "No answer from the upstream after {} attempt(s); last failure: {}.",
+                    self.attempt,
+                    self.last_outcome.map_or("none", |o| o.reason())
+                );
+                let mut ext = serde_json::Map::new();
+                ext.insert("attempts".into(), self.attempt.into());
+                let mut reply =
+                    Reply::problem_with(status, kind, title, detail, self.path(), None, ext);
+                if let Some(h) = count_header {
+                    reply.headers.push((h.to_string(), attempts));
+                }
+                reply
+            }
+        };
+        self.send_reply(host, &reply);
+    }
+
+    /// A local reply, or — when the route's own response is held — that response rewritten.
+    fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
+        self.answered = true;
+        let status = reply.status;
+        host.log(
+            Level::Debug,
+            &format!(
+                "rollsafe: {} {}: answer {status} after {} attempt(s){}",
+                self.method(),
+                self.path(),
+                self.attempt,
+                if self.route_held.is_some() {
+                    " (rewriting the held route response)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        if self.route_started && self.has_body && !self.route_complete {
+            // Envoy's router sent the route's upstream the headers of a request whose body
+            // rollsafe never released: that stream is reset now.
+            host.count(Metric::RouteRequestAborted);
+        }
+        let headers = reply.header_refs();
+        match self.route_held {
+            None => host.send_response(status, &headers, &reply.body),
+            Some(held) => {
+                if held.end_of_stream && !reply.body.is_empty() {
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "rollsafe: {} {}: held response had no body; answer body dropped",
+                            self.method(),
+                            self.path()
+                        ),
+                    );
+                }
+                let len = if held.end_of_stream {
+                    0
+                } else {
+                    reply.body.len()
+                };
+                let len = len.to_string();
+                let mut all = headers;
+                all.push(("content-length", &len));
+                if !held.end_of_stream {
+                    self.rewrite_body = Some(reply.body.clone());
+                }
+                host.rewrite_response(status, &all);
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Envoy's native driver: attempt 1 is the route's own request, and the response phase decides.
+//!
+//! The request headers go on at once (pausing them would stop the body too), so the router
+//! starts the route's upstream request with the headers; the body is held in the filter until
+//! it is whole and then released to the route in one piece. The route's answer either ends the
+//! exchange — streamed to the client, buffered first when it completes an idempotency record —
+//! or, when it is a retryable failure, is held while the next attempt is dispatched.
+
+use super::{Exchange, RouteHeld, Step};
+use crate::host::key::Final;
+use crate::host::{Host, Level, Metric};
+use crate::plan::Driver;
+use crate::retry::{self, Outcome, Policy};
+use std::rc::Rc;
+
+/// The route's final answer, buffered so that it completes the key's record.
+pub(super) struct Storing {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl Exchange {
+    /// Attempt 1 is the route's own request: it starts with the headers and is complete once
+    /// the held body is released to it.
+    pub(super) fn begin_route_attempt(&mut self, policy: &Policy, host: &impl Host) {
+        self.route_started = true;
+        self.attempt = 1;
+        if self.body_done {
+            self.route_complete = true;
+            self.cover_lease(policy, host);
+        }
+    }
+
+    /// Response headers from the route's upstream (or a local reply passing back).
+    pub fn on_response_headers(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        end_of_stream: bool,
+    ) -> Step {
+        if self.answered {
+            return Step::Continue;
+        }
+        if !self.body_done {
+            // The route answered before the request body was whole (Envoy's router gave up on
+            // the route, say every pod refused), and no more of the body will come: nothing can
+            // be replayed and nothing ran, so the key is released and the answer passes.
+            self.answered = true;
+            self.settle_key(host, None);
+            host.count(Metric::RetryGaveUp);
+            host.log(
+                Level::Info,
+                &format!(
+                    "rollsafe: {} {}: the route answered before the request body was whole; passed through",
+                    self.method(),
+                    self.path()
+                ),
+            );
+            return Step::Continue;
+        }
+        match self.driver {
+            // The route's upstream only ever saw headers; its answer must not leak.
+            Driver::Dispatch => {
+                self.route_held = Some(RouteHeld { end_of_stream });
+                Step::Pause
+            }
+            Driver::Native => self.route_answered(policy, host, end_of_stream),
+        }
+    }
+
+    /// Attempt 1's answer: retry (its response held meanwhile) or let it through.
+    fn route_answered(&mut self, policy: &Policy, host: &impl Host, end_of_stream: bool) -> Step {
+        let status = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        // Only a 5xx can be one Envoy made up after a failure: read details then only.
+        let failed = status >= 500 || status == 0;
+        let details = failed
+            .then(|| host.property(&["response", "code_details"]))
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let outcome = classify_native(status, details.as_deref());
+        if failed {
+            host.log(
+                Level::Debug,
+                &format!(
+                    "rollsafe: {} {}: attempt {} ended {status} ({}): {outcome:?}",
+                    self.method(),
+                    self.path(),
+                    self.attempt,
+                    details.as_deref().unwrap_or("-")
+                ),
+            );
+        }
+        let retry_after = failed
+            .then(|| host.response_header("retry-after"))
+            .flatten()
+            .and_then(|v| retry::parse_retry_after(&v, host.now_ms()));
+        match self.after_attempt(policy, host, outcome, retry_after) {
+            Some((wait_ms, timeout_ms)) => {
+                self.schedule(policy, host, wait_ms, timeout_ms);
+                Step::Pause
+            }
+            None => {
+                if let Some(h) = &policy.attempt_count_header {
+                    host.set_response_header(h, &self.attempt.to_string());
+                }
+                self.keep_route_answer(host, status, end_of_stream);
+                Step::Continue
+            }
+        }
+    }
+
+    /// The route's answer is final. Under a key, a storable answer completes the record (its
+    /// body buffered on the way through), any other releases it.
+    fn keep_route_answer(&mut self, host: &impl Host, status: u16, end_of_stream: bool) {
+        if !self.key_enforced() {
+            return;
+        }
+        let plan = Rc::clone(&self.plan);
+        let Some(ip) = plan.idempotency.as_ref() else {
+            return;
+        };
+        if !ip.stores(status) {
+            self.settle_key(host, None);
+            return;
+        }
+        let headers: Vec<(String, String)> = ip
+            .replay_headers
+            .iter()
+            .filter_map(|h| host.response_header(h).map(|v| (h.clone(), v)))
+            .collect();
+        if end_of_stream {
+            let done = Final {
+                status,
+                headers: &headers,
+                body: Some(&[]),
+            };
+            self.settle_key(host, Some(done));
+        } else {
+            self.storing = Some(Storing { status, headers });
+        }
+    }
+
+    /// Response body: buffered while it completes a record (up to `max_response_bytes`), or
+    /// replaced when a held route response was rewritten into the final answer.
+    pub fn on_response_body(&mut self, host: &impl Host, size: usize, end_of_stream: bool) -> Step {
+        if let Some(storing) = self.storing.take() {
+            let max = self
+                .plan
+                .idempotency
+                .as_ref()
+                .map_or(0, |ip| ip.max_response_bytes);
+            if !end_of_stream && size <= max {
+                self.storing = Some(storing);
+                return Step::Pause;
+            }
+            // Too large to keep: the record completes without its body, the rest streams.
+            let body = (size <= max).then(|| host.response_body(size)).flatten();
+            let Storing { status, headers } = storing;
+            let done = Final {
+                status,
+                headers: &headers,
+                body: body.as_deref(),
+            };
+            self.settle_key(host, Some(done));
+            return Step::Continue;
+        }
+        if self.rewrite_body.is_none() {
+            return Step::Continue;
+        }
+        if !end_of_stream {
+            return Step::Pause;
+        }
+        if let Some(body) = self.rewrite_body.take() {
+            host.replace_response_body(size, &body);
+        }
+        Step::Continue
+    }
+}
+
+/// Envoy's router: `response.code_details` tells a real upstream answer (`via_upstream`) from
+/// one Envoy made up after a connection failure, a reset or a timeout.
+pub fn classify_native(status: u16, details: Option<&str>) -> Outcome {
+    let Some(d) = details else {
+        return Outcome::Status(status);
+    };
+    if d == "via_upstream" {
+        Outcome::Status(status)
+    } else if d.contains("connection_failure") || d.contains("no_healthy_upstream") {
+        Outcome::ConnectFailure
+    } else if d.contains("timeout") {
+        Outcome::Timeout
+    } else if d.contains("upstream_reset") {
+        Outcome::Reset
+    } else {
+        Outcome::Status(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoys_code_details_tell_real_answers_from_made_up_ones() {
+        assert_eq!(
+            classify_native(503, Some("via_upstream")),
+            Outcome::Status(503)
+        );
+        assert_eq!(
+            classify_native(
+                503,
+                Some("upstream_reset_before_response_started{remote_connection_failure}")
+            ),
+            Outcome::ConnectFailure
+        );
+        assert_eq!(
+            classify_native(
+                503,
+                Some("upstream_reset_before_response_started{connection_termination}")
+            ),
+            Outcome::Reset
+        );
+        assert_eq!(
+            classify_native(504, Some("upstream_response_timeout")),
+            Outcome::Timeout
+        );
+        assert_eq!(classify_native(200, None), Outcome::Status(200));
+    }
+}
