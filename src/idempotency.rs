@@ -325,7 +325,8 @@ fn hex(bytes: &[u8]) -> String {
 /// request starts as soon as the headers go on, so a body-time decision would always reach it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
-    /// SHA-256 over method, path and query, and caller scope.
+    /// SHA-256 over method, path and query, caller scope and the client's body digest
+    /// (`Content-Digest` / `Repr-Digest`, RFC 9530) when it sends one.
     pub fingerprint: [u8; 32],
     /// The declared body length (`Content-Length`); `None` when the body is chunked.
     pub body_len: Option<u64>,
@@ -343,10 +344,16 @@ impl Facts {
     }
 }
 
-/// SHA-256 over method, path and query, and scope (length-prefixed, so parts can't blur).
-pub fn fingerprint(method: &str, path: &str, scope: &str) -> [u8; 32] {
+/// SHA-256 over method, path and query, scope and body digest (length-prefixed, so parts can't
+/// blur).
+pub fn fingerprint(method: &str, path: &str, scope: &str, digest: &str) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [method.as_bytes(), path.as_bytes(), scope.as_bytes()] {
+    for part in [
+        method.as_bytes(),
+        path.as_bytes(),
+        scope.as_bytes(),
+        digest.as_bytes(),
+    ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -953,14 +960,15 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_covers_method_path_and_scope_and_facts_compare_the_length() {
-        let base = fingerprint("POST", "/o?x=1", "s");
-        assert_ne!(base, fingerprint("PATCH", "/o?x=1", "s"));
-        assert_ne!(base, fingerprint("POST", "/o?x=2", "s"));
-        assert_ne!(base, fingerprint("POST", "/o?x=1", "t"));
+    fn fingerprint_covers_method_path_scope_and_digest_and_facts_compare_the_length() {
+        let base = fingerprint("POST", "/o?x=1", "s", "");
+        assert_ne!(base, fingerprint("PATCH", "/o?x=1", "s", ""));
+        assert_ne!(base, fingerprint("POST", "/o?x=2", "s", ""));
+        assert_ne!(base, fingerprint("POST", "/o?x=1", "t", ""));
+        assert_ne!(base, fingerprint("POST", "/o?x=1", "s", "sha-256=:x:"));
         assert_ne!(
-            fingerprint("POST", "/ab", ""),
-            fingerprint("POST", "/a", "b")
+            fingerprint("POST", "/ab", "", ""),
+            fingerprint("POST", "/a", "b", "")
         );
         let facts = |body_len| Facts {
             fingerprint: base,

@@ -123,3 +123,12 @@ def test_kong_conf_sets_what_rollsafe_needs():
     assert "nginx_wasm_shm_kv_rollsafe" in settings
     size = settings["nginx_http_client_body_buffer_size"]
     assert size.endswith("m") and int(size[:-1]) >= 1
+
+
+def test_rules_across_fields_are_refused_by_rust_with_the_field_named():
+    """JSON Schema cannot compare two fields; on_configure does, and names the field."""
+    [lease] = rust_check([{"retry": {"attempts": 2, "per_try_timeout_ms": 4000},
+                           "idempotency": {"lease_ms": 5000}}])
+    assert not lease["ok"] and lease["path"] == "idempotency.lease_ms", lease
+    # 2 attempts of 4 s and, between them, the longest upstream Retry-After waited (5 s).
+    assert "13000 ms" in json.dumps(lease), lease

@@ -101,8 +101,11 @@ pub fn gate(
         }
     };
     let scope = scope_id(ip, host, headers);
+    let digest = find(headers, "content-digest")
+        .or_else(|| find(headers, "repr-digest"))
+        .unwrap_or("");
     let facts = Facts {
-        fingerprint: idempotency::fingerprint(method, path, &scope),
+        fingerprint: idempotency::fingerprint(method, path, &scope, digest),
         body_len: declared_len,
     };
     let store_key = format!("{scope}:{key}");

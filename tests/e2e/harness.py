@@ -93,10 +93,12 @@ def _connectable(ip: str, port: int) -> bool:
 class Pod:
     """One upstream pod: a rollsafe-pod process on its own 127.0.0.x address."""
 
-    def __init__(self, harness: "Harness", name: str, group: str):
+    def __init__(self, harness: "Harness", name: str, group: str, work_ms: int = 0):
         self.harness = harness
         self.name = name
         self.group = group
+        # How long each request takes before it commits (so a SIGKILL can land mid-request).
+        self.work_ms = work_ms
         self.ip = f"127.0.0.{next(_hosts) % 230 + 20}"
         self.port = free_port(self.ip)
         self.proc: subprocess.Popen | None = None
@@ -109,7 +111,8 @@ class Pod:
         log = open(self.harness.dir / f"{self.name}.out", "ab")
         self.proc = subprocess.Popen(
             [str(POD_BIN), "--listen", self.address, "--name", self.name,
-             "--group", self.group, "--dir", str(self.harness.dir)],
+             "--group", self.group, "--dir", str(self.harness.dir),
+             "--work-ms", str(self.work_ms)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.harness.procs.append(self.proc)
@@ -150,12 +153,34 @@ class Pod:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def attempts(self) -> list[dict]:
-        """Every request this pod received (across restarts)."""
-        return self._jsonl("attempts")
+        """Every request this pod received whole (across restarts)."""
+        return [a for a in self._jsonl("attempts") if not a.get("aborted")]
 
     def ledger(self) -> list[dict]:
         """Every write this pod committed (across restarts)."""
         return self._jsonl("ledger")
+
+    def answers(self) -> list[dict]:
+        """Every answer this pod finished writing (across restarts)."""
+        return self._jsonl("answers")
+
+    def aborted(self) -> list[dict]:
+        """Requests whose body arrived incomplete: recorded, never executed."""
+        return [a for a in self._jsonl("attempts") if a.get("aborted")]
+
+
+# The router's own retry of what never reached the application, as the README tells Envoy
+# operators to configure routes beside rollsafe: a refused connection or a stream reset before
+# the request was sent is retried by the router, on another host of the cluster.
+ROUTE_RETRY_POLICY = {
+    "retry_on": "connect-failure,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [{
+        "name": "envoy.retry_host_predicates.previous_hosts",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+    }],
+    "host_selection_retry_max_attempts": 3,
+}
 
 
 class Envoy:
@@ -191,8 +216,7 @@ class Envoy:
             return {"cluster": cluster, "timeout": "60s"}
         per_try_ms = int(retry.get("per_try_timeout_ms", 5000))
         return {"cluster": cluster, "timeout": f"{per_try_ms / 1000}s",
-                "retry_policy": {"retry_on": "connect-failure,reset-before-request",
-                                 "num_retries": 1}}
+                "retry_policy": ROUTE_RETRY_POLICY}
 
     def bootstrap(self) -> dict:
         cfg = self.filter_config
@@ -343,19 +367,27 @@ class Harness:
         self.dir = Path(directory or tempfile.mkdtemp(prefix="rollsafe-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
+        self.pods: list[Pod] = []
+        # Envoy with the dispatch driver sends the route's upstream the headers of a request
+        # whose every attempt rollsafe sends itself: that stream is reset (README).
+        self.allow_aborted = False
         self.counter = itertools.count(1)
         for binary in (WASM, POD_BIN, ENVOY_BIN):
             if not binary.exists():
                 raise RuntimeError(f"{binary} is missing: run `make test` (it builds everything)")
 
-    def pod(self, name: str, group: str = "default", start: bool = True) -> Pod:
-        p = Pod(self, name, group)
+    def pod(self, name: str, group: str = "default", start: bool = True, work_ms: int = 0) -> Pod:
+        p = Pod(self, name, group, work_ms)
+        self.pods.append(p)
         return p.start() if start else p
 
-    def group(self, group: str, n: int = 2) -> list[Pod]:
-        return [self.pod(f"{group}{i + 1}", group) for i in range(n)]
+    def group(self, group: str, n: int = 2, work_ms: int = 0) -> list[Pod]:
+        return [self.pod(f"{group}{i + 1}", group, work_ms=work_ms) for i in range(n)]
 
     def envoy(self, filter_config, clusters: dict[str, list[Pod]], start: bool = True, **kw) -> Envoy:
+        retry = filter_config.get("retry") if isinstance(filter_config, dict) else None
+        if isinstance(retry, dict) and retry.get("exchange") == "dispatch":
+            self.allow_aborted = True
         e = Envoy(self, filter_config, clusters, **kw)
         return e.start() if start else e
 

@@ -15,8 +15,8 @@ def config(driver: str, idem: dict | None = None, **retry) -> dict:
     return {"retry": r, "idempotency": idem or {}}
 
 
-def post(envoy, key, body, auth="Bearer alice", path="/orders", timeout=30):
-    headers = {"content-type": "application/json", "authorization": auth}
+def post(envoy, key, body, auth="Bearer alice", path="/orders", timeout=30, extra=None):
+    headers = {"content-type": "application/json", "authorization": auth, **(extra or {})}
     if key is not None:
         headers["idempotency-key"] = key
     return envoy.request("POST", path, body, headers, timeout=timeout)
@@ -61,14 +61,21 @@ def test_fifty_concurrent_duplicates_write_once(harness, driver):
             assert r.json()["committed"] is True
 
 
-def test_same_key_different_body_is_422(harness, driver):
+def test_same_key_different_request_is_422(harness, driver):
+    """Decided from the request headers (no upstream is contacted): method, path and query,
+    caller scope, body length, and the client's Content-Digest when it sends one."""
     pod = harness.pod("a1", "a")
     envoy = harness.envoy(config(driver), {"group-a": [pod]})
-    assert post(envoy, '"k-422"', '{"sku": 1}').status == 201
-    r = post(envoy, '"k-422"', '{"sku": 2}')
-    assert r.status == 422
-    assert r.json()["type"] == "urn:problem-type:rollsafe:idempotency-key-reused"
+    digest = {"content-digest": "sha-256=:one:"}
+    assert post(envoy, '"k-422"', '{"sku": 1}', extra=digest).status == 201
+    for path, body, extra in [("/orders", '{"sku": 22}', digest),
+                              ("/orders?x=1", '{"sku": 1}', digest),
+                              ("/orders", '{"sku": 2}', {"content-digest": "sha-256=:two:"})]:
+        r = post(envoy, '"k-422"', body, path=path, extra=extra)
+        assert r.status == 422, (path, body, r)
+        assert r.json()["type"] == "urn:problem-type:rollsafe:idempotency-key-reused"
     assert len(pod.ledger()) == 1
+    assert len(pod.attempts()) == 1, "a 422 reaches no upstream"
 
 
 def test_same_key_other_caller_runs_separately(harness, driver):
@@ -94,19 +101,31 @@ def test_upstream_500_releases_the_key_and_the_retry_runs_once(harness, driver):
     assert post(envoy, '"k-500"', '{"sku": 5}').headers["idempotent-replayed"] == "true"
 
 
-def test_stalled_pod_lease_expires_and_a_retry_is_possible(harness, driver):
+def test_a_key_stays_in_flight_while_its_exchange_can_still_answer(harness, driver):
+    """A stalled pod: the key's lease outlives the exchange, so a second execution never starts
+    beside the first (the client's tries get 409 until the answer, then the replay)."""
     pod = harness.pod("a1", "a")
-    cfg = config(driver, {"lease_ms": 800}, per_try_timeout_ms=5000, deadline_ms=6000)
+    cfg = config(driver, {"lease_ms": 6000}, per_try_timeout_ms=5000, deadline_ms=6000)
     envoy = harness.envoy(cfg, {"group-a": [pod]})
     pod.script({"delay_ms": 2500, "status": 201, "commit": True})
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         stalled = pool.submit(post, envoy, '"k-stall"', '{"sku": 7}')
         time.sleep(0.3)
         assert post(envoy, '"k-stall"', '{"sku": 7}').status == 409
-        time.sleep(0.8)  # the lease ran out while the pod still stalls
-        again = post(envoy, '"k-stall"', '{"sku": 7}')
-        assert again.status == 201
+        time.sleep(1.3)  # past where a 1 s lease would have run out
+        assert post(envoy, '"k-stall"', '{"sku": 7}').status == 409
         assert stalled.result().status == 201
+    again = post(envoy, '"k-stall"', '{"sku": 7}')
+    assert again.status == 201 and again.headers["idempotent-replayed"] == "true"
+    assert len(pod.ledger()) == 1
+
+
+def test_a_lease_shorter_than_the_exchange_is_refused(harness, driver):
+    cfg = config(driver, {"lease_ms": 1000}, per_try_timeout_ms=2500, attempts=1)
+    envoy = harness.envoy(cfg, {"group-a": [harness.pod("a1", "a")]}, start=False)
+    envoy.start(wait_ready=False)
+    assert envoy.wait_exit(30) != 0
+    assert "rollsafe: idempotency.lease_ms: must cover the longest exchange (2500 ms" in envoy.log()
 
 
 def test_keyed_post_answered_503_after_the_pod_read_it_is_retried_once(harness, driver):

@@ -2,11 +2,16 @@
 //!
 //! Every request it receives is appended to an attempt log; every write it commits (POST, PUT,
 //! PATCH, DELETE answered normally) to a ledger. Both are JSON lines files that survive the pod,
-//! so a test can count writes across restarts. Control endpoints under `/__pod/` script the next
-//! answers: a status N times, a delay, a connection closed before answering. SIGTERM drains
-//! (stop accepting, finish in-flight requests, exit 0); SIGKILL is the hard death.
+//! so a test can count writes across restarts. Like a real app it never executes a request whose
+//! body arrived incomplete: that one is logged as `aborted` and nothing else happens. Every
+//! answer it finished writing is appended to an answers log (a pod killed between committing
+//! and answering leaves a commit with no answer). Control endpoints under `/__pod/` script the
+//! next answers: a status N times, a delay, a connection closed before answering. SIGTERM
+//! drains (stop accepting, finish in-flight requests with `Connection: close`, close idle
+//! keep-alive connections, exit 0); SIGKILL is the hard death, mid-request.
 //!
 //! Usage: rollsafe-pod --listen 127.0.0.11:18080 --name a1 --group a --dir /tmp/pods
+//!        [--work-ms N]   (time a request takes before it commits; default 0)
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -56,6 +61,8 @@ struct Pod {
     script: Mutex<VecDeque<Act>>,
     attempts: Mutex<File>,
     ledger: Mutex<File>,
+    answers: Mutex<File>,
+    work_ms: u64,
     seq: AtomicU64,
     terminating: AtomicBool,
     connections: AtomicUsize,
@@ -97,6 +104,7 @@ fn main() {
     let mut name = String::from("pod");
     let mut group = String::from("default");
     let mut dir = std::env::temp_dir();
+    let mut work_ms = 0;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -107,6 +115,11 @@ fn main() {
             "--name" => name = value,
             "--group" => group = value,
             "--dir" => dir = PathBuf::from(value),
+            "--work-ms" => {
+                work_ms = value
+                    .parse()
+                    .unwrap_or_else(|_| die(&format!("--work-ms: not a number: {value}")))
+            }
             _ => die(&format!("unknown flag {flag}")),
         }
     }
@@ -120,6 +133,8 @@ fn main() {
     let pod = Arc::new(Pod {
         attempts: Mutex::new(open("attempts")),
         ledger: Mutex::new(open("ledger")),
+        answers: Mutex::new(open("answers")),
+        work_ms,
         name,
         group,
         script: Mutex::new(VecDeque::new()),
@@ -248,8 +263,39 @@ fn read_request(reader: &mut BufReader<TcpStream>, pod: &Pod) -> io::Result<Opti
         Some("keep-alive") => true,
         _ => version == 1,
     };
+    let chunked = find("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+    let declared = find("content-length").and_then(|v| v.trim().parse::<usize>().ok());
     let mut body = Vec::new();
-    if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+    if let Err(e) = read_body(reader, chunked, declared, &mut body) {
+        // The peer went away mid-body: a real app never runs such a request.
+        append(
+            &pod.attempts,
+            &serde_json::json!({
+                "ts_ms": now_ms(), "pod": pod.name, "group": pod.group, "aborted": true,
+                "method": method, "path": path, "body_len": body.len(),
+                "declared_len": declared, "error": e.to_string(),
+            }),
+        );
+        return Err(e);
+    }
+    Ok(Some(Req {
+        method,
+        path,
+        headers,
+        body,
+        keep_alive,
+    }))
+}
+
+/// Reads a body framed by chunked encoding or `Content-Length` into `body` (what arrived is
+/// kept even on error).
+fn read_body(
+    reader: &mut BufReader<TcpStream>,
+    chunked: bool,
+    declared: Option<usize>,
+    body: &mut Vec<u8>,
+) -> io::Result<()> {
+    if chunked {
         loop {
             let mut line = Vec::new();
             read_line_blocking(reader, &mut line)?;
@@ -270,21 +316,23 @@ fn read_request(reader: &mut BufReader<TcpStream>, pod: &Pod) -> io::Result<Opti
             }
             let start = body.len();
             body.resize(start + size, 0);
-            read_exact_blocking(reader, &mut body[start..])?;
+            if let Err((e, done)) = read_exact_blocking(reader, &mut body[start..]) {
+                body.truncate(start + done);
+                return Err(e);
+            }
             let mut crlf = Vec::new();
             read_line_blocking(reader, &mut crlf)?;
         }
-    } else if let Some(n) = find("content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
-        body.resize(n, 0);
-        read_exact_blocking(reader, &mut body)?;
+    } else if let Some(n) = declared {
+        let mut buf = vec![0; n];
+        let got = read_exact_blocking(reader, &mut buf);
+        body.extend_from_slice(&buf);
+        if let Err((e, done)) = got {
+            body.truncate(done);
+            return Err(e);
+        }
     }
-    Ok(Some(Req {
-        method,
-        path,
-        headers,
-        body,
-        keep_alive,
-    }))
+    Ok(())
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -310,14 +358,18 @@ fn read_line_blocking(reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>) -> 
     }
 }
 
-fn read_exact_blocking(reader: &mut BufReader<TcpStream>, buf: &mut [u8]) -> io::Result<()> {
+/// Fills `buf`; on error, also how much arrived.
+fn read_exact_blocking(
+    reader: &mut BufReader<TcpStream>,
+    buf: &mut [u8],
+) -> Result<(), (io::Error, usize)> {
     let mut done = 0;
     while done < buf.len() {
         match reader.read(&mut buf[done..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(0) => return Err((io::ErrorKind::UnexpectedEof.into(), done)),
             Ok(n) => done += n,
             Err(e) if is_timeout(&e) => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err((e, done)),
         }
     }
     Ok(())
@@ -366,6 +418,9 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
             return Ok(false);
         }
     }
+    if pod.work_ms > 0 {
+        thread::sleep(Duration::from_millis(pod.work_ms));
+    }
     let scripted_status = act.as_ref().and_then(|a| a.status);
     let commit =
         is_write(&req.method) && act.as_ref().is_none_or(|a| a.commit || a.status.is_none());
@@ -410,14 +465,13 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
     if let Some(a) = &act {
         extra.extend(a.headers.iter().cloned());
     }
-    respond(
-        out,
-        status,
-        &extra,
-        &body,
-        req.method == "HEAD",
-        req.keep_alive,
-    )?;
+    // Draining: this is the connection's last answer.
+    let keep = req.keep_alive && !pod.terminating.load(Ordering::SeqCst);
+    respond(out, status, &extra, &body, req.method == "HEAD", keep)?;
+    append(
+        &pod.answers,
+        &serde_json::json!({"ts_ms": now_ms(), "pod": pod.name, "seq": seq, "status": status}),
+    );
     Ok(true)
 }
 
