@@ -141,6 +141,10 @@ class Pod:
         self.stop()
         return self.start()
 
+    def health(self) -> dict:
+        """The pod's own view: its name and how many requests it is working on."""
+        return request(self.ip, self.port, "GET", "/__pod/health", timeout=2).json()
+
     def script(self, *acts: dict) -> None:
         """Queue scripted answers, e.g. {"status": 503, "count": 2} or {"close": True}."""
         r = request(self.ip, self.port, "POST", "/__pod/script", json.dumps(list(acts)))

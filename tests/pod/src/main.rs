@@ -66,6 +66,8 @@ struct Pod {
     seq: AtomicU64,
     terminating: AtomicBool,
     connections: AtomicUsize,
+    /// Requests being worked on (read whole, not yet answered).
+    in_flight: AtomicUsize,
 }
 
 struct Req {
@@ -141,6 +143,7 @@ fn main() {
         seq: AtomicU64::new(0),
         terminating: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
     });
     let term = Arc::new(AtomicBool::new(false));
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&term)) {
@@ -195,7 +198,15 @@ fn serve(pod: &Pod, stream: TcpStream) -> io::Result<()> {
             Some(r) => r,
             None => return Ok(()),
         };
-        let keep = req.keep_alive && handle(pod, &req, &mut out)?;
+        let control = req.path.starts_with("/__pod/");
+        if !control {
+            pod.in_flight.fetch_add(1, Ordering::SeqCst);
+        }
+        let handled = handle(pod, &req, &mut out);
+        if !control {
+            pod.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        let keep = req.keep_alive && handled?;
         if !keep || pod.terminating.load(Ordering::SeqCst) {
             let _ = out.shutdown(Shutdown::Both);
             return Ok(());
@@ -403,7 +414,7 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
     append(
         &pod.attempts,
         &serde_json::json!({
-            "ts_ms": now_ms(), "pod": pod.name, "group": pod.group, "seq": seq,
+            "ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq,
             "method": req.method, "path": req.path, "headers": headers,
             "body_len": req.body.len(), "body_sha256": body_sha,
         }),
@@ -428,7 +439,7 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
         append(
             &pod.ledger,
             &serde_json::json!({
-                "ts_ms": now_ms(), "pod": pod.name, "group": pod.group, "seq": seq,
+                "ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq,
                 "method": req.method, "path": req.path,
                 "idempotency_key": req.header("idempotency-key"),
                 "body": String::from_utf8_lossy(&req.body), "body_sha256": body_sha,
@@ -440,7 +451,7 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
         Some(b) => b.into_bytes(),
         None => {
             let mut b = serde_json::json!({
-                "pod": pod.name, "group": pod.group, "seq": seq, "status": status,
+                "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq, "status": status,
                 "method": req.method, "path": req.path, "committed": commit,
                 "body_sha256": body_sha, "headers": headers,
             })
@@ -470,7 +481,7 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
     respond(out, status, &extra, &body, req.method == "HEAD", keep)?;
     append(
         &pod.answers,
-        &serde_json::json!({"ts_ms": now_ms(), "pod": pod.name, "seq": seq, "status": status}),
+        &serde_json::json!({"ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "seq": seq, "status": status}),
     );
     Ok(true)
 }
@@ -491,7 +502,14 @@ fn next_act(pod: &Pod, path: &str) -> Option<Act> {
 
 fn control(pod: &Pod, what: &str, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
     let (status, body) = match (req.method.as_str(), what) {
-        ("GET", "health") => (200, format!("{{\"pod\":\"{}\"}}", pod.name)),
+        ("GET", "health") => (
+            200,
+            serde_json::json!({
+                "pod": pod.name,
+                "in_flight": pod.in_flight.load(Ordering::SeqCst),
+            })
+            .to_string(),
+        ),
         ("POST", "script") => match serde_json::from_slice::<Vec<Act>>(&req.body) {
             Ok(acts) => {
                 if let Ok(mut s) = pod.script.lock() {

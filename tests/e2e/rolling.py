@@ -1,0 +1,189 @@
+"""A rolling restart under load, as Kubernetes does it, and the ledger's verdict.
+
+Clients send keyed POSTs (each logical write its own Idempotency-Key and a user id) for the whole
+run and behave as well-behaved clients do: on 409 they wait `Retry-After` and send the same key
+again, on a 5xx or a connection error they send the same key again. Meanwhile every pod is
+restarted one by one with SIGTERM (drain: stop accepting, finish in-flight requests with
+`Connection: close`, close idle keep-alive connections, exit), then again with SIGKILL while it
+is in the middle of requests. Used by the chaos test and by `make run`'s demo.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tests.e2e.harness import Pod
+
+
+@dataclass
+class Write:
+    key: str
+    user: str
+    statuses: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    final: int | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass
+class Verdict:
+    writes: list[Write]
+    restarts: int
+    kills_mid_request: int
+    ledger_counts: Counter
+    # Second commits of a key whose first commit was made by a pod that was SIGKILLed before it
+    # could answer: the app committed, then died before answering, so rollsafe's retry ran it
+    # again. Only an app that honours the forwarded key covers that (README, "the guarantee").
+    crash_window: list[str]
+    attempts: int
+    aborted: int
+    stats: dict
+
+    @property
+    def failed(self) -> list[Write]:
+        return [w for w in self.writes if w.final is None or not 200 <= w.final < 300]
+
+    @property
+    def saw_5xx(self) -> list[Write]:
+        return [w for w in self.writes if any(s >= 500 for s in w.statuses)]
+
+    @property
+    def lost(self) -> list[str]:
+        return [w.key for w in self.writes if self.ledger_counts[w.key] == 0]
+
+    @property
+    def doubled(self) -> list[str]:
+        return [k for k, n in self.ledger_counts.items() if n > 1 and k not in self.crash_window]
+
+    def summary(self) -> str:
+        lat = sorted(w.latency_ms for w in self.writes if w.final)
+        p = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: 0.0)
+        seen = Counter(s for w in self.writes for s in w.statuses)
+        retries = {k.removeprefix("wasmcustom.rollsafe_retries_"): v for k, v in self.stats.items()
+                   if k.startswith("wasmcustom.rollsafe_retries_") and v}
+        return "\n".join([
+            f"logical writes      {len(self.writes)} ({len(self.failed)} not 2xx, "
+            f"{len(self.saw_5xx)} saw a 5xx)",
+            f"ledger              {sum(1 for w in self.writes if self.ledger_counts[w.key] == 1)} "
+            f"exactly once, {len(self.lost)} lost, {len(self.doubled)} doubled, "
+            f"{len(self.crash_window)} doubled in the app's crash window",
+            f"attempts at pods    {self.attempts} ({self.aborted} aborted)",
+            f"rollsafe retries    {retries or 'none'}",
+            f"replays             {self.stats.get('wasmcustom.rollsafe_idempotency_replays', 0)}"
+            f"   409s: {seen.get(409, 0)} seen by clients",
+            f"client statuses     {dict(sorted(seen.items()))}",
+            f"restarts            {self.restarts} ({self.kills_mid_request} SIGKILLs mid-request)",
+            f"latency             p50 {p(0.50):.1f} ms, p99 {p(0.99):.1f} ms",
+        ])
+
+
+def _send(port: int, w: Write, body: bytes, timeout: float = 30) -> tuple[int | None, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/orders", body=body, headers={
+            "content-type": "application/json", "idempotency-key": f'"{w.key}"',
+            "user-id": w.user})
+        r = conn.getresponse()
+        r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+
+
+def _client(port: int, n: int, stop: threading.Event, out: list[Write], users: int):
+    rng = random.Random(n)
+    while not stop.is_set():
+        w = Write(key=str(uuid.uuid4()), user=f"user-{rng.randrange(users)}")
+        body = json.dumps({"client": n, "key": w.key, "sku": rng.randrange(1000)}).encode()
+        start = time.monotonic()
+        give_up = start + 60
+        while time.monotonic() < give_up:
+            try:
+                status, headers = _send(port, w, body)
+            except OSError as e:
+                w.errors.append(type(e).__name__)
+                time.sleep(0.05)
+                continue
+            w.statuses.append(status)
+            if status == 409:
+                time.sleep(min(float(headers.get("retry-after", "1")), 1.0))
+                continue
+            if status >= 500:
+                time.sleep(0.05)
+                continue
+            w.final = status
+            break
+        w.latency_ms = (time.monotonic() - start) * 1000
+        out.append(w)
+        time.sleep(rng.uniform(0, 0.01))
+
+
+def _in_flight(pod: Pod) -> int:
+    try:
+        return pod.health()["in_flight"]
+    except OSError:
+        return 0
+
+
+def run(envoy_port: int, pods: list[Pod], stats, clients: int = 6, users: int = 60,
+        warmup_s: float = 1.0, settle_s: float = 0.5, log=lambda msg: None) -> Verdict:
+    """Runs the load and the restarts; `stats()` reads the gateway's counters at the end."""
+    stop = threading.Event()
+    writes: list[Write] = []
+    threads = [threading.Thread(target=_client, args=(envoy_port, n, stop, writes, users),
+                                daemon=True) for n in range(clients)]
+    for t in threads:
+        t.start()
+    restarts = kills_mid = 0
+    # Requests a SIGKILL cut short: (pod, pid, seq).
+    killed: set[tuple[str, int, int]] = set()
+    try:
+        time.sleep(warmup_s)
+        for pod in pods:
+            log(f"SIGTERM {pod.name} (drain), restart")
+            pod.stop()
+            pod.start()
+            restarts += 1
+            time.sleep(settle_s)
+        for pod in pods:
+            deadline = time.monotonic() + 2
+            while _in_flight(pod) <= 0 and time.monotonic() < deadline:
+                time.sleep(0.003)
+            pid = pod.proc.pid
+            pod.kill()
+            ran = {a["seq"] for a in pod.attempts() if a.get("pid") == pid}
+            unanswered = ran - {a["seq"] for a in pod.answers() if a.get("pid") == pid}
+            kills_mid += bool(unanswered)
+            killed |= {(pod.name, pid, s) for s in unanswered}
+            log(f"SIGKILL {pod.name} with {len(unanswered)} request(s) in flight, restart")
+            pod.start()
+            restarts += 1
+            time.sleep(settle_s)
+        time.sleep(warmup_s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    ledger = [(p.name, e) for p in pods for e in p.ledger()]
+    counts = Counter(json.loads(e["body"])["key"] for _, e in ledger if e.get("body"))
+    first: dict[str, tuple[str, int, int]] = {}
+    crash = []
+    for name, e in sorted(ledger, key=lambda x: x[1]["ts_ms"]):
+        key = json.loads(e["body"])["key"]
+        if key in first:
+            if first[key] in killed:
+                crash.append(key)
+        else:
+            first[key] = (name, e.get("pid", 0), e["seq"])
+    return Verdict(
+        writes=writes, restarts=restarts, kills_mid_request=kills_mid, ledger_counts=counts,
+        crash_window=crash, attempts=sum(len(p.attempts()) for p in pods),
+        aborted=sum(len(p.aborted()) for p in pods), stats=stats())
