@@ -1,6 +1,8 @@
 """`make run`: Envoy with rollsafe in front of three demo pod groups (two pods each).
 
-Listens on 127.0.0.1:$ROLLSAFE_PORT (default 10000) until Ctrl-C, then stops every process.
+First the headline: keyed POSTs in a loop while every pod is restarted (SIGTERM, then SIGKILL
+mid-request), ending with the ledger's verdict. Then it listens on 127.0.0.1:$ROLLSAFE_PORT
+(default 10000) until Ctrl-C, and stops every process.
 Routes: /a… → group-a, /b… → group-b, /c… → group-c, anything else → group-a.
 The filter config is tests/e2e/demo.json (every capability rollsafe has, switched on).
 """
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.e2e import rolling
 from tests.e2e.harness import ROOT, Harness
 
 PORT = int(os.environ.get("ROLLSAFE_PORT", "10000"))
@@ -26,7 +29,8 @@ def main() -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
-        groups = {f"group-{g}": harness.group(g, 2) for g in "abc"}
+        # Each request takes the pods 20 ms, as a real write would: a SIGKILL lands mid-request.
+        groups = {f"group-{g}": harness.group(g, 2, work_ms=20) for g in "abc"}
         config = json.loads((ROOT / "tests" / "e2e" / "demo.json").read_text())
         # The demo's maintenance window is "the next 15 minutes" so writes outside the
         # allowlisted /a and /b prefixes show the 503 right away.
@@ -38,6 +42,7 @@ def main() -> int:
         envoy = harness.envoy(config, groups, port=PORT,
                               routes=[("/a", "group-a"), ("/b", "group-b"), ("/c", "group-c")])
         base = f"http://127.0.0.1:{PORT}"
+        headline(envoy, [p for pods in groups.values() for p in pods])
         print(f"\nrollsafe is running in Envoy on {base} (admin: http://127.0.0.1:{envoy.admin_port})")
         for name, pods in groups.items():
             print(f"  {name}: " + ", ".join(f"{p.name}@{p.address}" for p in pods))
@@ -66,6 +71,21 @@ Ctrl-C stops everything.""")
         harness.close()
         print("\nstopped Envoy and the demo pods")
     return 0
+
+
+def headline(envoy, pods) -> None:
+    """Keyed writes through a rolling restart of every pod, and what the ledgers say."""
+    print("\nRolling restart: 4 clients send keyed POSTs (each its own Idempotency-Key, a user id)")
+    print("while every pod is drained with SIGTERM and restarted, then SIGKILLed mid-request:\n")
+    verdict = rolling.run(envoy.port, pods, envoy.stats, clients=4, path="/b/orders",
+                          log=lambda m: print("  " + m))
+    print("\n" + "\n".join("  " + line for line in verdict.summary().splitlines()))
+    if verdict.failed or verdict.lost or verdict.doubled or verdict.aborted:
+        print("\nVerdict: PROMISE BROKEN - see the figures above and the logs in .run/")
+    else:
+        print(f"\nVerdict: {len(verdict.writes)} writes, nothing lost, nothing doubled, "
+              f"no client saw a 5xx, no pod saw a partial request.")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -85,10 +85,10 @@ class Verdict:
         ])
 
 
-def _send(port: int, w: Write, body: bytes, timeout: float = 30) -> tuple[int | None, dict]:
+def _send(port: int, path: str, w: Write, body: bytes, timeout: float = 30) -> tuple[int | None, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", "/orders", body=body, headers={
+        conn.request("POST", path, body=body, headers={
             "content-type": "application/json", "idempotency-key": f'"{w.key}"',
             "user-id": w.user})
         r = conn.getresponse()
@@ -98,7 +98,7 @@ def _send(port: int, w: Write, body: bytes, timeout: float = 30) -> tuple[int | 
         conn.close()
 
 
-def _client(port: int, n: int, stop: threading.Event, out: list[Write], users: int):
+def _client(port: int, path: str, n: int, stop: threading.Event, out: list[Write], users: int):
     rng = random.Random(n)
     while not stop.is_set():
         w = Write(key=str(uuid.uuid4()), user=f"user-{rng.randrange(users)}")
@@ -107,7 +107,7 @@ def _client(port: int, n: int, stop: threading.Event, out: list[Write], users: i
         give_up = start + 60
         while time.monotonic() < give_up:
             try:
-                status, headers = _send(port, w, body)
+                status, headers = _send(port, path, w, body)
             except OSError as e:
                 w.errors.append(type(e).__name__)
                 time.sleep(0.05)
@@ -134,11 +134,12 @@ def _in_flight(pod: Pod) -> int:
 
 
 def run(envoy_port: int, pods: list[Pod], stats, clients: int = 6, users: int = 60,
-        warmup_s: float = 1.0, settle_s: float = 0.5, log=lambda msg: None) -> Verdict:
+        warmup_s: float = 1.0, settle_s: float = 0.5, path: str = "/orders",
+        log=lambda msg: None) -> Verdict:
     """Runs the load and the restarts; `stats()` reads the gateway's counters at the end."""
     stop = threading.Event()
     writes: list[Write] = []
-    threads = [threading.Thread(target=_client, args=(envoy_port, n, stop, writes, users),
+    threads = [threading.Thread(target=_client, args=(envoy_port, path, n, stop, writes, users),
                                 daemon=True) for n in range(clients)]
     for t in threads:
         t.start()
