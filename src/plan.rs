@@ -115,9 +115,10 @@ impl Plan {
             && self.routing.is_none()
     }
 
-    /// Whether any exchange may wait a backoff on the root context's tick.
+    /// Whether any exchange may wait a backoff on the root context's tick: on Envoy every
+    /// request with a body takes the native driver, whatever `retry.exchange` says.
     pub fn needs_tick(&self) -> bool {
-        matches!(self.retry, Some((_, Driver::Native)))
+        self.retry.is_some() && self.host == HostKind::Envoy
     }
 }
 

@@ -49,16 +49,10 @@ pub struct FakeHost {
     pub call: RefCell<CallResponse>,
     pub dispatch_fails: Cell<bool>,
     pub effective: Cell<Option<u32>>,
-    /// The held response rewritten in place: (status, headers), then the replaced body.
-    pub rewritten: RefCell<Option<Rewritten>>,
-    pub replaced_body: RefCell<Option<Vec<u8>>>,
     pub rng: Cell<u64>,
     /// Shared data with Envoy's CAS rules (cas 0 = no check; absent keys inserted).
     pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
 }
-
-/// A held response rewritten in place: status and headers.
-pub type Rewritten = (u32, Vec<(String, String)>);
 
 #[derive(Debug, Clone)]
 pub struct Dispatched {
@@ -237,14 +231,6 @@ impl Host for FakeHost {
         let mut c = self.call.borrow().clone();
         c.body.truncate(body_size);
         c
-    }
-
-    fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]) {
-        *self.rewritten.borrow_mut() = Some((status, owned(headers)));
-    }
-
-    fn replace_response_body(&self, _size: usize, body: &[u8]) {
-        *self.replaced_body.borrow_mut() = Some(body.to_vec());
     }
 
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {

@@ -171,11 +171,6 @@ pub trait Host {
     fn call_response(&self, body_size: usize) -> CallResponse;
     /// Answers the request locally; the upstream is not contacted.
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
-    /// Replaces the held (paused) response's status and headers and lets it go on; its body
-    /// arrives next in the response body callback.
-    fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]);
-    /// Replaces `size` bytes of response body as the host holds it now.
-    fn replace_response_body(&self, size: usize, body: &[u8]);
     /// Makes the HTTP context `id` the one later calls act on (root-driven retries, Envoy).
     fn set_effective_context(&self, id: u32) -> bool;
     fn log(&self, level: Level, message: &str);

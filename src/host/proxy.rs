@@ -151,18 +151,6 @@ impl Host for ProxyHost {
         }
     }
 
-    fn rewrite_response(&self, status: u32, headers: &[(&str, &str)]) {
-        let status = status.to_string();
-        let mut all = vec![(":status", status.as_str())];
-        all.extend_from_slice(headers);
-        let _ = hostcalls::set_map(MapType::HttpResponseHeaders, all);
-        let _ = hostcalls::resume_http_response();
-    }
-
-    fn replace_response_body(&self, size: usize, body: &[u8]) {
-        let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body);
-    }
-
     fn set_effective_context(&self, id: u32) -> bool {
         hostcalls::set_effective_context(id).is_ok()
     }

@@ -105,19 +105,8 @@ pub struct Exchange {
     route_started: bool,
     /// The route's request has its whole body (native attempt 1).
     route_complete: bool,
-    /// Envoy, dispatch driver: the route's own upstream answered and that response is held.
-    /// The final answer then rewrites it in place: a second local reply would never reach the
-    /// client.
-    route_held: Option<RouteHeld>,
-    /// The body that replaces the held response's body when it passes.
-    rewrite_body: Option<Vec<u8>>,
     /// Native: the route's final answer, buffered to complete the key's record.
     storing: Option<native::Storing>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RouteHeld {
-    end_of_stream: bool,
 }
 
 impl Exchange {
@@ -145,6 +134,14 @@ impl Exchange {
             HostKind::Envoy => !end_of_stream,
             HostKind::Kong => declared_len.is_some_and(|n| n > 0) || chunked,
         };
+        // On Envoy the route's request starts with the headers whatever the driver; dispatching
+        // a request with a body beside it would leave that request holding the body, which
+        // Envoy has been seen to release to the route after rollsafe's own answer — a second
+        // execution. So there attempt 1 of such a request is always the route's own.
+        let driver = match (plan.host, has_body) {
+            (HostKind::Envoy, true) => Driver::Native,
+            _ => driver,
+        };
         let mut ex = Exchange {
             plan: Rc::clone(plan),
             driver,
@@ -168,8 +165,6 @@ impl Exchange {
             answered: false,
             route_started: false,
             route_complete: false,
-            route_held: None,
-            rewrite_body: None,
             storing: None,
         };
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
@@ -570,22 +565,17 @@ impl Exchange {
         self.send_reply(host, &reply);
     }
 
-    /// A local reply, or — when the route's own response is held — that response rewritten.
+    /// Answers locally (the client gets this; no upstream is contacted by it).
     fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
         self.answered = true;
         let status = reply.status;
         host.log(
             Level::Debug,
             &format!(
-                "rollsafe: {} {}: answer {status} after {} attempt(s){}",
+                "rollsafe: {} {}: answer {status} after {} attempt(s)",
                 self.method(),
                 self.path(),
                 self.attempt,
-                if self.route_held.is_some() {
-                    " (rewriting the held route response)"
-                } else {
-                    ""
-                }
             ),
         );
         if self.route_started && self.has_body && !self.route_complete {
@@ -593,33 +583,6 @@ impl Exchange {
             // rollsafe never released: that stream is reset now.
             host.count(Metric::RouteRequestAborted);
         }
-        let headers = reply.header_refs();
-        match self.route_held {
-            None => host.send_response(status, &headers, &reply.body),
-            Some(held) => {
-                if held.end_of_stream && !reply.body.is_empty() {
-                    host.log(
-                        Level::Warn,
-                        &format!(
-                            "rollsafe: {} {}: held response had no body; answer body dropped",
-                            self.method(),
-                            self.path()
-                        ),
-                    );
-                }
-                let len = if held.end_of_stream {
-                    0
-                } else {
-                    reply.body.len()
-                };
-                let len = len.to_string();
-                let mut all = headers;
-                all.push(("content-length", &len));
-                if !held.end_of_stream {
-                    self.rewrite_body = Some(reply.body.clone());
-                }
-                host.rewrite_response(status, &all);
-            }
-        }
+        host.send_response(status, &reply.header_refs(), &reply.body);
     }
 }

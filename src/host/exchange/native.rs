@@ -6,10 +6,9 @@
 //! exchange — streamed to the client, buffered first when it completes an idempotency record —
 //! or, when it is a retryable failure, is held while the next attempt is dispatched.
 
-use super::{Exchange, RouteHeld, Step};
+use super::{Exchange, Step};
 use crate::host::key::Final;
 use crate::host::{Host, Level, Metric};
-use crate::plan::Driver;
 use crate::retry::{self, Outcome, Policy};
 use std::rc::Rc;
 
@@ -58,14 +57,7 @@ impl Exchange {
             );
             return Step::Continue;
         }
-        match self.driver {
-            // The route's upstream only ever saw headers; its answer must not leak.
-            Driver::Dispatch => {
-                self.route_held = Some(RouteHeld { end_of_stream });
-                Step::Pause
-            }
-            Driver::Native => self.route_answered(policy, host, end_of_stream),
-        }
+        self.route_answered(policy, host, end_of_stream)
     }
 
     /// Attempt 1's answer: retry (its response held meanwhile) or let it through.
@@ -143,8 +135,7 @@ impl Exchange {
         }
     }
 
-    /// Response body: buffered while it completes a record (up to `max_response_bytes`), or
-    /// replaced when a held route response was rewritten into the final answer.
+    /// Response body: buffered while it completes a record (up to `max_response_bytes`).
     pub fn on_response_body(&mut self, host: &impl Host, size: usize, end_of_stream: bool) -> Step {
         if let Some(storing) = self.storing.take() {
             let max = self
@@ -165,16 +156,6 @@ impl Exchange {
                 body: body.as_deref(),
             };
             self.settle_key(host, Some(done));
-            return Step::Continue;
-        }
-        if self.rewrite_body.is_none() {
-            return Step::Continue;
-        }
-        if !end_of_stream {
-            return Step::Pause;
-        }
-        if let Some(body) = self.rewrite_body.take() {
-            host.replace_response_body(size, &body);
         }
         Step::Continue
     }

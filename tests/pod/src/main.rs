@@ -107,6 +107,8 @@ fn main() {
     let mut group = String::from("default");
     let mut dir = std::env::temp_dir();
     let mut work_ms = 0;
+    let mut balance: Option<String> = None;
+    let mut backends: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -114,6 +116,8 @@ fn main() {
             .unwrap_or_else(|| die(&format!("{flag} needs a value")));
         match flag.as_str() {
             "--listen" => listen = value,
+            "--balance" => balance = Some(value),
+            "--backends" => backends = value.split(',').map(str::to_string).collect(),
             "--name" => name = value,
             "--group" => group = value,
             "--dir" => dir = PathBuf::from(value),
@@ -124,6 +128,9 @@ fn main() {
             }
             _ => die(&format!("unknown flag {flag}")),
         }
+    }
+    if let Some(addr) = balance {
+        return service(&addr, &backends);
     }
     let open = |suffix: &str| {
         OpenOptions::new()
@@ -180,6 +187,72 @@ fn main() {
         thread::sleep(Duration::from_millis(5));
     }
     println!("pod {} drained", pod.name);
+}
+
+/// `--balance ADDR --backends A,B`: a Kubernetes Service in front of pods, as kube-proxy makes
+/// it — L4, one backend per connection, round robin. A backend that refuses the connection makes
+/// the client's connection reset (kube-proxy's DNAT lets the refusal through).
+fn service(addr: &str, backends: &[String]) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+    println!("service on {addr} -> {}", backends.join(","));
+    let _ = io::stdout().flush();
+    let next = AtomicUsize::new(0);
+    for client in listener.incoming().flatten() {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let Some(backend) = backends.get(i % backends.len().max(1)).cloned() else {
+            continue;
+        };
+        thread::spawn(move || match TcpStream::connect(&backend) {
+            Ok(upstream) => splice(client, upstream),
+            Err(_) => {
+                let _ = socket_linger_zero(&client);
+            }
+        });
+    }
+}
+
+/// Closes with a reset rather than a FIN.
+fn socket_linger_zero(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
+/// Copies both ways until each side has closed; a reset on one side resets the other.
+fn splice(client: TcpStream, upstream: TcpStream) {
+    let pairs = [
+        (client.try_clone(), upstream.try_clone()),
+        (upstream.try_clone(), client.try_clone()),
+    ];
+    let mut handles = Vec::new();
+    for (from, to) in pairs {
+        let (Ok(mut from), Ok(mut to)) = (from, to) else {
+            return;
+        };
+        handles.push(thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = to.shutdown(Shutdown::Write);
+                        return;
+                    }
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            let _ = from.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = socket_linger_zero(&to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
 }
 
 fn die(msg: &str) -> ! {
