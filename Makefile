@@ -12,7 +12,7 @@ PY         := $(VENV)/bin/python
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC   := $(shell find src tests/pod/src -name '*.rs') Cargo.toml Cargo.lock tests/pod/Cargo.toml
 
-.PHONY: all build dist run test unit e2e lint fmt clippy schema bench deps clean
+.PHONY: all build dist run test unit e2e e2e-kong test-kong lint fmt clippy schema bench deps clean
 
 all: build
 
@@ -59,7 +59,7 @@ run: deps $(DIST) $(POD)
 	$(PY) -m tests.e2e.demo
 
 # --- test --------------------------------------------------------------------------------
-test: deps lint unit dist e2e
+test: deps lint unit dist e2e e2e-kong
 
 fmt:
 	cargo fmt --all -- --check
@@ -75,6 +75,20 @@ unit:
 
 e2e: $(VENV)/.stamp $(DIST) $(POD) $(CHECK)
 	$(PY) -m pytest -q tests
+
+# The same e2e scenarios on Kong's host: an nginx with Kong's ngx_wasm_module (a Kong 3.4-3.9
+# install's own nginx, or one built from Kong/ngx_wasm_module), named by KONG_WASM_NGINX.
+e2e-kong: $(VENV)/.stamp $(DIST) $(POD)
+	@if [ -n "$$KONG_WASM_NGINX" ] && [ -x "$$KONG_WASM_NGINX" ]; then \
+	  echo "== e2e on Kong's host: $$KONG_WASM_NGINX"; \
+	  ROLLSAFE_GATEWAY=kong $(PY) -m pytest -q tests/e2e; \
+	else \
+	  echo "== e2e on Kong's host: SKIPPED (set KONG_WASM_NGINX to an nginx built with ngx_wasm_module)"; \
+	fi
+
+test-kong: deps dist $(POD)
+	@[ -n "$$KONG_WASM_NGINX" ] || { echo "KONG_WASM_NGINX is not set"; exit 2; }
+	$(MAKE) e2e-kong
 
 bench: deps $(DIST) $(POD)
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \

@@ -128,6 +128,8 @@ pub struct Policy {
     pub ttl_ms: u64,
     pub lease_ms: u64,
     pub scope: Vec<ScopePart>,
+    /// The scope is the default one (the host may add to it: Kong's consumers).
+    pub default_scope: bool,
     pub max_response_bytes: usize,
     pub slots: u32,
     store_classes: Vec<u16>,
@@ -221,6 +223,7 @@ impl Policy {
             ttl_ms: cfg.ttl_s * 1000,
             lease_ms: cfg.lease_ms,
             scope,
+            default_scope: cfg.scope == default_scope(),
             max_response_bytes: cfg.max_response_bytes as usize,
             slots: cfg.max_entries,
             store_classes,

@@ -50,11 +50,16 @@ impl Plan {
             None => None,
             Some(r) => {
                 let policy = retry::Policy::compile(r, "retry")?;
-                if host == HostKind::Kong && policy.target.is_none() {
+                // Kong's dispatch takes host:port, and Kong shows a filter neither the Service's
+                // address nor its upstream's targets: where routing names every destination
+                // (its groups' targets) no target is needed; requests it does not hash then
+                // pass to Kong's own proxying, unowned.
+                if host == HostKind::Kong && policy.target.is_none() && cfg.routing.is_none() {
                     return Err(ConfigError::new(
                         "retry.target",
-                        "required on Kong's host (also with idempotency alone): the host:port \
-                         attempts are sent to",
+                        "required on Kong's host unless routing names the targets (also with \
+                         idempotency alone): the host:port attempts are sent to, e.g. the \
+                         Service's orders.shop.svc.cluster.local:8080",
                     ));
                 }
                 let driver = match (policy.exchange, host) {
@@ -89,6 +94,18 @@ impl Plan {
                 ));
             }
         }
+        let idem = idem.map(|mut ip| {
+            if host == HostKind::Kong && ip.default_scope {
+                // Kong's auth plugins tell consumers apart without an Authorization header
+                // (key-auth's apikey, or the X-Consumer-ID / X-Credential-Identifier they add
+                // upstream, which the filter chain sees): two consumers never share a replay.
+                ip.scope.extend(
+                    ["x-consumer-id", "x-credential-identifier", "apikey"]
+                        .map(|h| idempotency::ScopePart::Header(h.into())),
+                );
+            }
+            ip
+        });
         Ok(Plan {
             host,
             maintenance: cfg

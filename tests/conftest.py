@@ -1,6 +1,24 @@
 import pytest
 
-from tests.e2e.harness import Harness
+from tests.e2e.harness import GATEWAY, Harness
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "envoy_only(reason): the scenario does not apply on Kong's host (says why)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if GATEWAY != "kong":
+        return
+    for item in items:
+        marker = item.get_closest_marker("envoy_only")
+        if marker:
+            item.add_marker(pytest.mark.skip(reason=f"Envoy only: {marker.args[0]}"))
+        params = getattr(item, "callspec", None)
+        if params and params.params.get("driver") == "native":
+            # Kong's host has one driver; the dispatch run is the Kong run.
+            item.add_marker(pytest.mark.skip(reason="Kong's host runs the dispatch driver"))
 
 
 @pytest.fixture

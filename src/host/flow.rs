@@ -116,7 +116,11 @@ impl Request {
                 .as_ref()
                 .is_some_and(|ip| ip.applies_to(method))
         };
-        let needs_exchange = !plan.exchange_for_keys_only || keyed_method(&method);
+        // On Kong an exchange needs somewhere to send attempts: `retry.target` or the group.
+        let has_target = plan.host == HostKind::Envoy
+            || routed.is_some()
+            || plan.retry.as_ref().is_some_and(|(p, _)| p.target.is_some());
+        let needs_exchange = has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
             let (exchange, step) =
                 Exchange::start(&plan, policy, *driver, host, end_of_stream, now, routed);

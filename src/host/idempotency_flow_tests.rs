@@ -307,3 +307,35 @@ fn with_idempotency_alone_unkeyed_methods_pass_without_an_exchange() {
     assert_eq!(host.header_reads(), 1, "only :method is read");
     assert!(host.dispatches().is_empty());
 }
+
+#[test]
+fn on_kong_the_default_scope_separates_consumers() {
+    // Kong's auth plugins identify consumers without an Authorization header.
+    let (kind, cfg) = drivers("{}")[0].clone();
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, kind, &cfg);
+    let send = |consumer: &str| {
+        let mut req = Request::new(Rc::clone(&plan));
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("content-length", "2"),
+            ("idempotency-key", "k"),
+            ("x-consumer-id", consumer),
+        ]);
+        let dispatched = host.dispatches().len();
+        if req.on_request_headers(&host, false) == Verdict::Continue {
+            host.set_body(b"{}");
+            req.on_request_body(&host, 2, true);
+        }
+        host.answer_call(&[(":status", "201")], "made");
+        req.on_call_response(&host, host.last_token(), 4);
+        host.dispatches().len() > dispatched
+    };
+    assert!(send("alice"));
+    assert!(send("bob"), "another consumer's key is its own");
+    assert!(!send("alice"), "alice's repeat is replayed");
+    // Envoy keeps the configured default (route and Authorization).
+    let envoy = configure(&host, br#"{"idempotency":{}}"#, HostKind::Envoy).unwrap();
+    assert_eq!(envoy.idempotency.unwrap().scope.len(), 2);
+}

@@ -4,6 +4,7 @@
 //! drive it with a fake host; `proxy` implements [`Host`] with proxy-wasm hostcalls and wires the
 //! SDK's root and HTTP contexts to `flow`.
 
+mod abi;
 pub mod exchange;
 pub mod flow;
 pub mod key;

@@ -36,7 +36,7 @@ impl ProxyHost {
     fn with_metrics() -> Self {
         let ids = Metric::ALL
             .iter()
-            .map(|m| hostcalls::define_metric(MetricType::Counter, m.name()).ok())
+            .map(|m| super::abi::define_metric(MetricType::Counter, m.name()).ok())
             .collect();
         ProxyHost {
             metric_ids: Rc::new(ids),
@@ -85,7 +85,16 @@ impl Host for ProxyHost {
     }
 
     fn set_property(&self, path: &[&str], value: &[u8]) {
-        let _ = hostcalls::set_property(path.to_vec(), Some(value));
+        // Not the SDK's wrapper: it panics when the host refuses (see `abi`).
+        if let Err(status) = super::abi::set_property(path, value) {
+            self.log(
+                Level::Debug,
+                &format!(
+                    "rollsafe: set_property {} refused: {status:?}",
+                    path.join(".")
+                ),
+            );
+        }
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -176,7 +185,7 @@ impl Host for ProxyHost {
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+        match super::abi::set_shared_data(key, value, cas) {
             Ok(()) => Ok(()),
             Err(proxy_wasm::types::Status::CasMismatch) => Err(SetError::CasMismatch),
             Err(_) => Err(SetError::Refused),

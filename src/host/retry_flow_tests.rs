@@ -208,7 +208,10 @@ fn dispatch_failures_without_an_answer_end_in_a_problem() {
     }
     let sent = host.responses();
     assert_eq!(sent[0].status, 504);
-    assert_eq!(sent[0].json()["attempts"], 3);
+    // Kong's host: answered from a failed call's callback, so the problem is in a header.
+    let problem: serde_json::Value =
+        serde_json::from_str(sent[0].header("x-rollsafe-problem").unwrap()).unwrap();
+    assert_eq!(problem["attempts"], 3);
     assert_eq!(host.counted(Metric::RetryTimeout), 2);
 }
 
@@ -474,4 +477,88 @@ fn a_client_supplied_group_header_is_dropped() {
         .request_headers()
         .iter()
         .all(|(k, _)| k != "x-rollsafe-group"));
+}
+
+#[test]
+fn kong_after_a_failed_call_takes_no_buffer_a_body_retry_goes_to_proxy_pass() {
+    // ngx_wasm_module frees a failed call's buffers only after its callback: a dispatch with
+    // a body from there spun the worker, a local answer with a body lost the client.
+    let host = FakeHost::at(1_000);
+    let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{}}"#;
+    let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
+    crate::idempotency::create_slots(&super::HostShared(&host), 4096);
+    let mut req = Request::new(Rc::new(plan));
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/orders"),
+        ("content-length", "2"),
+        ("idempotency-key", "k"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    host.set_body(b"{}");
+    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Pause);
+    host.answer_call(&[(":dispatch_status", "broken connection")], "");
+    req.on_call_response(&host, host.last_token(), 0);
+    assert_eq!(
+        host.dispatches().len(),
+        1,
+        "no dispatch with a body from that callback"
+    );
+    assert!(host.responses().is_empty());
+    assert_eq!(
+        req.pending_call(),
+        None,
+        "nothing pending: Kong resumes to proxy_pass"
+    );
+    assert!(host
+        .properties
+        .borrow()
+        .iter()
+        .any(|(k, v)| k == "kong.service.target" && v == b"orders:80"));
+    // proxy_pass's answer is final and completes the key on its way through.
+    host.set_response(&[(":status", "201")]);
+    *host.response_body.borrow_mut() = b"made".to_vec();
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+    assert_eq!(req.on_response_body(&host, 4, true), Verdict::Continue);
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+}
+
+#[test]
+fn kong_final_answer_after_a_failed_call_has_no_body_and_a_problem_header() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(
+        &host,
+        HostKind::Kong,
+        r#"{"target":"orders:80","attempts":1}"#,
+    );
+    host.set_request(&[(":method", "GET"), (":path", "/slow")]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+    host.answer_call(&[(":dispatch_status", "timeout")], "");
+    req.on_call_response(&host, host.last_token(), 0);
+    let sent = host.responses();
+    assert_eq!(sent[0].status, 504);
+    assert!(sent[0].body.is_empty());
+    let problem: serde_json::Value =
+        serde_json::from_str(sent[0].header("x-rollsafe-problem").unwrap()).unwrap();
+    assert_eq!(
+        problem["type"],
+        "urn:problem-type:rollsafe:upstream-timeout"
+    );
+}
+
+#[test]
+fn kong_needs_no_target_when_routing_names_the_destinations() {
+    let host = FakeHost::at(1_000);
+    let cfg = r#"{"retry":{},"routing":{"groups":[{"name":"a","target":"orders-a:80"}]}}"#;
+    let plan = Rc::new(configure(&host, cfg.as_bytes(), HostKind::Kong).expect("accepted"));
+    // A write is hashed to its group and dispatched there.
+    let mut write = Request::new(Rc::clone(&plan));
+    host.set_request(&[(":method", "DELETE"), (":path", "/o/1"), ("user-id", "u1")]);
+    assert_eq!(write.on_request_headers(&host, false), Verdict::Pause);
+    assert_eq!(host.dispatches()[0].target, "orders-a:80");
+    // A read routing does not hash has no destination of rollsafe's: Kong proxies it.
+    let mut read = Request::new(plan);
+    host.set_request(&[(":method", "GET"), (":path", "/o/1")]);
+    assert_eq!(read.on_request_headers(&host, false), Verdict::Continue);
+    assert_eq!(host.dispatches().len(), 1);
 }

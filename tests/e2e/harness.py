@@ -46,6 +46,13 @@ class Response:
     def json(self):
         return json.loads(self.body)
 
+    def problem(self) -> dict:
+        """rollsafe's problem document: the body, or — on Kong's host, answering from a failed
+        call's callback, where it cannot send a body — the `x-rollsafe-problem` header."""
+        if not self.body.strip() and "x-rollsafe-problem" in self.headers:
+            return json.loads(self.headers["x-rollsafe-problem"])
+        return self.json()
+
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.headers} {self.body[:200]!r}>"
 
@@ -80,6 +87,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children (Kong's host: master and workers)."""
+    total = 0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            pass
+    return total
 
 
 def _connectable(ip: str, port: int) -> bool:
@@ -191,6 +214,9 @@ class Envoy:
     """An Envoy process with rollsafe in its HTTP filter chain."""
 
     kind = "envoy"
+    has_stats = True
+    # What the host appends to the body of an answer rollsafe sends itself.
+    local_suffix = b""
 
     def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
                  default_cluster: str | None = None, routes: list[dict] | None = None,
@@ -333,6 +359,11 @@ class Envoy:
     def wait_exit(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)
 
+    def wait_refused(self, timeout: float = 30) -> str:
+        """A refused filter config: Envoy refuses to start. Returns the log."""
+        assert self.wait_exit(timeout) != 0
+        return self.log()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -369,6 +400,9 @@ class Envoy:
 
 
 KONG_WASM_NGINX = os.environ.get("KONG_WASM_NGINX", "")
+# Which host the e2e suite runs on: `make test` runs it on Envoy, then on Kong's host when
+# KONG_WASM_NGINX names one (ROLLSAFE_GATEWAY=kong).
+GATEWAY = os.environ.get("ROLLSAFE_GATEWAY", "envoy")
 
 
 class Kong:
@@ -383,15 +417,20 @@ class Kong:
     """
 
     kind = "kong"
+    # Bare nginx has no stats endpoint (Kong exports rollsafe's metrics itself).
+    has_stats = False
+    # Kong's host appends a newline to the body of an answer a filter sends itself.
+    local_suffix = b"\n"
 
     def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
-                 default_cluster: str | None = None, workers: int = 2, wasm: Path = WASM,
-                 port: int | None = None, body_buffer: str = "1m", http_extra: str = "",
-                 **_ignored):
+                 default_cluster: str | None = None, routes: list | None = None,
+                 concurrency: int = 2, wasm: Path = WASM, port: int | None = None,
+                 body_buffer: str = "1m", http_extra: str = "", **_ignored):
         self.harness = harness
         self.clusters = clusters
         self.default_cluster = default_cluster or next(iter(clusters))
-        self.workers = workers
+        self.routes = routes or []
+        self.workers = concurrency
         self.wasm = wasm
         self.body_buffer = body_buffer
         self.http_extra = http_extra
@@ -402,6 +441,13 @@ class Kong:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "error.log"
         self.services = {name: harness.service(name, pods) for name, pods in clusters.items()}
+        # Kong points the live request at a group with kong.service.target; bare nginx has no
+        # Kong PDK, so the harness routes it by the group header rollsafe sets, to the same
+        # Service.
+        routing = filter_config.get("routing") if isinstance(filter_config, dict) else None
+        self.group_header = (routing or {}).get("group_header", "x-rollsafe-group")
+        self.group_clusters = {g["name"]: g["target"] for g in (routing or {}).get("groups", [])
+                               if g.get("target") in self.services}
         self.filter_config = self._targets(filter_config)
 
     def _targets(self, cfg):
@@ -410,6 +456,9 @@ class Kong:
             return cfg
         cfg = json.loads(json.dumps(cfg))
         retry = cfg.get("retry")
+        if isinstance(retry, dict):
+            # Kong's host has one driver (dispatch); the suite's native/dispatch runs are one run.
+            retry.pop("exchange", None)
         if isinstance(retry, dict) and retry.get("target") in self.services:
             retry["target"] = self.services[retry["target"]]
         elif isinstance(retry, dict) and "target" not in retry and not cfg.get("routing"):
@@ -425,8 +474,26 @@ class Kong:
         cfg = self.filter_config
         text = cfg if isinstance(cfg, str) else json.dumps(cfg)
         quoted = text.replace("\\", "\\\\").replace("'", "\\'")
+        # Kong's own proxying retries a connection that failed before the request was sent
+        # (a Service's `retries`, default 5), on the same Service address: an upstream block
+        # naming it several times and proxy_next_upstream on errors (never after the request
+        # reached the upstream: POSTs are not `non_idempotent` here) does the same.
         upstreams = "\n".join(
-            f"  upstream {name} {{ server {addr}; }}" for name, addr in self.services.items())
+            f"  upstream {name} {{ " + " ".join(f"server {addr} max_fails=0;" for _ in range(3)) + " }"
+            for name, addr in self.services.items())
+        # One filter chain per route, as Kong attaches it; the route's Service is proxy_pass.
+        var = "$http_" + self.group_header.lower().replace("-", "_")
+        maps = "".join(
+            f"  map {var} $rollsafe_{i} {{ default {cluster}; "
+            + " ".join(f"{g} {c};" for g, c in self.group_clusters.items()) + " }\n"
+            for i, (_, cluster) in enumerate([*self.routes, ("/", self.default_cluster)]))
+        locations = "\n".join(
+            f"""    location {prefix} {{
+      proxy_wasm rollsafe '{quoted}';
+      proxy_pass http://$rollsafe_{i};
+      proxy_next_upstream error timeout;
+      proxy_next_upstream_tries 3;
+    }}""" for i, (prefix, cluster) in enumerate([*self.routes, ("/", self.default_cluster)]))
         return f"""daemon off;
 master_process on;
 worker_processes {self.workers};
@@ -445,13 +512,10 @@ http {{
   client_max_body_size 32m;
   {self.http_extra}
 {upstreams}
+{maps}
   server {{
     listen 127.0.0.1:{self.port};
-    location / {{
-      proxy_wasm rollsafe '{quoted}';
-      proxy_pass http://{self.default_cluster};
-      proxy_next_upstream off;
-    }}
+{locations}
   }}
 }}
 """
@@ -476,6 +540,15 @@ http {{
 
     def wait_exit(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)
+
+    def ready(self) -> bool:
+        return _connectable("127.0.0.1", self.port)
+
+    def wait_refused(self, timeout: float = 30) -> str:
+        """A refused filter config: on Kong's host every worker exits ("cannot be respawned")
+        and nothing is served. Returns the log."""
+        wait_for(lambda: "failed initializing" in self.log(), timeout, "the config refused")
+        return self.log()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -506,7 +579,8 @@ class Harness:
         # A test that provokes an incomplete request on purpose sets this.
         self.allow_aborted = False
         self.counter = itertools.count(1)
-        for binary in (WASM, POD_BIN, ENVOY_BIN):
+        needed = [WASM, POD_BIN] + ([Path(KONG_WASM_NGINX)] if GATEWAY == "kong" else [ENVOY_BIN])
+        for binary in needed:
             if not binary.exists():
                 raise RuntimeError(f"{binary} is missing: run `make test` (it builds everything)")
 
@@ -534,14 +608,12 @@ class Harness:
         wait_for(lambda: _connectable(ip, port) or proc.poll() is not None, 10, f"service {name}")
         return f"{ip}:{port}"
 
-    def gateway(self, kind: str, filter_config, clusters: dict[str, list[Pod]], **kw):
-        """The gateway under test: Envoy, or Kong's wasm host."""
-        if kind == "kong":
-            g = Kong(self, filter_config, clusters, **kw)
-            return g.start() if kw.get("start", True) else g
-        return self.envoy(filter_config, clusters, **kw)
-
-    def envoy(self, filter_config, clusters: dict[str, list[Pod]], start: bool = True, **kw) -> Envoy:
+    def envoy(self, filter_config, clusters: dict[str, list[Pod]], start: bool = True, **kw):
+        """The gateway under test with rollsafe in it: Envoy, or Kong's host under
+        ROLLSAFE_GATEWAY=kong (the same scenarios, the same .wasm)."""
+        if GATEWAY == "kong" and not kw.get("direct_response"):
+            k = Kong(self, filter_config, clusters, **kw)
+            return k.start() if start else k
         e = Envoy(self, filter_config, clusters, **kw)
         return e.start() if start else e
 

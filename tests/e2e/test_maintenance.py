@@ -74,9 +74,10 @@ def test_window_turns_writes_away_until_it_ends(harness):
     assert time.time() >= end
     assert [w["body"] for w in pod.ledger()][-1] == '{"sku": 2}'
 
-    stats = envoy.stats()
-    assert stats.get("wasmcustom.rollsafe_maintenance_rejected", 0) >= 3, stats
-    assert stats.get("wasmcustom.rollsafe_maintenance_bypassed", 0) == 1, stats
+    if envoy.has_stats:
+        stats = envoy.stats()
+        assert stats.get("wasmcustom.rollsafe_maintenance_rejected", 0) >= 3, stats
+        assert stats.get("wasmcustom.rollsafe_maintenance_bypassed", 0) == 1, stats
 
 
 def test_recurring_daily_window_sends_seconds_to_its_end(harness):

@@ -38,10 +38,12 @@ def test_get_503_503_200_is_answered_200_after_three_attempts(harness, driver):
         assert all(g >= 150 for g in gaps_ms(attempts)), gaps_ms(attempts)
     else:
         assert all(g < 150 for g in gaps_ms(attempts)), gaps_ms(attempts)
-    stats = envoy.stats()
-    assert stats["wasmcustom.rollsafe_retries_503"] == 2
-    # Attempts rollsafe sent itself: all three with dispatch; natively, attempt 1 is the route's.
-    assert stats["wasmcustom.rollsafe_attempts"] == (2 if driver == "native" else 3)
+    if envoy.has_stats:
+        stats = envoy.stats()
+        assert stats["wasmcustom.rollsafe_retries_503"] == 2
+        # Attempts rollsafe sent itself: all three with dispatch; natively, attempt 1 is the
+        # route's.
+        assert stats["wasmcustom.rollsafe_attempts"] == (2 if driver == "native" else 3)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -52,6 +54,14 @@ def test_pod_refusing_connections_is_skipped_for_the_other_pod(harness, driver):
     gets = [envoy.request("GET", f"/g/{i}") for i in range(10)]
     posts = [envoy.request("POST", f"/p/{i}", f"order-{i}") for i in range(10)]
     assert [r.status for r in gets] == [200] * 10
+    if envoy.kind == "kong":
+        # Kong's dispatch reports a refused connection and a reset after sending alike
+        # ("broken connection"): an unkeyed POST that met the dead pod is not retried (it may
+        # have reached the application), and is answered 502; none is written twice.
+        assert {r.status for r in posts} <= {201, 502}
+        written = sorted(w["body"] for w in live.ledger())
+        assert written == sorted(f"order-{i}" for i, r in enumerate(posts) if r.status == 201)
+        return
     # A POST whose connection was refused never reached the application: retried, written once.
     assert [r.status for r in posts] == [201] * 10
     assert sorted(w["body"] for w in live.ledger()) == sorted(f"order-{i}" for i in range(10))
@@ -82,7 +92,7 @@ def test_upstream_retry_after(harness, driver):
         assert time.monotonic() - t0 < 1.5
         assert r.status == 503
         assert r.headers["retry-after"] == "2"
-        assert r.body == b"busy"
+        assert r.body == b"busy" + envoy.local_suffix
         assert len(pod.attempts()) == 3
 
 
@@ -93,10 +103,11 @@ def test_post_answered_503_after_the_pod_read_it_is_not_retried(harness, driver)
     pod.script({"status": 503, "body": "draining"})
     r = envoy.request("POST", "/orders", "order-1")
     assert r.status == 503
-    assert r.body == b"draining"
+    assert r.body in (b"draining", b"draining" + envoy.local_suffix)
     assert len(pod.attempts()) == 1
     assert pod.ledger() == []
-    assert envoy.stats()["wasmcustom.rollsafe_retry_gave_up"] == 1
+    if envoy.has_stats:
+        assert envoy.stats()["wasmcustom.rollsafe_retry_gave_up"] == 1
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -106,7 +117,7 @@ def test_every_attempt_failing_gives_the_last_answer_within_attempts(harness, dr
     pod.script({"status": 502, "count": 3, "body": "bad gateway from the pod"})
     r = envoy.request("GET", "/x")
     assert r.status == 502
-    assert r.body == b"bad gateway from the pod"
+    assert r.body in (b"bad gateway from the pod", b"bad gateway from the pod" + envoy.local_suffix)
     assert r.headers["x-rollsafe-attempts"] == "3"
     assert len(pod.attempts()) == 3
 
@@ -122,9 +133,9 @@ def test_stalled_pod_ends_in_504_problem_within_the_deadline(harness, driver):
     elapsed = time.monotonic() - t0
     assert r.status == 504, r
     assert r.headers["content-type"] == "application/problem+json"
-    assert r.json()["type"] == "urn:problem-type:rollsafe:upstream-timeout"
+    assert r.problem()["type"] == "urn:problem-type:rollsafe:upstream-timeout"
     assert elapsed < 1.6, elapsed
-    assert 3 <= r.json()["attempts"] <= 5
+    assert 3 <= r.problem()["attempts"] <= 5
 
 
 def test_retry_budget_caps_retries_per_worker(harness):
@@ -136,7 +147,8 @@ def test_retry_budget_caps_retries_per_worker(harness):
     assert statuses == [502] * 8
     # 1 retry/s over 5 s: five of the eight failures may retry, the rest go out after one attempt.
     assert len(pod.attempts()) == 8 + 5
-    assert envoy.stats()["wasmcustom.rollsafe_retry_budget_exhausted"] == 3
+    if envoy.has_stats:
+        assert envoy.stats()["wasmcustom.rollsafe_retry_budget_exhausted"] == 3
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -149,7 +161,8 @@ def test_body_over_the_limit_is_rejected_before_any_upstream_contact(harness, dr
     assert r.json()["type"] == "urn:problem-type:rollsafe:body-too-large"
     time.sleep(0.2)
     assert pod.attempts() == []
-    assert envoy.stats()["wasmcustom.rollsafe_body_too_large"] == 1
+    if envoy.has_stats:
+        assert envoy.stats()["wasmcustom.rollsafe_body_too_large"] == 1
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -195,6 +208,7 @@ def test_client_leaving_mid_exchange_harms_nothing(harness, driver):
     assert "panicked" not in envoy.log() and "wasm trap" not in envoy.log().lower()
 
 
+@pytest.mark.envoy_only("Kong's host needs a target: its dispatch takes host:port, not the route's Service")
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_without_a_target_retries_follow_the_routes_cluster(harness, driver):
     a1, b1 = harness.pod("a1", "a"), harness.pod("b1", "b")

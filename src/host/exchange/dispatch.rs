@@ -3,7 +3,7 @@
 //! the host's word that there was none) becomes an [`Outcome`].
 
 use super::{is_hop_by_hop, Answer, Exchange};
-use crate::host::{header as find, CallResponse, Host, Level, Metric};
+use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
 use crate::retry::{self, Outcome, Policy};
 
 impl Exchange {
@@ -61,6 +61,12 @@ impl Exchange {
                 self.attempt
             ),
         );
+        // Kong's host tears a failed call down only after this callback returns, and anything
+        // that takes a buffer before then — a dispatch with a body, a local answer with a body
+        // — can share a buffer the failed call still holds: the worker then loops sending
+        // empty buffers, or the client's connection closes unanswered (ngx_wasm_module
+        // 9136e463; HOSTS.md). Here nothing takes a buffer.
+        self.buffers_unsafe = answer.is_none() && self.plan.host == HostKind::Kong;
         let retry_after = answer
             .as_ref()
             .and_then(|a| find(&a.headers, "retry-after"))
@@ -69,9 +75,42 @@ impl Exchange {
             self.last = answer;
         }
         match self.after_attempt(policy, host, outcome, retry_after) {
+            Some(_) if self.buffers_unsafe && !self.body.is_empty() => {
+                self.hand_to_proxy_pass(host, outcome)
+            }
             Some((wait_ms, timeout_ms)) => self.schedule(policy, host, wait_ms, timeout_ms),
             None => self.answer(policy, host),
         }
+        self.buffers_unsafe = false;
+    }
+
+    /// Kong's host, after a failed call: the retry of a request with a body is carried by
+    /// nginx's own `proxy_pass` (the request resumes to it once this callback returns with
+    /// nothing pending; `kong.service.target` names the attempt's target). Its answer is final:
+    /// Kong's host cannot act on a response but to let it through (and store it).
+    fn hand_to_proxy_pass(&mut self, host: &impl Host, outcome: Outcome) {
+        self.reroute(host);
+        if let Some(target) = &self.target {
+            host.set_property(&["kong", "service", "target"], target.as_bytes());
+        }
+        let plan = std::rc::Rc::clone(&self.plan);
+        if let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_ref()) {
+            if let Some(g) = rp.groups.get(r.group) {
+                host.set_request_header(&rp.group_header, &g.name);
+            }
+        }
+        self.attempt += 1;
+        self.proxied = true;
+        host.log(
+            Level::Info,
+            &format!(
+                "rollsafe: {} {}: attempt {} after {} carried by proxy_pass",
+                self.method(),
+                self.path(),
+                self.attempt,
+                outcome.reason()
+            ),
+        );
     }
 }
 

@@ -105,6 +105,12 @@ pub struct Exchange {
     route_started: bool,
     /// The route's request has its whole body (native attempt 1).
     route_complete: bool,
+    /// Kong's host: the last attempt is carried by `proxy_pass` (see `hand_to_proxy_pass`);
+    /// its answer is final.
+    proxied: bool,
+    /// Kong's host, inside the callback of a failed call: nothing may take a buffer (see
+    /// `on_call_response`), so a local answer goes out without a body.
+    buffers_unsafe: bool,
     /// Native: the route's final answer, buffered to complete the key's record.
     storing: Option<native::Storing>,
 }
@@ -165,6 +171,8 @@ impl Exchange {
             answered: false,
             route_started: false,
             route_complete: false,
+            proxied: false,
+            buffers_unsafe: false,
             storing: None,
         };
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
@@ -522,8 +530,6 @@ impl Exchange {
                 body: Some(&a.body),
             }),
         );
-        let attempts = self.attempt.to_string();
-        let count_header = policy.attempt_count_header.as_deref();
         let reply = match last {
             Some(a) => {
                 let mut headers: Vec<(String, String)> = a
@@ -531,8 +537,8 @@ impl Exchange {
                     .into_iter()
                     .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k))
                     .collect();
-                if let Some(h) = count_header {
-                    headers.push((h.to_string(), attempts));
+                if let Some(h) = &policy.attempt_count_header {
+                    headers.push((h.clone(), self.attempt.to_string()));
                 }
                 Reply {
                     status: u32::from(a.status),
@@ -540,29 +546,29 @@ impl Exchange {
                     body: a.body,
                 }
             }
-            None => {
-                let (status, kind, title) = match self.last_outcome {
-                    Some(Outcome::Timeout) | None => {
-                        (504, "upstream-timeout", "Upstream timed out")
-                    }
-                    Some(_) => (502, "upstream-unreachable", "Upstream unreachable"),
-                };
-                let detail = format!(
-                    "No answer from the upstream after {} attempt(s); last failure: {}.",
-                    self.attempt,
-                    self.last_outcome.map_or("none", |o| o.reason())
-                );
-                let mut ext = serde_json::Map::new();
-                ext.insert("attempts".into(), self.attempt.into());
-                let mut reply =
-                    Reply::problem_with(status, kind, title, detail, self.path(), None, ext);
-                if let Some(h) = count_header {
-                    reply.headers.push((h.to_string(), attempts));
-                }
-                reply
-            }
+            None => self.no_answer_problem(policy),
         };
         self.send_reply(host, &reply);
+    }
+
+    /// 504 (timeouts, deadline) or 502 (connection failures) when no upstream ever answered.
+    fn no_answer_problem(&self, policy: &Policy) -> Reply {
+        let (status, kind, title) = match self.last_outcome {
+            Some(Outcome::Timeout) | None => (504, "upstream-timeout", "Upstream timed out"),
+            Some(_) => (502, "upstream-unreachable", "Upstream unreachable"),
+        };
+        let detail = format!(
+            "No answer from the upstream after {} attempt(s); last failure: {}.",
+            self.attempt,
+            self.last_outcome.map_or("none", |o| o.reason())
+        );
+        let mut ext = serde_json::Map::new();
+        ext.insert("attempts".into(), self.attempt.into());
+        let mut reply = Reply::problem_with(status, kind, title, detail, self.path(), None, ext);
+        if let Some(h) = &policy.attempt_count_header {
+            reply.headers.push((h.clone(), self.attempt.to_string()));
+        }
+        reply
     }
 
     /// Answers locally (the client gets this; no upstream is contacted by it).
@@ -582,6 +588,25 @@ impl Exchange {
             // Envoy's router sent the route's upstream the headers of a request whose body
             // rollsafe never released: that stream is reset now.
             host.count(Metric::RouteRequestAborted);
+        }
+        if self.buffers_unsafe && !reply.body.is_empty() {
+            // The body would share a buffer the failed call frees after this callback: the
+            // problem travels in a header instead (a stored answer is replayed whole later).
+            let mut headers = reply.header_refs();
+            let problem = String::from_utf8_lossy(&reply.body).into_owned();
+            let is_problem = headers
+                .iter()
+                .any(|(k, v)| *k == "content-type" && *v == crate::problem::CONTENT_TYPE);
+            headers.push(if is_problem {
+                ("x-rollsafe-problem", problem.as_str())
+            } else {
+                (
+                    "x-rollsafe-body",
+                    "omitted: Kong's host cannot send it from here",
+                )
+            });
+            host.send_response(status, &headers, &[]);
+            return;
         }
         host.send_response(status, &reply.header_refs(), &reply.body);
     }

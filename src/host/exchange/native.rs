@@ -40,6 +40,9 @@ impl Exchange {
         if self.answered {
             return Step::Continue;
         }
+        if self.proxied {
+            return self.proxied_answered(policy, host, end_of_stream);
+        }
         if !self.body_done {
             // The route answered before the request body was whole (Envoy's router gave up on
             // the route, say every pod refused), and no more of the body will come: nothing can
@@ -58,6 +61,22 @@ impl Exchange {
             return Step::Continue;
         }
         self.route_answered(policy, host, end_of_stream)
+    }
+
+    /// The answer of an attempt Kong's `proxy_pass` carried: final (Kong's host cannot act on
+    /// a response but to let it through), stored under the key on its way to the client.
+    fn proxied_answered(&mut self, policy: &Policy, host: &impl Host, end_of_stream: bool) -> Step {
+        let status = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        self.last_outcome = Some(Outcome::Status(status));
+        self.note_outcome(host, Outcome::Status(status));
+        if let Some(h) = &policy.attempt_count_header {
+            host.set_response_header(h, &self.attempt.to_string());
+        }
+        self.keep_route_answer(host, status, end_of_stream);
+        Step::Continue
     }
 
     /// Attempt 1's answer: retry (its response held meanwhile) or let it through.

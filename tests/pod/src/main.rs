@@ -190,24 +190,27 @@ fn main() {
 }
 
 /// `--balance ADDR --backends A,B`: a Kubernetes Service in front of pods, as kube-proxy makes
-/// it — L4, one backend per connection, round robin. A backend that refuses the connection makes
-/// the client's connection reset (kube-proxy's DNAT lets the refusal through).
+/// it — L4, one backend per connection, round robin over the endpoints that accept (a Service
+/// drops a pod that stopped being ready or died from its endpoints). When none accepts, the
+/// client's connection is reset.
 fn service(addr: &str, backends: &[String]) {
     let listener = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
     println!("service on {addr} -> {}", backends.join(","));
     let _ = io::stdout().flush();
     let next = AtomicUsize::new(0);
     for client in listener.incoming().flatten() {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        let Some(backend) = backends.get(i % backends.len().max(1)).cloned() else {
-            continue;
-        };
-        thread::spawn(move || match TcpStream::connect(&backend) {
-            Ok(upstream) => splice(client, upstream),
-            Err(_) => {
-                let _ = socket_linger_zero(&client);
-            }
-        });
+        let start = next.fetch_add(1, Ordering::SeqCst);
+        let order: Vec<String> = (0..backends.len())
+            .filter_map(|k| backends.get((start + k) % backends.len()).cloned())
+            .collect();
+        thread::spawn(
+            move || match order.iter().find_map(|b| TcpStream::connect(b).ok()) {
+                Some(upstream) => splice(client, upstream),
+                None => {
+                    let _ = socket_linger_zero(&client);
+                }
+            },
+        );
     }
 }
 

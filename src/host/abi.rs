@@ -1,0 +1,108 @@
+//! Hostcalls rollsafe makes without the SDK's wrappers, because those wrappers panic on any
+//! status they do not expect, and a panic is a trap: on Kong's host a trap in one request with
+//! another request's dispatch in flight took the nginx worker down (segfault), ending every
+//! request it held. Seen: `set_property` on a host that does not know the property (bare
+//! ngx_wasm_module has no `kong.*`); possible: a shared-data write refused by a full shm zone,
+//! a metric an older host cannot define. Each must be an error, not a crash. This is the only
+//! `unsafe` in the crate: the imports the SDK declares, called as it calls them.
+#![allow(unsafe_code)]
+
+use proxy_wasm::types::{MetricType, Status};
+
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> Status;
+    fn proxy_define_metric(
+        metric_type: MetricType,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> Status;
+}
+
+/// The property path as the ABI takes it: segments joined by NUL.
+fn serialize(path: &[&str]) -> Vec<u8> {
+    path.join("\0").into_bytes()
+}
+
+/// Sets a host property; the host's status comes back as an error instead of a trap.
+pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
+    let path = serialize(path);
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: both pointers are valid for their lengths for the duration of the call; the
+        // host only reads them.
+        match unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) }
+        {
+            Status::Ok => Ok(()),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (path, value);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Writes shared data when the stored CAS still equals `cas` (0: Envoy, no check; Kong, absent).
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: as in `set_property`.
+        match unsafe {
+            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+        } {
+            Status::Ok => Ok(()),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (key, value, cas);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Defines a metric; a host that cannot (older Kong pins) says so instead of trapping.
+pub fn define_metric(metric_type: MetricType, name: &str) -> Result<u32, Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut id: u32 = 0;
+        // SAFETY: `name` is valid for its length; `id` is a valid place for the host to write.
+        match unsafe { proxy_define_metric(metric_type, name.as_ptr(), name.len(), &mut id) } {
+            Status::Ok => Ok(id),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (metric_type, name);
+        Err(Status::InternalFailure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paths_are_nul_separated_like_the_sdks() {
+        assert_eq!(
+            super::serialize(&["kong", "service", "target"]),
+            b"kong\0service\0target"
+        );
+        assert_eq!(super::serialize(&[]), b"");
+    }
+}
