@@ -41,6 +41,9 @@ struct Act {
     /// Close the connection after reading the request, without answering.
     #[serde(default)]
     close: bool,
+    /// Reset the connection (RST) after reading the request, without answering.
+    #[serde(default)]
+    reset: bool,
     /// Commit the write to the ledger even though the answer is scripted.
     #[serde(default)]
     commit: bool,
@@ -499,6 +502,11 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
     if let Some(act) = &act {
         if act.delay_ms > 0 {
             thread::sleep(Duration::from_millis(act.delay_ms));
+        }
+        if act.reset {
+            // No FIN first: the connection is dropped with linger 0, so the peer gets a RST.
+            let _ = socket_linger_zero(out);
+            return Err(io::Error::other("reset by script"));
         }
         if act.close {
             let _ = out.shutdown(Shutdown::Both);

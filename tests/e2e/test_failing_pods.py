@@ -1,0 +1,82 @@
+"""What a terminating pod does to a connection, and the answer the client gets.
+
+A keyed POST, a keyed PATCH and a GET, each against a pod that closes the connection without
+answering, resets it, refuses it (the pod is gone) or stalls past the per-try timeout: every
+one ends in an answer to the client within the deadline — a retried success where a retry is
+safe, the documented problem otherwise — with no log flood and no worker or proxy exit. On
+Kong's host a dispatch with a body after a failed call used to spin the worker
+(`send() returned zero`, gigabytes of log) and a final answer from there lost the client.
+"""
+
+import time
+import uuid
+
+import pytest
+
+DEADLINE_MS = 4000
+CONFIG = {
+    "retry": {"target": "group-a", "attempts": 2, "per_try_timeout_ms": 1000,
+              "deadline_ms": DEADLINE_MS, "backoff": {"base_ms": 10, "max_ms": 20}},
+    "idempotency": {"lease_ms": DEADLINE_MS},
+}
+FAILURES = {
+    "close": {"close": True},
+    "reset": {"reset": True},
+    "stall": {"delay_ms": 2500, "status": 201},
+    "refuse": None,  # the pod is gone: its port refuses connections
+}
+
+
+def send(gw, method):
+    headers = {"content-type": "application/json"}
+    body = None
+    if method != "GET":
+        headers["idempotency-key"] = f'"{uuid.uuid4()}"'
+        body = '{"sku": 1}'
+    t0 = time.monotonic()
+    r = gw.request(method, "/orders/1", body, headers, timeout=DEADLINE_MS / 1000 + 3)
+    return r, (time.monotonic() - t0) * 1000
+
+
+@pytest.mark.parametrize("attempts", [2, 1])
+@pytest.mark.parametrize("method", ["POST", "PATCH", "GET"])
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_failing_pod_ends_in_an_answer_within_the_deadline(harness, failure, method, attempts):
+    live = harness.pod("a1", "a")
+    dying = harness.pod("a2", "a")
+    # close/reset/stall: one pod, which fails the first attempt and answers the next one.
+    # refuse: two pods behind the Service, one of them gone.
+    pods = [dying, live] if failure == "refuse" else [dying]
+    cfg = {**CONFIG, "retry": {**CONFIG["retry"], "attempts": attempts}}
+    gw = harness.envoy(cfg, {"group-a": pods})
+    if failure == "refuse":
+        dying.kill()
+    else:
+        dying.script(FAILURES[failure])
+    r, elapsed = send(gw, method)
+    assert elapsed < DEADLINE_MS + 1000, elapsed
+    ok = 201 if method == "POST" else 200
+    if attempts > 1 or failure == "refuse":
+        # Retried (a keyed write is safe to repeat; a refused connection never reached the
+        # app, and the router or the Service picks the live pod).
+        assert r.status == ok, r
+    elif gw.kind == "kong":
+        # No upstream answer: rollsafe's problem (from a failed call, in a header).
+        assert r.status == (504 if failure == "stall" else 502), r
+        assert r.problem()["type"].startswith("urn:problem-type:rollsafe:upstream-"), r
+    else:
+        # Attempt 1 is the route's own: Envoy's router answers the failure itself.
+        assert r.status == (504 if failure == "stall" else 503), r
+        assert r.headers["server"] == "envoy"
+    written = [w for p in (live, dying) for w in p.ledger()]
+    assert len(written) == (1 if r.status == ok and method != "GET" else 0), written
+    time.sleep(0.3)
+    log = gw.log()
+    assert len(log) < 2_000_000, f"log flood: {len(log)} bytes"
+    assert "send() returned zero" not in log
+    assert "exited on signal" not in log and "panicked" not in log
+    assert gw.proc.poll() is None
+    # The gateway still serves: the next request is answered normally.
+    if failure != "refuse":
+        r2, _ = send(gw, method)
+        assert r2.status == ok, r2
