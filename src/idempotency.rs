@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 const PROBE: usize = 8;
 /// Claim attempts when another worker changes a slot between read and write.
 const CAS_TRIES: usize = 4;
-const MAGIC: &[u8; 4] = b"RSI2";
+const MAGIC: &[u8; 4] = b"RSI3";
+const RESPONSE_MAGIC: &[u8; 4] = b"RSR1";
 
 /// `idempotency` config section.
 #[derive(Debug, Clone, Deserialize)]
@@ -103,7 +104,7 @@ fn default_max_response() -> u64 {
     64 * 1024
 }
 fn default_max_entries() -> u32 {
-    4096
+    16_384
 }
 fn default_store_statuses() -> Vec<String> {
     vec!["2xx".into(), "4xx".into()]
@@ -248,9 +249,14 @@ impl Policy {
             && (self.store_exact.contains(&status) || self.store_classes.contains(&(status / 100)))
     }
 
-    /// Shared-data key of slot `i` (Kong: zone `rollsafe`).
+    /// Shared-data key of slot `i`'s index record (Kong: zone `rollsafe`).
     pub fn slot_key(i: u32) -> String {
         format!("rollsafe/idem/{i}")
+    }
+
+    /// Shared-data key of slot `i`'s stored response.
+    pub fn response_key(i: u32) -> String {
+        format!("rollsafe/idem/{i}/r")
     }
 }
 
@@ -373,13 +379,15 @@ pub struct Stored {
     pub body_omitted: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     InFlight,
-    Done(Stored),
+    /// Completed: the response is kept apart, under [`Policy::response_key`] of the slot,
+    /// tagged with the claim's owner.
+    Done,
 }
 
-/// One slot's record.
+/// One slot's index record: small, so a claim that reads a probe window stays cheap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: String,
@@ -410,14 +418,43 @@ pub enum SetError {
 /// The outcome of claiming a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This request owns the key; run it. `slot` and the owner token identify the claim.
-    Claimed { slot: u32 },
+    /// This request owns the key; run it. `evicted`: the slot held the oldest completed record
+    /// of the probe window, which made room.
+    Claimed { slot: u32, evicted: bool },
     /// Another request with this key is running; `same` says whether it has this fingerprint.
     InFlight { same: bool, retry_after_ms: u64 },
     /// A completed result exists.
     Done { same: bool, stored: Stored },
-    /// No free slot (or the host refused the write).
+    /// Every slot this key may use holds a request in flight (or the host refused the write).
     Full,
+}
+
+/// What an idempotency store does; the node-local [`SlotStore`] is one implementation.
+pub trait Store {
+    /// Claims `key`, or reports what holds it.
+    fn claim(&self, key: &str, facts: &Facts, owner: u64, now: u64, lease_ms: u64) -> Claim;
+    /// Completes, releases or extends `owner`'s claim; whether the write happened.
+    fn settle(&self, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool;
+}
+
+/// The node-local store: a fixed table of slots in the host's shared data, created at
+/// configure time and claimed by compare-and-swap (exclusive on both hosts). A key may use the
+/// slots of its probe window; when all of them hold completed records, the oldest completion
+/// is evicted — a request in flight never is, so a new key is refused only while its whole
+/// window is in flight. Memory: `slots` index records (key, facts, times; ~0.4 KiB) plus at
+/// most one stored response per slot.
+pub struct SlotStore<'a, S: Shared> {
+    pub shared: &'a S,
+    pub slots: u32,
+}
+
+impl<S: Shared> Store for SlotStore<'_, S> {
+    fn claim(&self, key: &str, facts: &Facts, owner: u64, now: u64, lease_ms: u64) -> Claim {
+        claim(self.shared, self.slots, key, facts, owner, now, lease_ms)
+    }
+    fn settle(&self, slot: u32, key: &str, owner: u64, s: &Settle) -> bool {
+        settle(self.shared, slot, key, owner, s)
+    }
 }
 
 fn probe_start(key: &str, slots: u32) -> u32 {
@@ -437,7 +474,7 @@ pub fn create_slots(store: &impl Shared, slots: u32) {
     }
 }
 
-/// Claims `key` with `fp`, or reports what holds it.
+/// Claims `key` with `facts`, or reports what holds it (see [`SlotStore`]).
 pub fn claim(
     store: &impl Shared,
     slots: u32,
@@ -450,6 +487,8 @@ pub fn claim(
     let start = probe_start(key, slots);
     for _ in 0..CAS_TRIES {
         let mut free: Option<(u32, u32)> = None;
+        // The completed record that expires first: the oldest completion (one TTL for all).
+        let mut oldest: Option<(u32, u32, u64)> = None;
         let mut found = None;
         for i in 0..PROBE.min(slots as usize) as u32 {
             let slot = (start + i) % slots;
@@ -458,10 +497,15 @@ pub fn claim(
             };
             match decode(&value) {
                 Some(rec) if rec.key == key && rec.expires_ms > now => {
-                    found = Some(rec);
+                    found = Some((slot, rec));
                     break;
                 }
-                Some(rec) if rec.expires_ms > now => {}
+                Some(rec) if rec.expires_ms > now => {
+                    if rec.state == State::Done && oldest.is_none_or(|(_, _, e)| rec.expires_ms < e)
+                    {
+                        oldest = Some((slot, cas, rec.expires_ms));
+                    }
+                }
                 // Empty, expired, or unreadable (not ours): free.
                 _ => {
                     if free.is_none() {
@@ -470,18 +514,27 @@ pub fn claim(
                 }
             }
         }
-        if let Some(rec) = found {
+        if let Some((slot, rec)) = found {
             let same = rec.facts.same_as(facts);
             return match rec.state {
                 State::InFlight => Claim::InFlight {
                     same,
                     retry_after_ms: rec.expires_ms.saturating_sub(now),
                 },
-                State::Done(stored) => Claim::Done { same, stored },
+                State::Done => match read_response(store, slot, rec.owner) {
+                    Some(stored) => Claim::Done { same, stored },
+                    // Being replaced under us (evicted and reclaimed): try again shortly.
+                    None => Claim::InFlight {
+                        same,
+                        retry_after_ms: 1000,
+                    },
+                },
             };
         }
-        let Some((slot, cas)) = free else {
-            return Claim::Full;
+        let (slot, cas, evicted) = match (free, oldest) {
+            (Some((slot, cas)), _) => (slot, cas, false),
+            (None, Some((slot, cas, _))) => (slot, cas, true),
+            (None, None) => return Claim::Full,
         };
         let rec = Record {
             key: key.to_string(),
@@ -491,7 +544,7 @@ pub fn claim(
             state: State::InFlight,
         };
         match store.set(&Policy::slot_key(slot), &encode(&rec), cas) {
-            Ok(()) => return Claim::Claimed { slot },
+            Ok(()) => return Claim::Claimed { slot, evicted },
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => return Claim::Full,
         }
@@ -503,8 +556,8 @@ pub fn claim(
 /// How a claim ends or goes on.
 #[derive(Debug, Clone)]
 pub enum Settle {
-    /// Completed: replayed until `expires_ms`. `body_len` is the length actually received
-    /// (known now even for a chunked body).
+    /// Completed: replayed until `expires_ms` (unless evicted). `body_len` is the length
+    /// actually received (known now even for a chunked body).
     Complete {
         stored: Stored,
         expires_ms: u64,
@@ -518,9 +571,10 @@ pub enum Settle {
 
 /// Applies `settle` to this request's in-flight record in `slot`. Only a record still held by
 /// `owner` under `key` is touched (compare-and-swap), so a stale owner changes nothing; returns
-/// whether the write happened.
+/// whether the write happened. A completion writes the response first, then flips the index.
 pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool {
     let slot_key = Policy::slot_key(slot);
+    let mut response_written = false;
     for _ in 0..CAS_TRIES {
         let Some((value, cas)) = store.get(&slot_key) else {
             return false;
@@ -537,7 +591,16 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
                 expires_ms,
                 body_len,
             } => {
-                rec.state = State::Done(stored.clone());
+                if !response_written {
+                    if write_response(store, slot, owner, stored).is_err() {
+                        // Too large for what is left of the zone: free the slot rather than
+                        // leave it claimed until the lease runs out.
+                        let _ = store.set(&slot_key, &[], cas);
+                        return false;
+                    }
+                    response_written = true;
+                }
+                rec.state = State::Done;
                 rec.expires_ms = *expires_ms;
                 if body_len.is_some() {
                     rec.facts.body_len = *body_len;
@@ -554,8 +617,6 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
             Ok(()) => return true,
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => {
-                // Too large for what is left of the zone: free the slot rather than leave it
-                // claimed until the lease runs out.
                 if matches!(settle, Settle::Complete { .. }) {
                     let _ = store.set(&slot_key, &[], cas);
                 }
@@ -566,34 +627,66 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
     false
 }
 
+/// Writes the slot's response, whatever was there (the index CAS is what guards the slot).
+fn write_response(
+    store: &impl Shared,
+    slot: u32,
+    owner: u64,
+    stored: &Stored,
+) -> Result<(), SetError> {
+    let key = Policy::response_key(slot);
+    let value = encode_response(owner, stored);
+    for _ in 0..CAS_TRIES {
+        let cas = store.get(&key).map_or(0, |(_, cas)| cas);
+        match store.set(&key, &value, cas) {
+            Err(SetError::CasMismatch) => continue,
+            other => return other,
+        }
+    }
+    Err(SetError::CasMismatch)
+}
+
+/// The slot's response, when it belongs to `owner`'s completion.
+fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
+    let (value, _) = store.get(&Policy::response_key(slot))?;
+    let (tag, stored) = decode_response(&value)?;
+    (tag == owner).then_some(stored)
+}
+
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
     out.extend_from_slice(s);
 }
 
-/// The record as bytes: `RSI2`, then fixed fields and length-prefixed strings.
+/// The index record as bytes: `RSI3`, then fixed fields and the key.
 pub fn encode(rec: &Record) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + rec.key.len());
+    let mut out = Vec::with_capacity(96 + rec.key.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&rec.expires_ms.to_be_bytes());
     out.extend_from_slice(&rec.owner.to_be_bytes());
     out.extend_from_slice(&rec.facts.fingerprint);
     out.extend_from_slice(&rec.facts.body_len.map_or(u64::MAX, |n| n).to_be_bytes());
+    out.push(match rec.state {
+        State::InFlight => 0,
+        State::Done => 1,
+    });
     put_str(&mut out, rec.key.as_bytes());
-    match &rec.state {
-        State::InFlight => out.push(0),
-        State::Done(s) => {
-            out.push(1);
-            out.extend_from_slice(&s.status.to_be_bytes());
-            out.push(u8::from(s.body_omitted));
-            out.extend_from_slice(&(s.headers.len() as u32).to_be_bytes());
-            for (k, v) in &s.headers {
-                put_str(&mut out, k.as_bytes());
-                put_str(&mut out, v.as_bytes());
-            }
-            put_str(&mut out, &s.body);
-        }
+    out
+}
+
+/// A stored response as bytes: `RSR1`, the owner tag, status, flags, headers, body.
+pub fn encode_response(owner: u64, s: &Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + s.body.len());
+    out.extend_from_slice(RESPONSE_MAGIC);
+    out.extend_from_slice(&owner.to_be_bytes());
+    out.extend_from_slice(&s.status.to_be_bytes());
+    out.push(u8::from(s.body_omitted));
+    out.extend_from_slice(&(s.headers.len() as u32).to_be_bytes());
+    for (k, v) in &s.headers {
+        put_str(&mut out, k.as_bytes());
+        put_str(&mut out, v.as_bytes());
     }
+    put_str(&mut out, &s.body);
     out
 }
 
@@ -626,7 +719,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes a record; `None` for an empty slot or anything that is not a whole record.
+/// Decodes an index record; `None` for an empty slot or anything that is not a whole record.
 pub fn decode(value: &[u8]) -> Option<Record> {
     let mut r = Reader(value);
     if r.take(4)? != MAGIC {
@@ -636,27 +729,15 @@ pub fn decode(value: &[u8]) -> Option<Record> {
     let owner = r.u64()?;
     let fingerprint: [u8; 32] = r.take(32)?.try_into().ok()?;
     let body_len = Some(r.u64()?).filter(|n| *n != u64::MAX);
-    let key = r.string()?;
     let state = match r.u8()? {
         0 => State::InFlight,
-        1 => {
-            let status = r.u16()?;
-            let body_omitted = r.u8()? != 0;
-            let n = r.u32()? as usize;
-            let mut headers = Vec::with_capacity(n.min(64));
-            for _ in 0..n {
-                headers.push((r.string()?, r.string()?));
-            }
-            let body = r.bytes()?.to_vec();
-            State::Done(Stored {
-                status,
-                headers,
-                body,
-                body_omitted,
-            })
-        }
+        1 => State::Done,
         _ => return None,
     };
+    let key = r.string()?;
+    if !r.0.is_empty() {
+        return None;
+    }
     Some(Record {
         key,
         facts: Facts {
@@ -667,6 +748,35 @@ pub fn decode(value: &[u8]) -> Option<Record> {
         expires_ms,
         state,
     })
+}
+
+/// Decodes a stored response and its owner tag.
+pub fn decode_response(value: &[u8]) -> Option<(u64, Stored)> {
+    let mut r = Reader(value);
+    if r.take(4)? != RESPONSE_MAGIC {
+        return None;
+    }
+    let owner = r.u64()?;
+    let status = r.u16()?;
+    let body_omitted = r.u8()? != 0;
+    let n = r.u32()? as usize;
+    let mut headers = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        headers.push((r.string()?, r.string()?));
+    }
+    let body = r.bytes()?.to_vec();
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some((
+        owner,
+        Stored {
+            status,
+            headers,
+            body,
+            body_omitted,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -763,7 +873,7 @@ mod tests {
         for kong in [true, false] {
             let s = FakeShared::new(kong);
             create_slots(&s, 64);
-            let Claim::Claimed { slot } = claim(&s, 64, "k1", &FP, OWNER, 1_000, 30_000) else {
+            let Claim::Claimed { slot, .. } = claim(&s, 64, "k1", &FP, OWNER, 1_000, 30_000) else {
                 panic!()
             };
             assert_eq!(
@@ -810,7 +920,7 @@ mod tests {
     fn released_claims_and_expired_leases_let_the_next_try_run() {
         let s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
+        let Claim::Claimed { slot, .. } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
             panic!()
         };
         assert!(settle(&s, slot, "k", OWNER, &Settle::Release));
@@ -860,28 +970,111 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_reports_full_and_never_evicts_live_records() {
+    fn a_window_of_requests_in_flight_is_full_and_completed_records_are_evicted_oldest_first() {
         let s = FakeShared::new(true);
         create_slots(&s, 16);
-        let mut claimed = 0;
+        // Requests in flight are never evicted: once every slot holds one, new keys are full.
+        let mut held = Vec::new();
         for i in 0..200 {
-            if matches!(
-                claim(&s, 16, &format!("k{i}"), &FP, OWNER, 0, 60_000),
-                Claim::Claimed { .. }
-            ) {
-                claimed += 1;
+            if let Claim::Claimed { slot, evicted } =
+                claim(&s, 16, &format!("k{i}"), &FP, OWNER, 0, 60_000)
+            {
+                assert!(!evicted);
+                held.push((slot, format!("k{i}")));
             }
         }
-        assert!(claimed <= 16);
+        assert_eq!(held.len(), 16);
         assert_eq!(claim(&s, 16, "late", &FP, OWNER, 0, 60_000), Claim::Full);
-        assert_eq!(s.map.borrow().len(), 16, "memory is bounded by the slots");
+        // Completed ones make room, the oldest completion first.
+        for (n, (slot, key)) in held.iter().enumerate() {
+            let expires = 100_000 + n as u64;
+            assert!(settle(
+                &s,
+                *slot,
+                key,
+                OWNER,
+                &done(stored(201, key), expires)
+            ));
+        }
+        let Claim::Claimed { evicted: true, .. } = claim(&s, 16, "late", &FP, OWNER, 1, 60_000)
+        else {
+            panic!("a completed record makes room")
+        };
+        let oldest = &held[0].1;
+        assert!(
+            matches!(
+                claim(&s, 16, oldest, &FP, OWNER, 2, 60_000),
+                Claim::Claimed { .. }
+            ),
+            "the oldest completion was the one evicted"
+        );
+        assert!(matches!(
+            claim(&s, 16, &held[15].1, &FP, OWNER, 2, 60_000),
+            Claim::Done { .. }
+        ));
+        assert!(
+            s.map.borrow().len() <= 32,
+            "an index and a response per slot at most"
+        );
+    }
+
+    #[test]
+    fn a_million_keys_through_ten_thousand_slots_are_never_refused_and_memory_stays_flat() {
+        let s = FakeShared::new(false);
+        let slots = 10_000;
+        create_slots(&s, slots);
+        let n: u64 = if cfg!(debug_assertions) {
+            200_000
+        } else {
+            1_000_000
+        };
+        let (mut evicted, mut sizes) = (0u64, Vec::new());
+        for i in 0..n {
+            let key = format!("key-{i}");
+            let Claim::Claimed { slot, evicted: e } = claim(&s, slots, &key, &FP, i, i, 30_000)
+            else {
+                panic!("key {i} refused")
+            };
+            evicted += u64::from(e);
+            let body = format!("{{\"id\":{i}}}");
+            assert!(settle(
+                &s,
+                slot,
+                &key,
+                i,
+                &done(stored(201, &body), i + 86_400_000)
+            ));
+            if i % (n / 10) == n / 10 - 1 {
+                sizes.push(s.map.borrow().values().map(|(v, _)| v.len()).sum::<usize>());
+            }
+        }
+        assert!(
+            evicted >= n - u64::from(slots),
+            "evictions counted: {evicted}"
+        );
+        // Memory after warm-up: flat (two keys a slot at most; bytes grow only with the digits
+        // of the keys and bodies this test makes).
+        let (first, last) = (sizes[1], *sizes.last().unwrap());
+        assert!(last <= first + first / 20, "grew from {first} to {last}");
+        assert!(s.map.borrow().len() <= 2 * slots as usize);
+        // The most recent keys still replay.
+        for i in n - 100..n {
+            let Claim::Done {
+                same: true,
+                stored: got,
+            } = claim(&s, slots, &format!("key-{i}"), &FP, 0, n, 30_000)
+            else {
+                panic!("key {i} no longer replays")
+            };
+            assert_eq!(got.body, format!("{{\"id\":{i}}}").into_bytes());
+        }
     }
 
     #[test]
     fn crc_colliding_or_foreign_slot_contents_are_told_apart_by_the_full_key() {
         let s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "a", &FP, OWNER, 0, 60_000) else {
+        let Claim::Claimed { slot, .. } = claim(&s, 16, "a", &FP, OWNER, 0, 60_000) else {
             panic!()
         };
         // Another key landing on the same slot never reads "a"'s record as its own.
@@ -897,7 +1090,7 @@ mod tests {
     fn refused_writes_degrade_to_full() {
         let mut s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, OWNER, 0, 60_000) else {
+        let Claim::Claimed { slot, .. } = claim(&s, 16, "k", &FP, OWNER, 0, 60_000) else {
             panic!()
         };
         s.capacity = 100;
@@ -921,7 +1114,7 @@ mod tests {
             facts: FP,
             owner: OWNER,
             expires_ms: 42,
-            state: State::Done(stored(201, "b")),
+            state: State::Done,
         };
         assert_eq!(decode(&encode(&rec)), Some(rec.clone()));
         let bytes = encode(&rec);
@@ -929,6 +1122,12 @@ mod tests {
             assert_eq!(decode(&bytes[..cut]), None);
         }
         assert_eq!(decode(b""), None);
+        let resp = encode_response(OWNER, &stored(201, "b"));
+        assert_eq!(decode_response(&resp), Some((OWNER, stored(201, "b"))));
+        for cut in 0..resp.len() {
+            assert_eq!(decode_response(&resp[..cut]), None);
+        }
+        assert_eq!(decode(&resp), None, "a response is not an index record");
     }
 
     #[test]
@@ -990,11 +1189,11 @@ mod tests {
     fn a_stale_owner_can_neither_complete_nor_release_a_newer_claim() {
         let s = FakeShared::new(true);
         create_slots(&s, 16);
-        let Claim::Claimed { slot } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
+        let Claim::Claimed { slot, .. } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
             panic!()
         };
         // The lease runs out while the first holder is still busy; a second try claims.
-        let Claim::Claimed { slot: again } = claim(&s, 16, "k", &FP, 2, 1_500, 1_000) else {
+        let Claim::Claimed { slot: again, .. } = claim(&s, 16, "k", &FP, 2, 1_500, 1_000) else {
             panic!()
         };
         assert_eq!(slot, again);

@@ -120,12 +120,17 @@ pub fn gate(
         now,
         ip.lease_ms,
     ) {
-        Claim::Claimed { slot } => Gate::Claimed(Key {
-            store_key,
-            owner,
-            slot: Some(slot),
-            lease_until: now + ip.lease_ms,
-        }),
+        Claim::Claimed { slot, evicted } => {
+            if evicted {
+                host.count(Metric::IdemEvicted);
+            }
+            Gate::Claimed(Key {
+                store_key,
+                owner,
+                slot: Some(slot),
+                lease_until: now + ip.lease_ms,
+            })
+        }
         Claim::InFlight {
             same: true,
             retry_after_ms,

@@ -57,13 +57,15 @@ pub enum Metric {
     IdemStored,
     IdemReleased,
     IdemStoreFull,
+    /// The oldest completed record of a key's probe window made room for a new key.
+    IdemEvicted,
     RoutingMissingKey,
     RoutingFailover,
     RoutingGroupDown,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 24] = [
+    pub const ALL: [Metric; 25] = [
         Metric::MaintenanceRejected,
         Metric::MaintenanceBypassed,
         Metric::Attempts,
@@ -85,6 +87,7 @@ impl Metric {
         Metric::IdemStored,
         Metric::IdemReleased,
         Metric::IdemStoreFull,
+        Metric::IdemEvicted,
         Metric::RoutingMissingKey,
         Metric::RoutingFailover,
         Metric::RoutingGroupDown,
@@ -113,6 +116,7 @@ impl Metric {
             Metric::IdemStored => "rollsafe_idempotency_stored",
             Metric::IdemReleased => "rollsafe_idempotency_released",
             Metric::IdemStoreFull => "rollsafe_idempotency_store_full",
+            Metric::IdemEvicted => "rollsafe_idempotency_evicted",
             Metric::RoutingMissingKey => "rollsafe_routing_missing_key",
             Metric::RoutingFailover => "rollsafe_routing_failover",
             Metric::RoutingGroupDown => "rollsafe_routing_group_down",

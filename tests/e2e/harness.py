@@ -90,14 +90,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
 
 
 def rss_kib(pid: int) -> int:
-    """Resident memory of a process and its children (Kong's host: master and workers)."""
+    """Private resident memory (RssAnon) of a process and its children (Kong's host: master and
+    workers): what grows when a process leaks. Kong's shm zones are shared pages, bounded by
+    their configured size, and counted apart (RssShmem)."""
     total = 0
     pids = [pid]
     while pids:
         p = pids.pop()
         try:
             status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1])
+            total += int(next(l for l in status.splitlines() if l.startswith("RssAnon")).split()[1])
             for task in Path(f"/proc/{p}/task").iterdir():
                 pids += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, StopIteration, ValueError):
@@ -167,6 +169,9 @@ class Pod:
     def health(self) -> dict:
         """The pod's own view: its name and how many requests it is working on."""
         return request(self.ip, self.port, "GET", "/__pod/health", timeout=2).json()
+
+    def clear_script(self) -> None:
+        assert request(self.ip, self.port, "DELETE", "/__pod/script").status == 200
 
     def script(self, *acts: dict) -> None:
         """Queue scripted answers, e.g. {"status": 503, "count": 2} or {"close": True}."""

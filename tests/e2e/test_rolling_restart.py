@@ -10,7 +10,7 @@ from tests.e2e import rolling
 # Idempotency, retries and routing together, as a team running writes through a gateway
 # in front of three pod groups would configure them.
 CHAOS_CONFIG = {
-    "idempotency": {"max_entries": 65536},
+    "idempotency": {},
     "retry": {
         "attempts": 4,
         "per_try_timeout_ms": 3000,
