@@ -424,7 +424,8 @@ fn a_routed_native_request_goes_to_its_group_and_its_retry_to_the_next_group() {
     let host = FakeHost::at(1_000);
     let cfg = r#"{"retry":{"exchange":"native","backoff":{"base_ms":1,"max_ms":1}},"idempotency":{},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
     let plan = configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap();
-    crate::idempotency::create_slots(&super::HostShared(&host), 4096);
+    let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
+    crate::idempotency::create_slots(&super::HostShared(&host), slots);
     let mut req = Request::new(Rc::new(plan));
     host.set_request(&[
         (":method", "POST"),
@@ -486,7 +487,8 @@ fn kong_after_a_failed_call_takes_no_buffer_a_body_retry_goes_to_proxy_pass() {
     let host = FakeHost::at(1_000);
     let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{}}"#;
     let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
-    crate::idempotency::create_slots(&super::HostShared(&host), 4096);
+    let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
+    crate::idempotency::create_slots(&super::HostShared(&host), slots);
     let mut req = Request::new(Rc::new(plan));
     host.set_request(&[
         (":method", "POST"),
