@@ -6,7 +6,7 @@
 //! would reach the application as an aborted request.
 
 use super::reply::Reply;
-use super::{header as find, Host, HostShared, Level, Metric};
+use super::{header as find, Host, HostKind, HostShared, Level, Metric};
 use crate::idempotency::{self, Claim, Facts, KeyError, Settle, Stored};
 
 /// The exchange's final answer as the record keeps it; `body` is `None` when it was too large
@@ -39,19 +39,25 @@ pub enum Gate {
 }
 
 /// The caller scope: route and hashed headers, as configured.
-fn scope_id(ip: &idempotency::Policy, host: &impl Host, headers: &[(String, String)]) -> String {
+fn scope_id(
+    ip: &idempotency::Policy,
+    kind: HostKind,
+    host: &impl Host,
+    headers: &[(String, String)],
+) -> String {
+    // Each host names the route its own way (an unnamed Envoy route: the filter's root id).
+    let paths: &[&[&str]] = match kind {
+        HostKind::Envoy => &[&["xds", "route_name"], &["plugin_root_id"]],
+        HostKind::Kong => &[&["kong", "route_id"]],
+    };
     let route = ip
         .scope
         .contains(&idempotency::ScopePart::Route)
         .then(|| {
-            [
-                &["xds", "route_name"][..],
-                &["kong", "route_id"][..],
-                &["plugin_root_id"][..],
-            ]
-            .iter()
-            .find_map(|path| host.property(path).filter(|v| !v.is_empty()))
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            paths
+                .iter()
+                .find_map(|path| host.property(path).filter(|v| !v.is_empty()))
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
         })
         .flatten();
     let parts: Vec<Option<&str>> = ip
@@ -68,6 +74,7 @@ fn scope_id(ip: &idempotency::Policy, host: &impl Host, headers: &[(String, Stri
 /// Checks the request's key against the store and claims it when it is new.
 pub fn gate(
     ip: &idempotency::Policy,
+    kind: HostKind,
     host: &impl Host,
     headers: &[(String, String)],
     declared_len: Option<u64>,
@@ -100,7 +107,7 @@ pub fn gate(
             ));
         }
     };
-    let scope = scope_id(ip, host, headers);
+    let scope = scope_id(ip, kind, host, headers);
     let digest = find(headers, "content-digest")
         .or_else(|| find(headers, "repr-digest"))
         .unwrap_or("");

@@ -5,6 +5,12 @@ upstream process competes for the 2 cores; the filter chain still runs both ways
   bare        no wasm filter
   noop        rollsafe with an empty config (the proxy-wasm floor: VM call per callback)
   configured  rollsafe with every capability configured but nothing triggered
+  maint_only  a maintenance window configured, outside it
+Keyed POSTs with a 1 KiB body, the route answering 1 KiB:
+  direct_1k   no wasm filter: Envoy's own direct_response (the reference for a replay)
+  noop_1k     rollsafe with an empty config
+  claim_1k    idempotency: every request a new key (claimed, sent, its answer stored)
+  replay_1k   idempotency: every request the same key (answered from the store, header time)
 
 Load: wrk on loopback. The measure is Envoy's CPU time per request (scheduler accounting for all
 its threads), not wall-clock latency, and the variants are interleaved round by round so machine
@@ -41,10 +47,30 @@ CONFIGURED = {
 }
 
 
-def wrk(port: int) -> int:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{SECONDS}s", f"http://127.0.0.1:{port}/bench"],
-        capture_output=True, text=True, check=True).stdout
+KIB = "x" * 1024
+# wrk scripts: a keyed POST with a 1 KiB body; the same key every time, or a new one.
+SAME_KEY = f"""wrk.method = "POST"
+wrk.body = "{KIB}"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Idempotency-Key"] = '"bench-replay"'
+"""
+NEW_KEY = SAME_KEY.replace("""wrk.headers["Idempotency-Key"] = '"bench-replay"'
+""", "") + """n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, {["Idempotency-Key"] = "k" .. tostring(os.time()) .. "-" .. n}, nil)
+end
+"""
+
+
+def wrk(port: int, script: str | None = None) -> int:
+    args = ["wrk", "-t1", "-c8", f"-d{SECONDS}s", f"http://127.0.0.1:{port}/bench"]
+    if script:
+        path = f"/tmp/rollsafe-bench-{abs(hash(script))}.lua"
+        with open(path, "w") as f:
+            f.write(script)
+        args[1:1] = ["-s", path]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     m = re.search(r"(\d+) requests in", out)
     if not m:
         raise RuntimeError(out)
@@ -60,24 +86,31 @@ def main() -> int:
         pod = harness.pod("bench1", "bench")
         clusters = {"bench": [pod]}
         opts = {"concurrency": 1, "direct_response": True}
+        opts_1k = {"concurrency": 1, "direct_response": KIB}
+        idem = {"idempotency": {"max_entries": 65536}}
         variants = {
             "bare": harness.envoy({}, clusters, wasm=None, **opts),
             "noop": harness.envoy({}, clusters, **opts),
             "configured": harness.envoy(CONFIGURED, clusters, **opts),
             "maint_only": harness.envoy({"maintenance": CONFIGURED["maintenance"]}, clusters, **opts),
+            "direct_1k": harness.envoy({}, clusters, wasm=None, **opts_1k),
+            "noop_1k": harness.envoy({}, clusters, **opts_1k),
+            "claim_1k": harness.envoy(idem, clusters, **opts_1k),
+            "replay_1k": harness.envoy(idem, clusters, **opts_1k),
         }
+        scripts = {"direct_1k": SAME_KEY, "noop_1k": SAME_KEY, "claim_1k": NEW_KEY,
+                   "replay_1k": SAME_KEY}
         # Extra variants for investigations: BENCH_VARIANTS='{"name": {config}, ...}'
         for name, cfg in json.loads(os.environ.get("BENCH_VARIANTS", "{}")).items():
             variants[name] = harness.envoy(cfg, clusters, **opts)
-        for envoy in variants.values():  # warm up: connections, VM, JIT
-            subprocess.run(["wrk", "-t1", "-c8", "-d1s", f"http://127.0.0.1:{envoy.port}/bench"],
-                           capture_output=True, check=True)
+        for name, envoy in variants.items():  # warm up: connections, VM, JIT, the stored key
+            wrk(envoy.port, scripts.get(name))
         us_per_req: dict[str, list[float]] = {k: [] for k in variants}
         rps: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(ROUNDS):
             for name, envoy in variants.items():
                 before = envoy.cpu_ns()
-                n = wrk(envoy.port)
+                n = wrk(envoy.port, scripts.get(name))
                 used = envoy.cpu_ns() - before
                 us_per_req[name].append(used / n / 1000)
                 rps[name].append(n / SECONDS)
@@ -91,6 +124,10 @@ def main() -> int:
         print(f"  noop - bare          = {med['noop'] - med['bare']:+.1f} µs  (the proxy-wasm floor)")
         print(f"  configured - noop    = {med['configured'] - med['noop']:+.1f} µs  (target: ≤ 3 µs)")
         print(f"  configured / bare    = {med['configured'] / med['bare']:.2f}x")
+        rps_med = {k: statistics.median(v) for k, v in rps.items()}
+        print(f"  claim_1k - noop_1k   = {med['claim_1k'] - med['noop_1k']:+.1f} µs  (a claim, the send, the answer stored)")
+        print(f"  replay_1k - direct_1k = {med['replay_1k'] - med['direct_1k']:+.1f} µs  (a replay vs Envoy's direct_response)")
+        print(f"  replay throughput    = {rps_med['replay_1k'] / rps_med['direct_1k']:.2f}x direct_response (target: ≥ 0.9x)")
         print(json.dumps({"median_us": med}))
     finally:
         harness.close()

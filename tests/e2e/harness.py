@@ -226,7 +226,7 @@ class Envoy:
     def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
                  default_cluster: str | None = None, routes: list[dict] | None = None,
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
-                 direct_response: bool = False):
+                 direct_response: bool | str = False):
         self.harness = harness
         self.filter_config = filter_config
         self.clusters = clusters
@@ -276,7 +276,8 @@ class Envoy:
             ] + routes
         if self.direct_response:
             routes = [{"match": {"prefix": "/"},
-                       "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]
+                       "direct_response": {"status": 200, "body": {"inline_string":
+                           self.direct_response if isinstance(self.direct_response, str) else "ok\n"}}}]
         clusters = [
             {
                 "name": name,

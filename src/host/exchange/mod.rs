@@ -183,7 +183,7 @@ impl Exchange {
             .as_ref()
             .filter(|ip| ip.applies_to(ex.method()))
         {
-            match key::gate(ip, host, &ex.headers, declared_len, now) {
+            match key::gate(ip, plan.host, host, &ex.headers, declared_len, now) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.key = Some(k),
                 Gate::Answer(reply) => {
