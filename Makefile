@@ -72,7 +72,7 @@ lint: .deps-stamp fmt clippy
 
 unit:
 	cargo test --workspace
-	cargo test --release --lib -q a_million_keys
+	cargo test --profile fasttest --lib -q a_million_keys
 
 e2e: $(VENV)/.stamp $(DIST) $(POD) $(CHECK)
 	$(PY) -m pytest -q tests
