@@ -7,10 +7,12 @@
 //!   retries). The response headers decide: a retryable failure pauses the response, waits its
 //!   backoff on the root context's tick and dispatches the next attempt; a final answer streams
 //!   to the client (buffered first when it completes an idempotency record).
-//! - **dispatch** (Kong's host; Envoy on request, [`dispatch`]): every attempt is a
-//!   `dispatch_http_call` from the request phase, each retry dispatched at once from the
-//!   previous answer (the context always has a call pending, or Kong resumes the request to
-//!   `proxy_pass`); the final answer goes out with `send_http_response`.
+//! - **dispatch** (Kong's host; on Envoy, requests without a body on request, [`dispatch`]):
+//!   every attempt is a `dispatch_http_call` from the request phase, each retry dispatched at
+//!   once from the previous answer (the context always has a call pending, or Kong resumes the
+//!   request to `proxy_pass`); the final answer goes out with `send_http_response`. After a
+//!   failed call Kong's host allows no buffer to be taken: a retry with a body is then carried
+//!   by Kong's own `proxy_pass`, and a final answer goes out without a body.
 //!
 //! The key is decided before either driver runs ([`super::key`]). Both hosts' failure signals
 //! become one [`Outcome`]; whether to retry is `retry::Policy`'s decision.
@@ -200,10 +202,8 @@ impl Exchange {
                 (Some(ex), Step::Pause)
             }
             // Pausing request headers would starve the filter of the body on both hosts.
-            Driver::Dispatch => {
-                ex.route_started = plan.host == HostKind::Envoy;
-                (Some(ex), Step::Continue)
-            }
+            // (Kong's host: proxy_pass is not contacted while the filter holds the body.)
+            Driver::Dispatch => (Some(ex), Step::Continue),
             Driver::Native => {
                 ex.begin_route_attempt(policy, host);
                 (Some(ex), Step::Continue)
