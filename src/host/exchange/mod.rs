@@ -335,8 +335,9 @@ impl Exchange {
         }
     }
 
-    /// The answer to a dispatched attempt, or the route's own attempt's response headers:
-    /// retry (after its backoff) or answer.
+    /// An attempt ended (a dispatched attempt's answer, or the route's own attempt's response
+    /// headers): note it, and ask the policy. Returns the wait and the next attempt's timeout
+    /// when retrying.
     fn after_attempt(
         &mut self,
         policy: &Policy,
@@ -346,17 +347,6 @@ impl Exchange {
     ) -> Option<(u64, u64)> {
         self.last_outcome = Some(outcome);
         self.note_outcome(host, outcome);
-        self.decide(policy, host, outcome, retry_after_ms)
-    }
-
-    /// Asks the policy; returns the wait and the next attempt's timeout when retrying.
-    fn decide(
-        &mut self,
-        policy: &Policy,
-        host: &impl Host,
-        outcome: Outcome,
-        retry_after_ms: Option<u64>,
-    ) -> Option<(u64, u64)> {
         if !policy.retries(outcome) {
             return None;
         }
