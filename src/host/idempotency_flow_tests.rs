@@ -339,3 +339,32 @@ fn on_kong_the_default_scope_separates_consumers() {
     let envoy = configure(&host, br#"{"idempotency":{}}"#, HostKind::Envoy).unwrap();
     assert_eq!(envoy.idempotency.unwrap().scope.len(), 2);
 }
+
+#[test]
+fn on_envoy_the_lease_is_renewed_while_the_routes_attempt_is_out() {
+    // The route's own attempt is bounded by the route's timeout, which rollsafe cannot see:
+    // while it is out, the lease is renewed on the root tick, so no second execution starts.
+    let (kind, cfg) = drivers(r#"{"lease_ms":20000}"#)[1].clone();
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, kind, &cfg);
+    host.rng.set(1);
+    let mut slow = keyed(&host, &plan, "/orders", "k", b"{}");
+    assert!(slow.upstream);
+    let wake = slow.req.take_wake().expect("a renewal is scheduled");
+    assert_eq!(wake, 1_000 + 10_000, "when half the lease is left");
+    host.now.set(wake);
+    slow.req.on_wake(&host);
+    let next = slow.req.take_wake().expect("and the next one");
+    assert!(next > wake);
+    // Past the first lease's end, the key is still held: a duplicate gets 409.
+    host.now.set(25_000);
+    host.rng.set(2);
+    assert!(!keyed(&host, &plan, "/orders", "k", b"{}").upstream);
+    assert_eq!(host.responses().last().unwrap().status, 409);
+    // Once the route answers, renewals stop and the answer completes the key.
+    upstream_answers(&host, &mut slow, "201", "made");
+    host.now.set(next);
+    slow.req.on_wake(&host);
+    assert_eq!(slow.req.take_wake(), None);
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+}

@@ -207,6 +207,11 @@ impl Key {
         self.slot.is_some()
     }
 
+    /// When the claim's lease ends, while this request holds the key.
+    pub fn lease_until(&self) -> Option<u64> {
+        self.slot.map(|_| self.lease_until)
+    }
+
     /// An attempt starts: the lease must last at least until `until` (the longest the exchange
     /// can still take). Written only when the claim's lease would end earlier — a body that
     /// took long to arrive.

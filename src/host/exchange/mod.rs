@@ -115,6 +115,9 @@ pub struct Exchange {
     buffers_unsafe: bool,
     /// Native: the route's final answer, buffered to complete the key's record.
     storing: Option<native::Storing>,
+    /// Native: when to renew the key's lease while the route's attempt is still out (its
+    /// bound is the route's timeout, which rollsafe cannot see).
+    renew_at: Option<u64>,
 }
 
 impl Exchange {
@@ -176,6 +179,7 @@ impl Exchange {
             proxied: false,
             buffers_unsafe: false,
             storing: None,
+            renew_at: None,
         };
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
@@ -418,8 +422,31 @@ impl Exchange {
         if self.answered || self.pending.is_some() {
             return;
         }
-        if self.retry_at.is_some_and(|at| host.now_ms() >= at) {
+        let now = host.now_ms();
+        if self.retry_at.is_some_and(|at| now >= at) {
             self.send_attempt(policy, host);
+        } else if self.renew_at.is_some_and(|at| now >= at) {
+            self.renew_lease(host);
+        }
+    }
+
+    /// The route's attempt (or the buffering of its answer) is still going: a key's lease must
+    /// not run out under it. Renewed when half of it is left, as long as the attempt lasts.
+    fn renew_lease(&mut self, host: &impl Host) {
+        self.renew_at = None;
+        let plan = Rc::clone(&self.plan);
+        let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
+            return;
+        };
+        let now = host.now_ms();
+        if k.lease_until()
+            .is_some_and(|until| until <= now + ip.lease_ms / 2)
+        {
+            k.cover(host, now + ip.lease_ms);
+        }
+        if let Some(until) = k.lease_until() {
+            self.renew_at = Some(until.saturating_sub(ip.lease_ms / 2).max(now + 1));
+            self.wake_at = self.renew_at;
         }
     }
 

@@ -27,6 +27,9 @@ impl Exchange {
         if self.body_done {
             self.route_complete = true;
             self.cover_lease(policy, host);
+            if self.key_enforced() {
+                self.renew_lease(host);
+            }
         }
     }
 
@@ -43,6 +46,8 @@ impl Exchange {
         if self.proxied {
             return self.proxied_answered(policy, host, end_of_stream);
         }
+        // The route answered; a retry, if any, is rollsafe's own (bounded by its timeouts).
+        self.renew_at = None;
         if !self.body_done {
             // The route answered before the request body was whole (Envoy's router gave up on
             // the route, say every pod refused), and no more of the body will come: nothing can
