@@ -16,6 +16,8 @@ Keyed POSTs with a 1 KiB body, answered with 1 KiB:
 Load: wrk on loopback. The measure is Envoy's CPU time per request (scheduler accounting for all
 its threads), not wall-clock latency, and the variants are interleaved round by round so machine
 noise hits them alike. Reported: medians over rounds and the differences between variants.
+Then the store: BENCH_STORE_KEYS (default 1,000,000) distinct keys through 10,000 slots —
+refusals, evictions, Envoy's private memory, and whether the most recent key still replays.
 """
 
 import json
@@ -78,6 +80,46 @@ def wrk(port: int, script: str | None = None) -> int:
     return int(m.group(1))
 
 
+STORE_KEYS = int(os.environ.get("BENCH_STORE_KEYS", "1000000"))
+# Bodiless keyed POSTs, a new key each: claimed, answered by direct_response, stored.
+NEW_KEY_NO_BODY = """wrk.method = "POST"
+n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, {["Idempotency-Key"] = "s" .. tostring(os.time()) .. "-" .. n}, nil)
+end
+"""
+
+
+def store_run(harness, clusters) -> None:
+    """BENCH_STORE_KEYS distinct keys through a store sized for 10,000: refusals, evictions,
+    Envoy's memory, and whether the most recent keys still replay."""
+    from tests.e2e.harness import request, rss_kib
+    envoy = harness.envoy({"idempotency": {"max_entries": 10_000}}, clusters, concurrency=1,
+                          direct_response="x" * 1024)
+    path = "/tmp/rollsafe-bench-store.lua"
+    with open(path, "w") as f:
+        f.write(NEW_KEY_NO_BODY)
+    sent = refused = 0
+    rss = []
+    t0 = time.monotonic()
+    while sent < STORE_KEYS:
+        out = subprocess.run(["wrk", "-t1", "-c8", "-d5s", "-s", path,
+                              f"http://127.0.0.1:{envoy.port}/bench"],
+                             capture_output=True, text=True, check=True).stdout
+        sent += int(re.search(r"(\d+) requests in", out).group(1))
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        refused += int(m.group(1)) if m else 0
+        rss.append(rss_kib(envoy.proc.pid))
+    stats = envoy.stats()
+    request("127.0.0.1", envoy.port, "POST", "/bench", headers={"idempotency-key": "recent"})
+    replay = request("127.0.0.1", envoy.port, "POST", "/bench", headers={"idempotency-key": "recent"})
+    print(f"\nStore: {sent:,} distinct keys through 10,000 slots in {time.monotonic() - t0:.0f} s: "
+          f"{refused} refused, {stats.get('wasmcustom.rollsafe_idempotency_evicted', 0):,} evicted, "
+          f"Envoy private memory {rss[min(1, len(rss) - 1)]:,} KiB after warm-up -> {rss[-1]:,} KiB, "
+          f"most recent key replayed: {replay.headers.get('idempotent-replayed') == 'true'}")
+
+
 def main() -> int:
     if not shutil.which("wrk"):
         print("wrk is missing (apt-get install wrk)", file=sys.stderr)
@@ -133,6 +175,8 @@ def main() -> int:
         print(f"  replay_1k - direct_1k = {med['replay_1k'] - med['direct_1k']:+.1f} µs  (a replay vs Envoy's direct_response)")
         print(f"  replay throughput    = {rps_med['replay_1k'] / rps_med['direct_1k']:.2f}x direct_response (target: ≥ 0.9x)")
         print(json.dumps({"median_us": med}))
+        if STORE_KEYS:
+            store_run(harness, clusters)
     finally:
         harness.close()
     return 0
