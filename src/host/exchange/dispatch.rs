@@ -90,14 +90,21 @@ impl Exchange {
     /// Kong's host cannot act on a response but to let it through (and store it).
     fn hand_to_proxy_pass(&mut self, host: &impl Host, outcome: Outcome) {
         self.reroute(host);
-        if let Some(target) = &self.target {
-            host.set_property(&["kong", "service", "target"], target.as_bytes());
-        }
         let plan = std::rc::Rc::clone(&self.plan);
-        if let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_ref()) {
-            if let Some(g) = rp.groups.get(r.group) {
-                host.set_request_header(&rp.group_header, &g.name);
+        let group = plan
+            .routing
+            .as_ref()
+            .zip(self.routed.as_ref())
+            .and_then(|(rp, r)| rp.groups.get(r.group).map(|g| (rp, g)));
+        match (group, &self.target) {
+            // The group's header and target, as for any request Kong proxies to a group.
+            (Some((rp, g)), _) => {
+                crate::host::flow::name_group(host, plan.host, &rp.group_header, &g.name, &g.target)
             }
+            (None, Some(target)) => {
+                host.set_property(&["kong", "service", "target"], target.as_bytes())
+            }
+            (None, None) => {}
         }
         self.attempt += 1;
         self.proxied = true;
