@@ -7,6 +7,7 @@ WASM       := target/$(TARGET)/release/rollsafe.wasm
 DIST       := dist/rollsafe.wasm
 POD        := target/release/rollsafe-pod
 CHECK      := target/release/examples/check_config
+PROBE      := target/$(TARGET)/release/rollsafe_probe.wasm
 VENV       := .venv
 PY         := $(VENV)/bin/python
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -40,6 +41,9 @@ $(WASM): $(RUST_SRC)
 
 $(POD): $(RUST_SRC)
 	cargo build --release -p rollsafe-pod
+
+$(PROBE): bench/probe/src/lib.rs bench/probe/Cargo.toml
+	cargo build --release --target $(TARGET) -p rollsafe-probe
 
 $(CHECK): $(RUST_SRC) examples/check_config.rs
 	cargo build --release --example check_config
@@ -91,9 +95,11 @@ test-kong: deps dist $(POD)
 	@[ -n "$$KONG_WASM_NGINX" ] || { echo "KONG_WASM_NGINX is not set"; exit 2; }
 	$(MAKE) e2e-kong
 
-bench: deps $(DIST) $(POD)
-	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+# make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
+# packages when missing, and builds the no-op filter it compares with (bench/probe).
+bench: deps $(DIST) $(POD) $(PROBE)
+	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done
 	cargo run -q --release --example routing_bench
 	$(PY) -m tests.e2e.bench
 

@@ -138,6 +138,9 @@ pub struct Policy {
     skip: Vec<u16>,
     pub replay_headers: Vec<String>,
     pub when_full: WhenFull,
+    /// The route's name when the host names none for a request (Envoy: the filter's root
+    /// id), read once at configure time.
+    pub route_fallback: Option<String>,
 }
 
 impl Policy {
@@ -236,6 +239,7 @@ impl Policy {
                 .chain(cfg.replay_headers.iter().map(|h| h.to_ascii_lowercase()))
                 .collect(),
             when_full: cfg.when_full,
+            route_fallback: None,
         })
     }
 
@@ -312,20 +316,30 @@ pub fn parse_key(values: &[&str]) -> Result<String, KeyError> {
     Ok(key)
 }
 
-/// Hex of the first 16 bytes of SHA-256 over the scope parts (a part absent counts as empty).
-pub fn scope_id(parts: &[Option<&str>]) -> String {
+/// Hex of the first 16 bytes of SHA-256 over the scope parts (a part absent counts as empty),
+/// taken as bytes: credentials that are not UTF-8 still tell callers apart.
+pub fn scope_id(parts: &[Option<&[u8]>]) -> String {
     let mut h = Sha256::new();
     for p in parts {
-        let p = p.unwrap_or("");
+        let p = p.unwrap_or_default();
         h.update((p.len() as u32).to_be_bytes());
-        h.update(p.as_bytes());
+        h.update(p);
     }
     let digest = h.finalize();
     hex(digest.get(..16).unwrap_or_default())
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        for nibble in [b >> 4, b & 0xf] {
+            out.push(char::from(
+                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    out
 }
 
 /// What a record keeps of the request it answers, to tell a repeat from a different request
@@ -334,8 +348,9 @@ fn hex(bytes: &[u8]) -> String {
 /// request starts as soon as the headers go on, so a body-time decision would always reach it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
-    /// SHA-256 over method, path and query, caller scope and the client's body digest
-    /// (`Content-Digest` / `Repr-Digest`, RFC 9530) when it sends one.
+    /// SHA-256 over method, path and query, and the client's body digest (`Content-Digest` /
+    /// `Repr-Digest`, RFC 9530) when it sends one. (The caller scope is part of the record's
+    /// key, so it is not hashed again here.)
     pub fingerprint: [u8; 32],
     /// The declared body length (`Content-Length`); `None` when the body is chunked.
     pub body_len: Option<u64>,
@@ -355,15 +370,10 @@ impl Facts {
 
 /// SHA-256 over method, path and query, scope and body digest (length-prefixed, so parts can't
 /// blur).
-pub fn fingerprint(method: &str, path: &str, scope: &str, digest: &str) -> [u8; 32] {
+pub fn fingerprint(method: &str, path: &str, digest: &str) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [
-        method.as_bytes(),
-        path.as_bytes(),
-        scope.as_bytes(),
-        digest.as_bytes(),
-    ] {
-        h.update((part.len() as u64).to_be_bytes());
+    for part in [method.as_bytes(), path.as_bytes(), digest.as_bytes()] {
+        h.update((part.len() as u32).to_be_bytes());
         h.update(part);
     }
     h.finalize().into()
@@ -1162,15 +1172,14 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_covers_method_path_scope_and_digest_and_facts_compare_the_length() {
-        let base = fingerprint("POST", "/o?x=1", "s", "");
-        assert_ne!(base, fingerprint("PATCH", "/o?x=1", "s", ""));
-        assert_ne!(base, fingerprint("POST", "/o?x=2", "s", ""));
-        assert_ne!(base, fingerprint("POST", "/o?x=1", "t", ""));
-        assert_ne!(base, fingerprint("POST", "/o?x=1", "s", "sha-256=:x:"));
+    fn fingerprint_covers_method_path_and_digest_and_facts_compare_the_length() {
+        let base = fingerprint("POST", "/o?x=1", "");
+        assert_ne!(base, fingerprint("PATCH", "/o?x=1", ""));
+        assert_ne!(base, fingerprint("POST", "/o?x=2", ""));
+        assert_ne!(base, fingerprint("POST", "/o?x=1", "sha-256=:x:"));
         assert_ne!(
-            fingerprint("POST", "/ab", "", ""),
-            fingerprint("POST", "/a", "b", "")
+            fingerprint("POST", "/ab", ""),
+            fingerprint("POST", "/a", "b")
         );
         let facts = |body_len| Facts {
             fingerprint: base,

@@ -7,7 +7,7 @@
 //! `unsafe` in the crate: the imports the SDK declares, called as it calls them.
 #![allow(unsafe_code)]
 
-use proxy_wasm::types::{MetricType, Status};
+use proxy_wasm::types::{MapType, MetricType, Status};
 
 #[cfg(target_arch = "wasm32")]
 #[link(wasm_import_module = "env")]
@@ -24,6 +24,18 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
         cas: u32,
+    ) -> Status;
+    fn proxy_get_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
     ) -> Status;
     fn proxy_define_metric(
         metric_type: MetricType,
@@ -74,6 +86,53 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> 
     {
         let _ = (key, value, cas);
         Err(Status::InternalFailure)
+    }
+}
+
+/// A header map as the host serialises it, kept whole: the SDK's `get_map` turns it into a
+/// `String` pair per header, and that allocation is most of the cost of reading a request's
+/// headers on every request that might be retried (see `headers::HeaderBlock`).
+pub fn header_map_bytes(map_type: MapType) -> Option<Vec<u8>> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: both out-pointers are valid places for the host to write. On success the
+        // host has filled a buffer it obtained from this module's `proxy_on_memory_allocate`
+        // (the SDK's: `Vec::with_capacity(size)`, forgotten), so it is owned here as a Vec of
+        // that capacity, exactly as the SDK's own `get_map` takes it.
+        match unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) } {
+            Status::Ok if !data.is_null() => Some(unsafe { Vec::from_raw_parts(data, size, size) }),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = map_type;
+        None
+    }
+}
+
+/// One header's value as bytes. The SDK's `get_map_value` (and `get_map`) panic on a value
+/// that is not UTF-8 — a client may send obs-text bytes, so a header could trap the VM.
+pub fn header_map_value(map_type: MapType, name: &str) -> Option<Vec<u8>> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: as in `header_map_bytes`; `name` is valid for its length.
+        match unsafe {
+            proxy_get_header_map_value(map_type, name.as_ptr(), name.len(), &mut data, &mut size)
+        } {
+            Status::Ok if data.is_null() => Some(Vec::new()),
+            Status::Ok => Some(unsafe { Vec::from_raw_parts(data, size, size) }),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (map_type, name);
+        None
     }
 }
 

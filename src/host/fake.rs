@@ -33,7 +33,7 @@ fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 pub struct FakeHost {
     pub now: Cell<u64>,
     request: RefCell<Vec<(String, String)>>,
-    sent: RefCell<Vec<Sent>>,
+    pub sent: RefCell<Vec<Sent>>,
     logs: RefCell<Vec<(Level, String)>>,
     metrics: RefCell<Vec<Metric>>,
     header_reads: Cell<usize>,
@@ -159,6 +159,10 @@ impl Host for FakeHost {
         self.set_request_headers
             .borrow_mut()
             .push((name.to_string(), value.to_string()));
+        // As on a real host, the request's header map now carries it.
+        let mut request = self.request.borrow_mut();
+        request.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        request.push((name.to_string(), value.to_string()));
     }
 
     fn remove_request_header(&self, name: &str) {

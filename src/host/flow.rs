@@ -2,6 +2,7 @@
 //! forward every callback here; native tests drive the same code with a fake host.
 
 use super::exchange::{classify_native, Exchange, Routed, Step};
+use super::headers::HeaderBlock;
 use super::{Host, HostKind, Level, Metric};
 use crate::maintenance::{self, Decision, RequestFacts, RetryAfterFormat};
 use crate::plan::{self, Plan};
@@ -74,9 +75,13 @@ impl Request {
         if self.plan.is_pass_through() {
             return Verdict::Continue;
         }
-        let now = host.now_ms();
+        // Every hostcall that returns data costs the host a call into the VM: read only what
+        // the configured capabilities need, once.
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(|| host.now_ms());
         if let Some(policy) = &self.plan.maintenance {
             // Outside a window this is one clock read and a comparison: nothing else is read.
+            let now = now();
             if let Some(until) = policy.active(now) {
                 let method = host.request_header(":method").unwrap_or_default();
                 let path = host.request_header(":path").unwrap_or_default();
@@ -98,14 +103,19 @@ impl Request {
             }
         }
         let plan = Rc::clone(&self.plan);
-        // Read once, only when routing or a keys-only exchange must look at it.
-        let method = if plan.routing.is_some() || plan.exchange_for_keys_only {
-            host.request_header(":method").unwrap_or_default()
+        // An exchange keeps the whole header map for its retries (Envoy shows none in the
+        // response phase): one read then serves routing and keys too.
+        let mut headers = Headers {
+            host,
+            all: plan.retry.is_some().then(|| host.request_header_block()),
+        };
+        let method = if plan.routing.is_some() || plan.retry.is_some() {
+            headers.get(":method").unwrap_or_default()
         } else {
             String::new()
         };
         let routed = match &plan.routing {
-            Some(rp) => match self.route(rp, host, &method, now) {
+            Some(rp) => match self.route(rp, &mut headers, &method, &mut now) {
                 Ok(r) => r,
                 Err(v) => return v,
             },
@@ -122,8 +132,18 @@ impl Request {
             || plan.retry.as_ref().is_some_and(|(p, _)| p.target.is_some());
         let needs_exchange = has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
-            let (exchange, step) =
-                Exchange::start(&plan, policy, *driver, host, end_of_stream, now, routed);
+            let now = now();
+            let all = headers.all.unwrap_or_default();
+            let (exchange, step) = Exchange::start(
+                &plan,
+                policy,
+                *driver,
+                host,
+                all,
+                end_of_stream,
+                now,
+                routed,
+            );
             self.exchange = exchange;
             return step.into();
         }
@@ -134,22 +154,26 @@ impl Request {
     /// Picks the pod group of a hashed request and names it for the host: a request header
     /// (seen by the upstream; an Envoy route matches it to the group's cluster) and, on Kong,
     /// `kong.service.target`. `Err` when the request was answered (missing key, `reject`).
-    fn route(
+    fn route<H: Host>(
         &mut self,
         rp: &routing::Policy,
-        host: &impl Host,
+        headers: &mut Headers<'_, H>,
         method: &str,
-        now: u64,
+        now: &mut impl FnMut() -> u64,
     ) -> Result<Option<Routed>, Verdict> {
-        // Only rollsafe names groups: a client must not pick its own.
-        host.remove_request_header(&rp.group_header);
+        let host = headers.host;
+        // Only rollsafe names groups: a client must not pick its own. (Read first: on Envoy a
+        // removal also clears the route cache, and the header is nearly always absent.)
+        if headers.get(&rp.group_header).is_some() {
+            host.remove_request_header(&rp.group_header);
+        }
         if !rp.hashes(method) {
             return Ok(None);
         }
         let key = rp.key.iter().find_map(|src| match src {
-            KeySource::Header(name) => host.request_header(name).filter(|v| !v.is_empty()),
-            KeySource::Cookie(name) => host
-                .request_header("cookie")
+            KeySource::Header(name) => headers.get(name).filter(|v| !v.is_empty()),
+            KeySource::Cookie(name) => headers
+                .get("cookie")
                 .and_then(|c| routing::cookie(&c, name).map(str::to_string))
                 .filter(|v| !v.is_empty()),
         });
@@ -159,7 +183,7 @@ impl Request {
                 host.count(Metric::RoutingMissingKey);
                 match rp.missing {
                     Missing::Reject => {
-                        let path = host.request_header(":path").unwrap_or_default();
+                        let path = headers.get(":path").unwrap_or_default();
                         let body = Problem {
                             kind: "routing-key-missing",
                             title: "Missing routing key",
@@ -180,7 +204,7 @@ impl Request {
                 }
             }
         };
-        let group = fixed.unwrap_or_else(|| rp.pick(key_hash, now, &[]));
+        let group = fixed.unwrap_or_else(|| rp.pick(key_hash, now(), &[]));
         let Some(g) = rp.groups.get(group) else {
             return Ok(None);
         };
@@ -334,6 +358,22 @@ impl Request {
             ],
             &body,
         );
+    }
+}
+
+/// The request's headers for the header-time decisions: the whole map when an exchange will
+/// keep it anyway (one hostcall), else one read per header asked for.
+struct Headers<'h, H: Host> {
+    host: &'h H,
+    all: Option<HeaderBlock>,
+}
+
+impl<H: Host> Headers<'_, H> {
+    fn get(&self, name: &str) -> Option<String> {
+        match &self.all {
+            Some(all) => all.get(name).map(str::to_string),
+            None => self.host.request_header(name),
+        }
     }
 }
 

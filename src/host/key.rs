@@ -5,8 +5,9 @@
 //! route's upstream request starts as soon as they do, so a duplicate or a replay decided later
 //! would reach the application as an aborted request.
 
+use super::headers::HeaderBlock;
 use super::reply::Reply;
-use super::{header as find, Host, HostKind, HostShared, Level, Metric};
+use super::{Host, HostKind, HostShared, Level, Metric};
 use crate::idempotency::{self, Claim, Facts, KeyError, Settle, Stored};
 
 /// The exchange's final answer as the record keeps it; `body` is `None` when it was too large
@@ -43,29 +44,30 @@ fn scope_id(
     ip: &idempotency::Policy,
     kind: HostKind,
     host: &impl Host,
-    headers: &[(String, String)],
+    headers: &HeaderBlock,
 ) -> String {
-    // Each host names the route its own way (an unnamed Envoy route: the filter's root id).
-    let paths: &[&[&str]] = match kind {
-        HostKind::Envoy => &[&["xds", "route_name"], &["plugin_root_id"]],
-        HostKind::Kong => &[&["kong", "route_id"]],
+    // Each host names the route its own way (an unnamed Envoy route: the filter's root id,
+    // read at configure time).
+    let path: &[&str] = match kind {
+        HostKind::Envoy => &["xds", "route_name"],
+        HostKind::Kong => &["kong", "route_id"],
     };
     let route = ip
         .scope
         .contains(&idempotency::ScopePart::Route)
         .then(|| {
-            paths
-                .iter()
-                .find_map(|path| host.property(path).filter(|v| !v.is_empty()))
+            host.property(path)
+                .filter(|v| !v.is_empty())
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .or_else(|| ip.route_fallback.clone())
         })
         .flatten();
-    let parts: Vec<Option<&str>> = ip
+    let parts: Vec<Option<&[u8]>> = ip
         .scope
         .iter()
         .map(|p| match p {
-            idempotency::ScopePart::Route => route.as_deref(),
-            idempotency::ScopePart::Header(name) => find(headers, name),
+            idempotency::ScopePart::Route => route.as_deref().map(str::as_bytes),
+            idempotency::ScopePart::Header(name) => headers.get_bytes(name),
         })
         .collect();
     idempotency::scope_id(&parts)
@@ -76,17 +78,19 @@ pub fn gate(
     ip: &idempotency::Policy,
     kind: HostKind,
     host: &impl Host,
-    headers: &[(String, String)],
+    headers: &HeaderBlock,
     declared_len: Option<u64>,
     now: u64,
 ) -> Gate {
-    let method = find(headers, ":method").unwrap_or("GET");
-    let path = find(headers, ":path").unwrap_or("/");
-    let values: Vec<&str> = headers
+    let method = headers.get(":method").unwrap_or("GET");
+    let path = headers.get(":path").unwrap_or("/");
+    // Read lossily: a key that is not UTF-8 is then not ASCII either, and refused as such.
+    let values: Vec<std::borrow::Cow<'_, str>> = headers
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case(&ip.header))
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v)
         .collect();
+    let values: Vec<&str> = values.iter().map(|v| v.as_ref()).collect();
     let key = match idempotency::parse_key(&values) {
         Ok(key) => key,
         Err(KeyError::Missing) if !ip.required => return Gate::Unkeyed,
@@ -108,11 +112,12 @@ pub fn gate(
         }
     };
     let scope = scope_id(ip, kind, host, headers);
-    let digest = find(headers, "content-digest")
-        .or_else(|| find(headers, "repr-digest"))
+    let digest = headers
+        .get("content-digest")
+        .or_else(|| headers.get("repr-digest"))
         .unwrap_or("");
     let facts = Facts {
-        fingerprint: idempotency::fingerprint(method, path, &scope, digest),
+        fingerprint: idempotency::fingerprint(method, path, digest),
         body_len: declared_len,
     };
     let store_key = format!("{scope}:{key}");

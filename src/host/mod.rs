@@ -7,6 +7,7 @@
 mod abi;
 pub mod exchange;
 pub mod flow;
+pub mod headers;
 pub mod key;
 pub mod proxy;
 pub mod reply;
@@ -152,6 +153,10 @@ pub trait Host {
     fn request_header(&self, name: &str) -> Option<String>;
     /// All request headers, pseudo headers included.
     fn request_headers(&self) -> Vec<(String, String)>;
+    /// All request headers as one block, for lookups that allocate nothing.
+    fn request_header_block(&self) -> headers::HeaderBlock {
+        headers::HeaderBlock::from_pairs(&self.request_headers())
+    }
     fn set_request_header(&self, name: &str, value: &str);
     fn remove_request_header(&self, name: &str);
     /// Sets a host property (Kong: `kong.service.target`).

@@ -15,6 +15,11 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
+/// Header bytes as text; bytes that are not UTF-8 read as U+FFFD.
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// Tick period for root-driven backoffs (native driver, Envoy only).
 const TICK: Duration = Duration::from_millis(10);
 
@@ -67,13 +72,17 @@ impl Host for ProxyHost {
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+        super::abi::header_map_value(MapType::HttpRequestHeaders, name).map(lossy)
     }
 
     fn request_headers(&self) -> Vec<(String, String)> {
-        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+        self.request_header_block().to_pairs()
+    }
+
+    fn request_header_block(&self) -> super::headers::HeaderBlock {
+        super::headers::HeaderBlock::from_raw(
+            super::abi::header_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default(),
+        )
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
@@ -104,9 +113,7 @@ impl Host for ProxyHost {
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-            .ok()
-            .flatten()
+        super::abi::header_map_value(MapType::HttpResponseHeaders, name).map(lossy)
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -143,7 +150,10 @@ impl Host for ProxyHost {
 
     fn call_response(&self, body_size: usize) -> CallResponse {
         CallResponse {
-            headers: hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default(),
+            headers: super::headers::HeaderBlock::from_raw(
+                super::abi::header_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default(),
+            )
+            .to_pairs(),
             body: hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
                 .flatten()
@@ -205,7 +215,18 @@ struct Root {
     plan: Option<Rc<Plan>>,
     host: ProxyHost,
     scheduler: Rc<Scheduler>,
-    tick_set: bool,
+}
+
+/// Starts the root's tick when a wake-up was filed, stops it when none is left (Envoy only:
+/// Kong's host traps on a second non-zero period, and only Envoy waits backoffs). Envoy applies
+/// a period set from an HTTP context to that context's root.
+fn switch_tick(scheduler: &Scheduler) {
+    if let Some(on) = scheduler.tick_change() {
+        let period = if on { TICK } else { Duration::ZERO };
+        if hostcalls::set_tick_period(period).is_err() {
+            scheduler.tick_refused(on);
+        }
+    }
 }
 
 /// Kong's host answers `plugin_vm_id` as not implemented; Envoy always has one.
@@ -234,6 +255,9 @@ impl Context for Root {
             req.on_call_response(&self.host, token, body_size);
         }
         self.scheduler.track(context_id, &request, true);
+        if self.plan.as_ref().is_some_and(|p| p.needs_tick()) {
+            switch_tick(&self.scheduler);
+        }
     }
 }
 
@@ -246,9 +270,17 @@ impl RootContext for Root {
         let kind = detect_host();
         match flow::configure(&self.host, &bytes, kind) {
             Some(plan) => {
-                // Kong traps on a second non-zero tick period; only Envoy runs the native driver.
-                if plan.needs_tick() && kind == HostKind::Envoy && !self.tick_set {
-                    self.tick_set = hostcalls::set_tick_period(TICK).is_ok();
+                let mut plan = plan;
+                if let Some(ip) = plan
+                    .idempotency
+                    .as_mut()
+                    .filter(|_| kind == HostKind::Envoy)
+                {
+                    ip.route_fallback = hostcalls::get_property(vec!["plugin_root_id"])
+                        .ok()
+                        .flatten()
+                        .and_then(|v| String::from_utf8(v).ok())
+                        .filter(|v| !v.is_empty());
                 }
                 self.host = ProxyHost::with_metrics();
                 if let Some(idem) = &plan.idempotency {
@@ -271,6 +303,9 @@ impl RootContext for Root {
             }
             self.scheduler.track(context_id, &request, true);
         }
+        if self.plan.as_ref().is_some_and(|p| p.needs_tick()) {
+            switch_tick(&self.scheduler);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -282,6 +317,7 @@ impl RootContext for Root {
             request: Rc::new(RefCell::new(Request::new(plan))),
             host: self.host.clone(),
             scheduler: Rc::clone(&self.scheduler),
+            ticks: self.plan.as_ref().is_some_and(|p| p.needs_tick()),
         }))
     }
 
@@ -295,6 +331,8 @@ struct Http {
     request: Shared,
     host: ProxyHost,
     scheduler: Rc<Scheduler>,
+    /// Backoffs of this request wait on the root's tick (Envoy with retries).
+    ticks: bool,
 }
 
 fn action(v: Verdict) -> Action {
@@ -312,6 +350,9 @@ impl Http {
         };
         // Calls dispatched from this context come back to it; only backoffs need the root.
         self.scheduler.track(self.id, &self.request, false);
+        if self.ticks {
+            switch_tick(&self.scheduler);
+        }
         action(verdict)
     }
 }

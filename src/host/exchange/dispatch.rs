@@ -16,7 +16,7 @@ impl Exchange {
             self.target = route_cluster(host);
         }
         let target = self.target.clone().unwrap_or_default();
-        let forward = forward_headers(&self.headers);
+        let forward = forward_headers(self.replay_headers());
         let headers: Vec<(&str, &str)> = forward
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))

@@ -22,6 +22,7 @@ mod native;
 
 pub use native::classify_native;
 
+use super::headers::HeaderBlock;
 use super::key::{self, Final, Gate, Key};
 use super::reply::Reply;
 use super::{header as find, Host, Level, Metric};
@@ -79,8 +80,14 @@ pub struct Exchange {
     /// Where dispatched attempts go: the group's target, `retry.target`, or on Envoy the
     /// route's cluster.
     target: Option<String>,
-    /// The request headers as the host gave them (pseudo headers included): a retry replays
-    /// them (Envoy shows no request headers in the response phase).
+    /// The request's method, read once.
+    method: String,
+    /// The request headers as the host gave them (pseudo headers included), kept because a
+    /// retry replays them and Envoy shows no request headers in the response phase. Looked
+    /// up in place; turned into `headers` only when a retry or a key needs them.
+    block: Option<HeaderBlock>,
+    /// The headers a dispatched attempt carries (see `replay_headers`); until then, only
+    /// what rollsafe adds (the group header).
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     declared_len: Option<u64>,
@@ -122,11 +129,13 @@ pub struct Exchange {
 
 impl Exchange {
     /// Called from request headers. `None`: the exchange is not owned (pass through).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         plan: &Rc<Plan>,
         policy: &Policy,
         driver: Driver,
         host: &impl Host,
+        all: HeaderBlock,
         end_of_stream: bool,
         now: u64,
         routed: Option<Routed>,
@@ -137,9 +146,15 @@ impl Exchange {
                 .and_then(|rp| rp.groups.get(r.group))
                 .map(|g| g.target.clone())
         });
-        let all = host.request_headers();
-        let declared_len = find(&all, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-        let chunked = find(&all, "transfer-encoding").is_some();
+        let method = all.get(":method").unwrap_or("GET").to_string();
+        let keyed = plan
+            .idempotency
+            .as_ref()
+            .is_some_and(|ip| ip.applies_to(&method));
+        let declared_len = all
+            .get("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = all.get("transfer-encoding").is_some();
         // Kong never reports end_of_stream on request headers: decide from the framing there.
         let has_body = match plan.host {
             HostKind::Envoy => !end_of_stream,
@@ -159,7 +174,9 @@ impl Exchange {
             key: None,
             routed,
             target: group_target.or_else(|| policy.target.clone()),
-            headers: all,
+            method,
+            block: Some(all),
+            headers: Vec::new(),
             body: Vec::new(),
             declared_len,
             has_body,
@@ -184,12 +201,11 @@ impl Exchange {
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
-        if let Some(ip) = plan
-            .idempotency
-            .as_ref()
-            .filter(|ip| ip.applies_to(ex.method()))
-        {
-            match key::gate(ip, plan.host, host, &ex.headers, declared_len, now) {
+        if let Some(ip) = plan.idempotency.as_ref().filter(|_| keyed) {
+            let block = ex.block.take().unwrap_or_default();
+            let gate = key::gate(ip, plan.host, host, &block, declared_len, now);
+            ex.block = Some(block);
+            match gate {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.key = Some(k),
                 Gate::Answer(reply) => {
@@ -216,11 +232,32 @@ impl Exchange {
     }
 
     fn method(&self) -> &str {
-        find(&self.headers, ":method").unwrap_or("GET")
+        &self.method
     }
 
     fn path(&self) -> &str {
-        find(&self.headers, ":path").unwrap_or("/")
+        self.block
+            .as_ref()
+            .and_then(|b| b.get(":path"))
+            .or_else(|| find(&self.headers, ":path"))
+            .unwrap_or("/")
+    }
+
+    /// The request's headers as a dispatched attempt replays them, built from the block the
+    /// first time: the client's own group header never passes (only rollsafe names groups).
+    fn replay_headers(&mut self) -> &mut Vec<(String, String)> {
+        if let Some(block) = self.block.take() {
+            let plan = Rc::clone(&self.plan);
+            let group = plan.routing.as_ref().map(|rp| rp.group_header.as_str());
+            let mut all: Vec<(String, String)> = block
+                .iter()
+                .filter(|(k, _)| group.is_none_or(|g| !k.eq_ignore_ascii_case(g)))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            all.append(&mut self.headers);
+            self.headers = all;
+        }
+        &mut self.headers
     }
 
     fn key_enforced(&self) -> bool {
@@ -528,7 +565,7 @@ impl Exchange {
         r.group = next;
         if let Some(g) = rp.groups.get(next) {
             self.target = Some(g.target.clone());
-            for (k, v) in self.headers.iter_mut() {
+            for (k, v) in self.replay_headers().iter_mut() {
                 if k.eq_ignore_ascii_case(&rp.group_header) {
                     *v = g.name.clone();
                 }
@@ -592,15 +629,19 @@ impl Exchange {
     fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
         self.answered = true;
         let status = reply.status;
-        host.log(
-            Level::Debug,
-            &format!(
-                "rollsafe: {} {}: answer {status} after {} attempt(s)",
-                self.method(),
-                self.path(),
-                self.attempt,
-            ),
-        );
+        if self.attempt > 0 {
+            // (Header-time answers — replays, 409, 422 — are counted, not logged: they are
+            // the hot path of a retrying client.)
+            host.log(
+                Level::Debug,
+                &format!(
+                    "rollsafe: {} {}: answer {status} after {} attempt(s)",
+                    self.method(),
+                    self.path(),
+                    self.attempt,
+                ),
+            );
+        }
         if self.route_started && self.has_body && !self.route_complete {
             // Envoy's router sent the route's upstream the headers of a request whose body
             // rollsafe never released: that stream is reset now.
