@@ -13,7 +13,7 @@ PY         := $(VENV)/bin/python
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RUST_SRC   := $(shell find src tests/pod/src -name '*.rs') Cargo.toml Cargo.lock tests/pod/Cargo.toml
 
-.PHONY: all build dist run test unit e2e e2e-kong test-kong lint fmt clippy schema bench deps clean
+.PHONY: all build dist run test unit e2e e2e-kong test-kong lint fmt clippy schema bench deps clean fuzz fuzz-smoke
 
 all: build
 
@@ -24,8 +24,11 @@ deps: .deps-stamp $(VENV)/.stamp
 	@rustup target list --installed | grep -qx $(TARGET) || rustup target add $(TARGET)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	@command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
 	@command -v wasm-opt >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq binaryen; }
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
 	@touch $@
 
 $(VENV)/.stamp: tests/requirements.txt
@@ -63,7 +66,7 @@ run: deps $(DIST) $(POD)
 	$(PY) -m tests.e2e.demo
 
 # --- test --------------------------------------------------------------------------------
-test: deps lint unit dist e2e e2e-kong
+test: deps lint unit fuzz-smoke dist e2e e2e-kong
 
 fmt:
 	cargo fmt --all -- --check
@@ -97,6 +100,29 @@ test-kong: deps dist $(POD)
 
 # make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
 # packages when missing, and builds the no-op filter it compares with (bench/probe).
+# --- fuzzing (cargo fuzz, libFuzzer; no sanitizer: the targets run no unsafe code) --------------
+FUZZ_TARGETS := config idempotency_key retry_after rrule stored_record problem header_block
+FUZZ_SMOKE_S ?= 4
+FUZZ_RUNS    ?= 10000000
+
+# A few seconds of each target, from its seeds: part of make test.
+fuzz-smoke: .deps-stamp
+	cargo fuzz build -s none
+	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; \
+	  seeds=$$( [ -d fuzz/seeds/$$t ] && echo fuzz/seeds/$$t ); \
+	  cargo fuzz run -s none $$t fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_SMOKE_S) \
+	    > fuzz/smoke-$$t.log 2>&1 || { tail -40 fuzz/smoke-$$t.log; echo "fuzz target $$t failed"; exit 1; }; \
+	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs' fuzz/smoke-$$t.log)"; done
+
+# Long runs: FUZZ_RUNS executions of every target (README: the totals so far).
+fuzz: .deps-stamp
+	cargo fuzz build -s none
+	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; \
+	  seeds=$$( [ -d fuzz/seeds/$$t ] && echo fuzz/seeds/$$t ); \
+	  cargo fuzz run -s none $$t fuzz/corpus/$$t $$seeds -- -runs=$(FUZZ_RUNS) \
+	    > fuzz/run-$$t.log 2>&1 || { tail -40 fuzz/run-$$t.log; echo "fuzz target $$t failed"; exit 1; }; \
+	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' fuzz/run-$$t.log)"; done
+
 bench: deps $(DIST) $(POD) $(PROBE)
 	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done

@@ -14,6 +14,9 @@ pub enum HostKind {
     Kong,
 }
 
+/// Envoy's default `per_connection_buffer_limit_bytes`: the most of a held body it buffers.
+pub const ENVOY_BUFFER_LIMIT: u64 = 1 << 20;
+
 /// How an exchange rollsafe owns is carried (HOSTS.md "What follows").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
@@ -60,6 +63,21 @@ impl Plan {
                         "required on Kong's host unless routing names the targets (also with \
                          idempotency alone): the host:port attempts are sent to, e.g. the \
                          Service's orders.shop.svc.cluster.local:8080",
+                    ));
+                }
+                // Envoy holds at most its buffer limit of a paused body (per_connection_buffer_
+                // limit_bytes, 1 MiB by default) and then answers 413 itself — after the
+                // route's upstream got the headers: a cut-off request at the application.
+                // A declared length over max_body_bytes is refused before that.
+                if host == HostKind::Envoy && policy.max_body_bytes > ENVOY_BUFFER_LIMIT {
+                    return Err(ConfigError::new(
+                        "retry.max_body_bytes",
+                        format!(
+                            "at most {ENVOY_BUFFER_LIMIT} on Envoy (its default buffer limit): \
+                             a larger body overflows Envoy's buffer while rollsafe holds it, \
+                             and the route's upstream is left with a request cut off; got {}",
+                            policy.max_body_bytes
+                        ),
                     ));
                 }
                 let driver = match (policy.exchange, host) {

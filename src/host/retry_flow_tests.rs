@@ -610,3 +610,14 @@ fn a_routed_request_reads_its_headers_once_and_its_retry_names_the_next_group() 
         1
     );
 }
+
+#[test]
+fn a_body_limit_over_envoys_buffer_is_refused_on_envoy_only() {
+    let host = FakeHost::default();
+    let cfg = br#"{"retry":{"target":"orders:80","max_body_bytes":2097152}}"#;
+    assert!(configure(&host, cfg, HostKind::Envoy).is_none());
+    assert!(host.logs_at(super::Level::Error)[0]
+        .starts_with("rollsafe: retry.max_body_bytes: at most 1048576 on Envoy"));
+    // Kong's host holds what client_body_buffer_size allows (the operator sizes it).
+    assert!(configure(&host, cfg, HostKind::Kong).is_some());
+}

@@ -8,6 +8,7 @@ outlive the run.
 
 from __future__ import annotations
 
+import getpass
 import http.client
 import itertools
 import json
@@ -515,7 +516,11 @@ class Kong:
       proxy_next_upstream error timeout;
       proxy_next_upstream_tries 3;
     }}""" for i, (prefix, cluster) in enumerate([*self.routes, ("/", self.default_cluster)]))
+        # Workers run as the user that starts the test (as Kong's run as its own `kong` user),
+        # so they can write the body files nginx spills under the test's own directory.
+        user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
         return f"""daemon off;
+{user}
 master_process on;
 worker_processes {self.workers};
 error_log {self.log_path} info;

@@ -1,0 +1,16 @@
+//! A header map as a host serialises it — or anything else in its place: lookups and the
+//! pairs a retry replays never panic, and a well-formed block round-trips.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use rollsafe::host::headers::HeaderBlock;
+
+fuzz_target!(|data: &[u8]| {
+    let block = HeaderBlock::from_raw(data.to_vec());
+    let pairs = block.to_pairs();
+    for (k, _) in &pairs {
+        assert!(block.get_bytes(k).is_some() || k.contains('\u{fffd}'));
+    }
+    let _ = block.get(":method");
+    let again = HeaderBlock::from_pairs(&pairs);
+    assert_eq!(again.to_pairs(), pairs);
+});
