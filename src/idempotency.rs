@@ -467,11 +467,15 @@ impl<S: Shared> Store for SlotStore<'_, S> {
     }
 }
 
+/// Where a key's probe window starts: FNV-1a, mixed. (A cryptographic hash buys nothing here:
+/// its output is public too, so anyone can search for keys that share a window either way;
+/// the window's eviction of the oldest completion, never a request in flight, is the bound.)
 fn probe_start(key: &str, slots: u32) -> u32 {
-    let d = Sha256::digest(key.as_bytes());
-    let mut n = [0u8; 8];
-    n.copy_from_slice(d.get(..8).unwrap_or(&[0; 8]));
-    (u64::from_be_bytes(n) % u64::from(slots.max(1))) as u32
+    let h = crate::routing::hash_key(key.as_bytes());
+    let mut z = h ^ (h >> 33);
+    z = z.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    z ^= z >> 33;
+    (z % u64::from(slots.max(1))) as u32
 }
 
 /// Creates the slots that do not exist yet (configure time, every worker).

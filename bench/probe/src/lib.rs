@@ -21,7 +21,6 @@ struct Calls {
     property: bool,
     shared: bool,
     reply: bool,
-    late: bool,
 }
 
 proxy_wasm::main! {{
@@ -48,7 +47,6 @@ impl RootContext for Root {
                 "clock" => calls.clock = true,
                 "method" => calls.method = true,
                 "headers" => calls.headers = true,
-                "late" => calls.late = true,
                 "property" => calls.property = true,
                 "shared" => calls.shared = true,
                 "reply" => calls.reply = true,
@@ -99,27 +97,5 @@ impl HttpContext for Http {
         }
         Action::Continue
     }
-
-    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        if self.0.late {
-            let map = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
-            let path = hostcalls::get_property(vec!["request", "path"])
-                .ok()
-                .flatten();
-            let hdr = hostcalls::get_property(vec!["request", "headers"])
-                .ok()
-                .flatten();
-            let _ = hostcalls::log(
-                proxy_wasm::types::LogLevel::Warn,
-                &format!(
-                    "late: map {} entries {:?}; request.path {:?}; request.headers {:?}",
-                    map.len(),
-                    map,
-                    path.map(|p| String::from_utf8_lossy(&p).into_owned()),
-                    hdr.map(|p| String::from_utf8_lossy(&p).into_owned())
-                ),
-            );
-        }
-        Action::Continue
-    }
 }
+
