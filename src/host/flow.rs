@@ -103,6 +103,17 @@ impl Request {
             }
         }
         let plan = Rc::clone(&self.plan);
+        // Keys alone (no retry section, no routing): a request without a key, where keys are
+        // optional, is none of rollsafe's business — one lookup that finds nothing.
+        if let (true, None, Some(ip)) = (
+            plan.exchange_for_keys_only,
+            &plan.routing,
+            &plan.idempotency,
+        ) {
+            if !ip.required && host.request_header(&ip.header).is_none() {
+                return Verdict::Continue;
+            }
+        }
         // An exchange keeps the whole header map for its retries (Envoy shows none in the
         // response phase): one read then serves routing and keys too.
         let mut headers = Headers {

@@ -391,3 +391,26 @@ fn replay_profile() {
         assert!(!again.upstream);
     }
 }
+
+#[test]
+fn with_keys_alone_a_request_without_a_key_is_left_alone_after_one_lookup() {
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, HostKind::Envoy, r#"{"idempotency":{}}"#);
+    let mut req = Request::new(Rc::clone(&plan));
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/o"),
+        ("content-length", "2"),
+    ]);
+    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+    assert_eq!(host.header_reads(), 1, "one lookup of the key header");
+    // The body is not held: it streams to the route.
+    host.set_body(b"{}");
+    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Continue);
+    assert!(host.dispatches().is_empty() && host.responses().is_empty());
+    // With a key, the key is claimed and its answer stored as before.
+    let mut sent = keyed(&host, &plan, "/o", "\"k\"", b"{}");
+    assert!(sent.upstream);
+    upstream_answers(&host, &mut sent, "201", "{}");
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+}

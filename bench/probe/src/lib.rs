@@ -98,4 +98,3 @@ impl HttpContext for Http {
         Action::Continue
     }
 }
-
