@@ -105,30 +105,18 @@ FUZZ_TARGETS := config idempotency_key retry_after rrule stored_record problem h
 FUZZ_SMOKE_S ?= 4
 FUZZ_RUNS    ?= 10000000
 
-# A few seconds of each target, from its seeds: part of make test.
-fuzz-smoke: .deps-stamp
+# fuzz-smoke: a few seconds of each target, from its seeds (part of make test).
+# fuzz: FUZZ_RUNS executions of every target (README: the totals so far).
+fuzz-smoke: FUZZ_LIMIT = -max_total_time=$(FUZZ_SMOKE_S)
+fuzz-smoke: FUZZ_LOG = smoke
+fuzz: FUZZ_LIMIT = -runs=$(FUZZ_RUNS)
+fuzz: FUZZ_LOG = run
+fuzz fuzz-smoke: .deps-stamp
 	cargo fuzz build -s none
 	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; \
 	  seeds=$$( [ -d fuzz/seeds/$$t ] && echo fuzz/seeds/$$t ); \
-	  cargo fuzz run -s none $$t fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_SMOKE_S) \
-	    > fuzz/smoke-$$t.log 2>&1 || { tail -40 fuzz/smoke-$$t.log; echo "fuzz target $$t failed"; exit 1; }; \
-	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs' fuzz/smoke-$$t.log)"; done
+	  cargo fuzz run -s none $$t fuzz/corpus/$$t $$seeds -- $(FUZZ_LIMIT) \
+	    > fuzz/$(FUZZ_LOG)-$$t.log 2>&1 || { tail -40 fuzz/$(FUZZ_LOG)-$$t.log; echo "fuzz target $$t failed"; exit 1; }; \
+	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' fuzz/$(FUZZ_LOG)-$$t.log)"; done
 
-# Long runs: FUZZ_RUNS executions of every target (README: the totals so far).
-fuzz: .deps-stamp
-	cargo fuzz build -s none
-	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/corpus/$$t; \
-	  seeds=$$( [ -d fuzz/seeds/$$t ] && echo fuzz/seeds/$$t ); \
-	  cargo fuzz run -s none $$t fuzz/corpus/$$t $$seeds -- -runs=$(FUZZ_RUNS) \
-	    > fuzz/run-$$t.log 2>&1 || { tail -40 fuzz/run-$$t.log; echo "fuzz target $$t failed"; exit 1; }; \
-	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' fuzz/run-$$t.log)"; done
 
-bench: deps $(DIST) $(POD) $(PROBE)
-	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done
-	cargo run -q --release --example routing_bench
-	$(PY) -m tests.e2e.bench
-
-clean:
-	cargo clean
-	rm -rf dist .run .deps-stamp

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e.harness import ROOT, Harness, request, rss_kib
+from tests.e2e.harness import ROOT, Harness, request, wrk_until
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "2"))
@@ -312,17 +312,9 @@ def store_run(harness, clusters) -> str:
     Path(path).write_text('wrk.method = "POST"\nn = 0\nrequest = function()\n  n = n + 1\n'
                           '  return wrk.format(nil, nil, {["Idempotency-Key"] = "s" .. '
                           'tostring(os.time()) .. "-" .. n}, nil)\nend\n')
-    sent = refused = 0
-    rss = []
     t0 = time.monotonic()
-    while sent < STORE_KEYS:
-        out = subprocess.run(["wrk", "-t1", "-c8", "-d5s", "-s", path,
-                              f"http://127.0.0.1:{envoy.port}/bench"],
-                             capture_output=True, text=True, check=True).stdout
-        sent += int(re.search(r"(\d+) requests in", out).group(1))
-        m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        refused += int(m.group(1)) if m else 0
-        rss.append(rss_kib(envoy.proc.pid))
+    sent, refused, rss = wrk_until(envoy.port, path, STORE_KEYS, envoy.proc.pid, seconds=5,
+                                   path="/bench")
     stats = envoy.stats()
     request("127.0.0.1", envoy.port, "POST", "/bench", headers={"idempotency-key": "recent"})
     replay = request("127.0.0.1", envoy.port, "POST", "/bench", headers={"idempotency-key": "recent"})

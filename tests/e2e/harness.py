@@ -13,6 +13,7 @@ import http.client
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,6 +89,26 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wrk_until(port: int, script: str, total: int, pid: int, seconds: int = 3,
+              path: str = "/") -> tuple[int, int, list[int]]:
+    """Runs the wrk `script` against the gateway in bursts of `seconds` until `total` requests
+    were sent: (requests, non-2xx answers, the gateway's private memory after each burst)."""
+    sent = non_2xx = 0
+    rss = []
+    while sent < total:
+        out = subprocess.run(["wrk", "-t1", "-c8", f"-d{seconds}s", "-s", script,
+                              f"http://127.0.0.1:{port}{path}"],
+                             capture_output=True, text=True, check=True).stdout
+        m = re.search(r"(\d+) requests in", out)
+        if not m:
+            raise RuntimeError(out)
+        sent += int(m.group(1))
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        non_2xx += int(m.group(1)) if m else 0
+        rss.append(rss_kib(pid))
+    return sent, non_2xx, rss
 
 
 def envoy_binary() -> Path:
