@@ -33,7 +33,7 @@ fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 pub struct FakeHost {
     pub now: Cell<u64>,
     request: RefCell<Vec<(String, String)>>,
-    pub sent: RefCell<Vec<Sent>>,
+    sent: RefCell<Vec<Sent>>,
     logs: RefCell<Vec<(Level, String)>>,
     metrics: RefCell<Vec<Metric>>,
     header_reads: Cell<usize>,

@@ -369,29 +369,6 @@ fn on_envoy_the_lease_is_renewed_while_the_routes_attempt_is_out() {
     assert_eq!(host.counted(Metric::IdemStored), 1);
 }
 
-/// Not a check: `ROLLSAFE_PROFILE=1 cargo test --release --lib replay_profile -- --ignored`
-/// under callgrind shows where a replay's instructions go on the Rust side.
-#[test]
-#[ignore]
-fn replay_profile() {
-    let host = FakeHost::at(1_000);
-    let cfg = r#"{"retry":{},"idempotency":{}}"#;
-    let plan = plan(&host, HostKind::Envoy, cfg);
-    let body = vec![b'x'; 1024];
-    let mut first = keyed(&host, &plan, "/bench", "\"k\"", &body);
-    upstream_answers(
-        &host,
-        &mut first,
-        "200",
-        std::str::from_utf8(&body).unwrap(),
-    );
-    for _ in 0..10_000 {
-        host.sent.borrow_mut().clear();
-        let again = keyed(&host, &plan, "/bench", "\"k\"", &body);
-        assert!(!again.upstream);
-    }
-}
-
 #[test]
 fn with_keys_alone_a_request_without_a_key_is_left_alone_after_one_lookup() {
     let host = FakeHost::at(1_000);
