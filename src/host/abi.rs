@@ -7,7 +7,7 @@
 //! `unsafe` in the crate: the imports the SDK declares, called as it calls them.
 #![allow(unsafe_code)]
 
-use proxy_wasm::types::{MapType, MetricType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 #[cfg(target_arch = "wasm32")]
 #[link(wasm_import_module = "env")]
@@ -24,6 +24,48 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
         cas: u32,
+    ) -> Status;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> Status;
+    fn proxy_replace_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> Status;
+    fn proxy_remove_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+    ) -> Status;
+    fn proxy_get_buffer_bytes(
+        buffer_type: BufferType,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> Status;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> Status;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
     ) -> Status;
     fn proxy_get_header_map_value(
         map_type: MapType,
@@ -132,6 +174,149 @@ pub fn header_map_value(map_type: MapType, name: &str) -> Option<Vec<u8>> {
     #[cfg(not(target_arch = "wasm32"))]
     {
         let _ = (map_type, name);
+        None
+    }
+}
+
+/// Takes ownership of a buffer the host filled (allocated through this module's
+/// `proxy_on_memory_allocate`, the SDK's: `Vec::with_capacity(size)`, forgotten).
+#[cfg(target_arch = "wasm32")]
+fn owned(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: see above; exactly how the SDK's own wrappers take such a buffer.
+    unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+/// Answers the request locally. The SDK's `send_http_response` panics on any status but Ok.
+pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: every pointer is valid for its length during the call; the host only reads.
+        match unsafe {
+            proxy_send_local_response(
+                status,
+                std::ptr::null(),
+                0,
+                body.as_ptr(),
+                body.len(),
+                headers.as_ptr(),
+                headers.len(),
+                -1,
+            )
+        } {
+            Status::Ok => Ok(()),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (status, headers, body);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Sets (replaces) a header; the SDK's `set_map_value` panics on any status but Ok.
+pub fn replace_header(map_type: MapType, name: &str, value: &str) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: as in `set_property`.
+        match unsafe {
+            proxy_replace_header_map_value(
+                map_type,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
+        } {
+            Status::Ok => Ok(()),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (map_type, name, value);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Removes a header; the SDK's `remove_map_value` panics on any status but Ok.
+pub fn remove_header(map_type: MapType, name: &str) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: as in `set_property`.
+        match unsafe { proxy_remove_header_map_value(map_type, name.as_ptr(), name.len()) } {
+            Status::Ok => Ok(()),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (map_type, name);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Up to `max` bytes of a buffer from `start`; `None` when the host has none to give.
+pub fn buffer(buffer_type: BufferType, start: usize, max: usize) -> Option<Vec<u8>> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: both out-pointers are valid places for the host to write.
+        match unsafe { proxy_get_buffer_bytes(buffer_type, start, max, &mut data, &mut size) } {
+            Status::Ok => Some(owned(data, size)),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (buffer_type, start, max);
+        None
+    }
+}
+
+/// A shared-data value and its CAS; `None` for an absent key or any refusal.
+pub fn shared_data(key: &str) -> Option<(Vec<u8>, u32)> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        // SAFETY: `key` is valid for its length; the out-pointers are valid places to write.
+        match unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        } {
+            Status::Ok => Some((owned(data, size), cas)),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = key;
+        None
+    }
+}
+
+/// A property's value; `None` when absent or refused (the SDK panics on statuses it does
+/// not expect).
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let path = serialize(path);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: `path` is valid for its length; the out-pointers are valid places to write.
+        match unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) } {
+            Status::Ok => Some(owned(data, size)),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = path;
         None
     }
 }

@@ -5,6 +5,24 @@
 
 use std::borrow::Cow;
 
+/// Header pairs in the ABI's format, as a host call that takes a header map wants them.
+pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
+    let mut raw = Vec::with_capacity(4 + size);
+    raw.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        raw.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        raw.extend_from_slice(k.as_bytes());
+        raw.push(0);
+        raw.extend_from_slice(v.as_bytes());
+        raw.push(0);
+    }
+    raw
+}
+
 /// The serialised header map. Malformed input (it comes from the host) reads as fewer headers,
 /// never as a trap.
 #[derive(Debug, Clone, Default)]
@@ -24,19 +42,13 @@ impl HeaderBlock {
 
     /// The block a host would give for these pairs (the fake host, tests).
     pub fn from_pairs(pairs: &[(String, String)]) -> Self {
-        let mut raw = Vec::new();
-        raw.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-        for (k, v) in pairs {
-            raw.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            raw.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        HeaderBlock {
+            raw: serialize(&refs),
         }
-        for (k, v) in pairs {
-            raw.extend_from_slice(k.as_bytes());
-            raw.push(0);
-            raw.extend_from_slice(v.as_bytes());
-            raw.push(0);
-        }
-        HeaderBlock { raw }
     }
 
     /// Every (name, value), in the host's order; stops at the first entry that does not fit.

@@ -86,11 +86,11 @@ impl Host for ProxyHost {
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+        let _ = super::abi::replace_header(MapType::HttpRequestHeaders, name, value);
     }
 
     fn remove_request_header(&self, name: &str) {
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        let _ = super::abi::remove_header(MapType::HttpRequestHeaders, name);
     }
 
     fn set_property(&self, path: &[&str], value: &[u8]) {
@@ -107,9 +107,7 @@ impl Host for ProxyHost {
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-            .ok()
-            .flatten()
+        super::abi::buffer(BufferType::HttpRequestBody, 0, size)
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
@@ -117,17 +115,15 @@ impl Host for ProxyHost {
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
-            .ok()
-            .flatten()
+        super::abi::buffer(BufferType::HttpResponseBody, 0, size)
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
-        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+        let _ = super::abi::replace_header(MapType::HttpResponseHeaders, name, value);
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.to_vec()).ok().flatten()
+        super::abi::property(path)
     }
 
     fn dispatch(
@@ -154,15 +150,14 @@ impl Host for ProxyHost {
                 super::abi::header_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default(),
             )
             .to_pairs(),
-            body: hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
+            body: super::abi::buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .unwrap_or_default(),
         }
     }
 
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        if let Err(e) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
+        let headers = super::headers::serialize(headers);
+        if let Err(e) = super::abi::send_local_response(status, &headers, body) {
             self.log(
                 Level::Error,
                 &format!("rollsafe: local reply {status} failed: {e:?}"),
@@ -185,13 +180,8 @@ impl Host for ProxyHost {
     }
 
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            // An empty value may come back as no data: the key still exists while it has a cas.
-            Ok((data, Some(cas))) if data.is_some() || cas != 0 => {
-                Some((data.unwrap_or_default(), cas))
-            }
-            _ => None,
-        }
+        // An empty value may come back as no data: the key still exists while it has a cas.
+        super::abi::shared_data(key).filter(|(data, cas)| !data.is_empty() || *cas != 0)
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
