@@ -8,7 +8,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 fn request(host: &FakeHost, kind: HostKind, retry: &str) -> Request {
-    let cfg = format!(r#"{{"retry": {retry}}}"#);
+    configured(host, kind, &format!(r#"{{"retry": {retry}}}"#))
+}
+
+/// A request under a whole configuration.
+fn configured(host: &FakeHost, kind: HostKind, cfg: &str) -> Request {
     Request::new(Rc::new(
         configure(host, cfg.as_bytes(), kind).expect("config"),
     ))
@@ -467,9 +471,7 @@ fn a_routed_native_request_goes_to_its_group_and_its_retry_to_the_next_group() {
 fn a_client_supplied_group_header_is_dropped() {
     let host = FakeHost::at(1_000);
     let cfg = r#"{"routing":{"groups":[{"name":"a","target":"ca"}]}}"#;
-    let mut req = Request::new(Rc::new(
-        configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap(),
-    ));
+    let mut req = configured(&host, HostKind::Envoy, cfg);
     host.set_request(&[
         (":method", "GET"),
         (":path", "/"),
@@ -571,9 +573,7 @@ fn kong_needs_no_target_when_routing_names_the_destinations() {
 fn a_routed_request_reads_its_headers_once_and_its_retry_names_the_next_group() {
     let host = FakeHost::at(1_000);
     let cfg = r#"{"retry":{"backoff":{"base_ms":1,"max_ms":1}},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
-    let mut req = Request::new(Rc::new(
-        configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap(),
-    ));
+    let mut req = configured(&host, HostKind::Envoy, cfg);
     host.set_request(&[
         (":method", "DELETE"),
         (":path", "/o/1"),
