@@ -274,10 +274,10 @@ pub enum KeyError {
 
 /// Parses the key: a Structured Field string (`"…"`) or a bare token; 1–255 visible ASCII
 /// characters; exactly one header line.
-pub fn parse_key(values: &[&str]) -> Result<String, KeyError> {
+pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
     let raw = match values {
         [] => return Err(KeyError::Missing),
-        [one] => one.trim(),
+        [one] => one.as_ref().trim(),
         _ => return Err(KeyError::Repeated),
     };
     let key = if let Some(inner) = raw.strip_prefix('"') {
@@ -1156,7 +1156,7 @@ mod tests {
             "with space and \"quote\""
         );
         assert_eq!(parse_key(&[&"k".repeat(255)]).unwrap().len(), 255);
-        assert_eq!(parse_key(&[]), Err(KeyError::Missing));
+        assert_eq!(parse_key::<&str>(&[]), Err(KeyError::Missing));
         assert_eq!(parse_key(&["a", "b"]), Err(KeyError::Repeated));
         for bad in [
             "",

@@ -92,6 +92,15 @@ fn serialize(path: &[&str]) -> Vec<u8> {
     path.join("\0").into_bytes()
 }
 
+/// A host call's status as a result: anything but Ok is an error, never a trap.
+#[cfg(target_arch = "wasm32")]
+fn checked(status: Status) -> Result<(), Status> {
+    match status {
+        Status::Ok => Ok(()),
+        status => Err(status),
+    }
+}
+
 /// Sets a host property; the host's status comes back as an error instead of a trap.
 pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
     let path = serialize(path);
@@ -99,11 +108,9 @@ pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
     {
         // SAFETY: both pointers are valid for their lengths for the duration of the call; the
         // host only reads them.
-        match unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) }
-        {
-            Status::Ok => Ok(()),
-            status => Err(status),
-        }
+        checked(unsafe {
+            proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len())
+        })
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -117,12 +124,9 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> 
     #[cfg(target_arch = "wasm32")]
     {
         // SAFETY: as in `set_property`.
-        match unsafe {
+        checked(unsafe {
             proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
-        } {
-            Status::Ok => Ok(()),
-            status => Err(status),
-        }
+        })
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -194,7 +198,7 @@ pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(
     #[cfg(target_arch = "wasm32")]
     {
         // SAFETY: every pointer is valid for its length during the call; the host only reads.
-        match unsafe {
+        checked(unsafe {
             proxy_send_local_response(
                 status,
                 std::ptr::null(),
@@ -205,10 +209,7 @@ pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> Result<(
                 headers.len(),
                 -1,
             )
-        } {
-            Status::Ok => Ok(()),
-            status => Err(status),
-        }
+        })
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -222,7 +223,7 @@ pub fn replace_header(map_type: MapType, name: &str, value: &str) -> Result<(), 
     #[cfg(target_arch = "wasm32")]
     {
         // SAFETY: as in `set_property`.
-        match unsafe {
+        checked(unsafe {
             proxy_replace_header_map_value(
                 map_type,
                 name.as_ptr(),
@@ -230,10 +231,7 @@ pub fn replace_header(map_type: MapType, name: &str, value: &str) -> Result<(), 
                 value.as_ptr(),
                 value.len(),
             )
-        } {
-            Status::Ok => Ok(()),
-            status => Err(status),
-        }
+        })
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -247,10 +245,7 @@ pub fn remove_header(map_type: MapType, name: &str) -> Result<(), Status> {
     #[cfg(target_arch = "wasm32")]
     {
         // SAFETY: as in `set_property`.
-        match unsafe { proxy_remove_header_map_value(map_type, name.as_ptr(), name.len()) } {
-            Status::Ok => Ok(()),
-            status => Err(status),
-        }
+        checked(unsafe { proxy_remove_header_map_value(map_type, name.as_ptr(), name.len()) })
     }
     #[cfg(not(target_arch = "wasm32"))]
     {

@@ -1,5 +1,6 @@
 //! A scriptable in-memory host for native flow tests.
 
+use super::headers::HeaderBlock;
 use super::{header, CallResponse, Host, Level, Metric, SetError};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -127,6 +128,11 @@ impl FakeHost {
     }
 
     /// How many request headers the flow has read: the cost of a request that triggers nothing.
+    /// The request's headers as they stand now (what the flow set included); not a read.
+    pub fn request_headers(&self) -> Vec<(String, String)> {
+        self.request.borrow().clone()
+    }
+
     pub fn header_reads(&self) -> usize {
         self.header_reads.get()
     }
@@ -150,9 +156,9 @@ impl Host for FakeHost {
         self.rng.get()
     }
 
-    fn request_headers(&self) -> Vec<(String, String)> {
+    fn request_header_block(&self) -> HeaderBlock {
         self.header_reads.set(self.header_reads.get() + 1);
-        self.request.borrow().clone()
+        HeaderBlock::from_pairs(&self.request.borrow())
     }
 
     fn set_request_header(&self, name: &str, value: &str) {

@@ -116,7 +116,7 @@ impl Request {
         }
         // An exchange keeps the whole header map for its retries (Envoy shows none in the
         // response phase): one read then serves routing and keys too.
-        let mut headers = Headers {
+        let headers = Headers {
             host,
             all: plan.retry.is_some().then(|| host.request_header_block()),
         };
@@ -126,7 +126,7 @@ impl Request {
             String::new()
         };
         let routed = match &plan.routing {
-            Some(rp) => match self.route(rp, &mut headers, &method, &mut now) {
+            Some(rp) => match self.route(rp, &headers, &method, &mut now) {
                 Ok(r) => r,
                 Err(v) => return v,
             },
@@ -151,6 +151,7 @@ impl Request {
                 *driver,
                 host,
                 all,
+                method,
                 end_of_stream,
                 now,
                 routed,
@@ -168,7 +169,7 @@ impl Request {
     fn route<H: Host>(
         &mut self,
         rp: &routing::Policy,
-        headers: &mut Headers<'_, H>,
+        headers: &Headers<'_, H>,
         method: &str,
         now: &mut impl FnMut() -> u64,
     ) -> Result<Option<Routed>, Verdict> {

@@ -55,18 +55,14 @@ fn scope_id(
     let route = ip
         .scope
         .contains(&idempotency::ScopePart::Route)
-        .then(|| {
-            host.property(path)
-                .filter(|v| !v.is_empty())
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
-                .or_else(|| ip.route_fallback.clone())
-        })
+        .then(|| host.property(path).filter(|v| !v.is_empty()))
         .flatten();
+    let fallback = ip.route_fallback.as_deref().map(str::as_bytes);
     let parts: Vec<Option<&[u8]>> = ip
         .scope
         .iter()
         .map(|p| match p {
-            idempotency::ScopePart::Route => route.as_deref().map(str::as_bytes),
+            idempotency::ScopePart::Route => route.as_deref().or(fallback),
             idempotency::ScopePart::Header(name) => headers.get_bytes(name),
         })
         .collect();
@@ -90,7 +86,6 @@ pub fn gate(
         .filter(|(k, _)| k.eq_ignore_ascii_case(&ip.header))
         .map(|(_, v)| v)
         .collect();
-    let values: Vec<&str> = values.iter().map(|v| v.as_ref()).collect();
     let key = match idempotency::parse_key(&values) {
         Ok(key) => key,
         Err(KeyError::Missing) if !ip.required => return Gate::Unkeyed,

@@ -151,12 +151,8 @@ pub trait Host {
     fn random(&self) -> u64;
     /// One request header (`:method`, `:path` and the other pseudo headers included).
     fn request_header(&self, name: &str) -> Option<String>;
-    /// All request headers, pseudo headers included.
-    fn request_headers(&self) -> Vec<(String, String)>;
-    /// All request headers as one block, for lookups that allocate nothing.
-    fn request_header_block(&self) -> headers::HeaderBlock {
-        headers::HeaderBlock::from_pairs(&self.request_headers())
-    }
+    /// All request headers, pseudo headers included, as one block (lookups allocate nothing).
+    fn request_header_block(&self) -> headers::HeaderBlock;
     fn set_request_header(&self, name: &str, value: &str);
     fn remove_request_header(&self, name: &str);
     /// Sets a host property (Kong: `kong.service.target`).

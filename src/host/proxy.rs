@@ -75,10 +75,6 @@ impl Host for ProxyHost {
         super::abi::header_map_value(MapType::HttpRequestHeaders, name).map(lossy)
     }
 
-    fn request_headers(&self) -> Vec<(String, String)> {
-        self.request_header_block().to_pairs()
-    }
-
     fn request_header_block(&self) -> super::headers::HeaderBlock {
         super::headers::HeaderBlock::from_raw(
             super::abi::header_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default(),
@@ -207,9 +203,9 @@ struct Root {
     scheduler: Rc<Scheduler>,
 }
 
-/// Starts the root's tick when a wake-up was filed, stops it when none is left (Envoy only:
-/// Kong's host traps on a second non-zero period, and only Envoy waits backoffs). Envoy applies
-/// a period set from an HTTP context to that context's root.
+/// Starts the root's tick when a wake-up was filed, stops it when none is left (only where the
+/// plan waits on it: Kong's host traps on a second non-zero period). Envoy applies a period set
+/// from an HTTP context to that context's root.
 fn switch_tick(scheduler: &Scheduler) {
     if let Some(on) = scheduler.tick_change() {
         let period = if on { TICK } else { Duration::ZERO };
@@ -245,9 +241,7 @@ impl Context for Root {
             req.on_call_response(&self.host, token, body_size);
         }
         self.scheduler.track(context_id, &request, true);
-        if self.plan.as_ref().is_some_and(|p| p.needs_tick()) {
-            switch_tick(&self.scheduler);
-        }
+        switch_tick(&self.scheduler);
     }
 }
 
@@ -259,19 +253,17 @@ impl RootContext for Root {
             .unwrap_or_default();
         let kind = detect_host();
         match flow::configure(&self.host, &bytes, kind) {
-            Some(plan) => {
-                let mut plan = plan;
+            Some(mut plan) => {
                 if let Some(ip) = plan
                     .idempotency
                     .as_mut()
                     .filter(|_| kind == HostKind::Envoy)
                 {
-                    ip.route_fallback = hostcalls::get_property(vec!["plugin_root_id"])
-                        .ok()
-                        .flatten()
+                    ip.route_fallback = super::abi::property(&["plugin_root_id"])
                         .and_then(|v| String::from_utf8(v).ok())
                         .filter(|v| !v.is_empty());
                 }
+                self.scheduler.allow_tick(plan.needs_tick());
                 self.host = ProxyHost::with_metrics();
                 if let Some(idem) = &plan.idempotency {
                     crate::idempotency::create_slots(&HostShared(&self.host), idem.slots);
@@ -293,9 +285,7 @@ impl RootContext for Root {
             }
             self.scheduler.track(context_id, &request, true);
         }
-        if self.plan.as_ref().is_some_and(|p| p.needs_tick()) {
-            switch_tick(&self.scheduler);
-        }
+        switch_tick(&self.scheduler);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -307,7 +297,6 @@ impl RootContext for Root {
             request: Rc::new(RefCell::new(Request::new(plan))),
             host: self.host.clone(),
             scheduler: Rc::clone(&self.scheduler),
-            ticks: self.plan.as_ref().is_some_and(|p| p.needs_tick()),
         }))
     }
 
@@ -321,8 +310,6 @@ struct Http {
     request: Shared,
     host: ProxyHost,
     scheduler: Rc<Scheduler>,
-    /// Backoffs of this request wait on the root's tick (Envoy with retries).
-    ticks: bool,
 }
 
 fn action(v: Verdict) -> Action {
@@ -340,9 +327,7 @@ impl Http {
         };
         // Calls dispatched from this context come back to it; only backoffs need the root.
         self.scheduler.track(self.id, &self.request, false);
-        if self.ticks {
-            switch_tick(&self.scheduler);
-        }
+        switch_tick(&self.scheduler);
         action(verdict)
     }
 }

@@ -3,7 +3,7 @@
 use super::fake::FakeHost;
 use super::flow::{configure, Request, Verdict};
 use super::scheduler::Scheduler;
-use super::{Host, HostKind, Metric};
+use super::{HostKind, Metric};
 use std::cell::RefCell;
 use std::rc::Rc;
 

@@ -20,6 +20,8 @@ pub struct Scheduler {
     /// The root's tick is running: it runs only while a wake-up is filed, so an idle worker
     /// is never woken (a 10 ms tick costs a VM call a hundred times a second).
     ticking: std::cell::Cell<bool>,
+    /// The plan waits on the tick at all (Envoy with retries).
+    tick_allowed: std::cell::Cell<bool>,
 }
 
 impl Scheduler {
@@ -71,11 +73,16 @@ impl Scheduler {
     /// Whether the tick must start (a wake-up is filed and it is not running) or may stop
     /// (nothing is filed): `Some(on)` when the tick should be switched, recorded as done.
     pub fn tick_change(&self) -> Option<bool> {
-        let want = !self.wakeups.borrow().is_empty();
+        let want = self.tick_allowed.get() && !self.wakeups.borrow().is_empty();
         (want != self.ticking.get()).then(|| {
             self.ticking.set(want);
             want
         })
+    }
+
+    /// Set at configure time: whether the plan waits on the tick.
+    pub fn allow_tick(&self, allowed: bool) {
+        self.tick_allowed.set(allowed);
     }
 
     /// The host refused to switch the tick: the state stays as it was.

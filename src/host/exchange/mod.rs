@@ -136,6 +136,7 @@ impl Exchange {
         driver: Driver,
         host: &impl Host,
         all: HeaderBlock,
+        method: String,
         end_of_stream: bool,
         now: u64,
         routed: Option<Routed>,
@@ -146,7 +147,12 @@ impl Exchange {
                 .and_then(|rp| rp.groups.get(r.group))
                 .map(|g| g.target.clone())
         });
-        let method = all.get(":method").unwrap_or("GET").to_string();
+        // (Both hosts always send `:method`; read as GET if one did not.)
+        let method = if method.is_empty() {
+            "GET".to_string()
+        } else {
+            method
+        };
         let keyed = plan
             .idempotency
             .as_ref()
@@ -201,11 +207,8 @@ impl Exchange {
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
-        if let Some(ip) = plan.idempotency.as_ref().filter(|_| keyed) {
-            let block = ex.block.take().unwrap_or_default();
-            let gate = key::gate(ip, plan.host, host, &block, declared_len, now);
-            ex.block = Some(block);
-            match gate {
+        if let (Some(ip), Some(block)) = (plan.idempotency.as_ref().filter(|_| keyed), &ex.block) {
+            match key::gate(ip, plan.host, host, block, declared_len, now) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.key = Some(k),
                 Gate::Answer(reply) => {
