@@ -29,6 +29,10 @@ deps: .deps-stamp $(VENV)/.stamp
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq binaryen; }
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk; }
+	@command -v redis-server >/dev/null && command -v webdis >/dev/null || { \
+	  echo "installing redis-server and webdis (the shared idempotency store's e2e tests)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server webdis; }
 	@touch $@
 
 $(VENV)/.stamp: tests/requirements.txt

@@ -73,6 +73,23 @@ pub struct IdempotencyConfig {
     /// request unprotected). Logged and counted either way.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Where records live: `local` (this node's shared data; every gateway node on its own)
+    /// or `redis` (one store for the whole fleet, through Webdis; see `redis`).
+    #[serde(default)]
+    pub store: StoreKind,
+    /// The shared store, with `store: redis`. `max_entries` then sizes this node's cache of
+    /// completed records.
+    #[serde(default)]
+    pub redis: Option<crate::shared_store::RedisConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    #[default]
+    Local,
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -141,6 +158,8 @@ pub struct Policy {
     /// The route's name when the host names none for a request (Envoy: the filter's root
     /// id), read once at configure time.
     pub route_fallback: Option<String>,
+    /// The fleet-wide store (`store: redis`); `None`: the node-local one.
+    pub shared: Option<crate::shared_store::Redis>,
 }
 
 impl Policy {
@@ -197,6 +216,30 @@ impl Policy {
                 }
             });
         }
+        let shared = match (cfg.store, &cfg.redis) {
+            (StoreKind::Redis, Some(r)) => Some(crate::shared_store::Redis::compile(
+                r,
+                &format!("{at}.redis"),
+            )?),
+            (StoreKind::Redis, None) => {
+                return Err(err(
+                    "redis",
+                    "required with store: redis (at least its target: where Webdis listens)".into(),
+                ))
+            }
+            (StoreKind::Local, Some(_)) => {
+                return Err(err(
+                    "store",
+                    "must be redis when a redis section is given (it is local by default)".into(),
+                ))
+            }
+            (StoreKind::Local, None) => None,
+        };
+        // Without the cache, the shared store keeps nothing on the node.
+        let slots = match &shared {
+            Some(r) if !r.cache => 0,
+            _ => cfg.max_entries,
+        };
         let (mut store_classes, mut store_exact) = (Vec::new(), Vec::new());
         for (i, s) in cfg.store_statuses.iter().enumerate() {
             let bad = || {
@@ -229,7 +272,7 @@ impl Policy {
             scope,
             default_scope: cfg.scope == default_scope(),
             max_response_bytes: cfg.max_response_bytes as usize,
-            slots: cfg.max_entries,
+            slots,
             store_classes,
             store_exact,
             skip: cfg.skip_statuses.clone(),
@@ -240,6 +283,7 @@ impl Policy {
                 .collect(),
             when_full: cfg.when_full,
             route_fallback: None,
+            shared,
         })
     }
 
@@ -639,6 +683,56 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
         }
     }
     false
+}
+
+/// The node-local cache of completed records kept beside the shared store: this node's copy
+/// of `key`'s completed record, if it holds one. A record still in flight is no answer here
+/// (the cache never holds claims: [`cache`] completes the one it makes at once).
+pub fn cached(store: &impl Shared, slots: u32, key: &str, now: u64) -> Option<(Facts, Stored)> {
+    if slots == 0 {
+        return None;
+    }
+    let start = probe_start(key, slots);
+    for i in 0..PROBE.min(slots as usize) as u32 {
+        let slot = (start + i) % slots;
+        let Some((value, _)) = store.get(&Policy::slot_key(slot)) else {
+            continue;
+        };
+        if let Some(rec) = decode(&value).filter(|r| r.key == key && r.expires_ms > now) {
+            return match rec.state {
+                State::Done => read_response(store, slot, rec.owner).map(|s| (rec.facts, s)),
+                State::InFlight => None,
+            };
+        }
+    }
+    None
+}
+
+/// Keeps a completed record in the node-local cache (evicting the window's oldest when it must);
+/// whether it was written. A key the cache already holds is left as it is.
+#[allow(clippy::too_many_arguments)]
+pub fn cache(
+    store: &impl Shared,
+    slots: u32,
+    key: &str,
+    facts: &Facts,
+    owner: u64,
+    stored: &Stored,
+    now: u64,
+    expires_ms: u64,
+) -> bool {
+    if slots == 0 {
+        return false;
+    }
+    let Claim::Claimed { slot, .. } = claim(store, slots, key, facts, owner, now, 1_000) else {
+        return false;
+    };
+    let done = Settle::Complete {
+        stored: stored.clone(),
+        expires_ms,
+        body_len: facts.body_len,
+    };
+    settle(store, slot, key, owner, &done)
 }
 
 /// Writes the slot's response, whatever was there (the index CAS is what guards the slot).

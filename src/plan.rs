@@ -150,6 +150,14 @@ impl Plan {
             && self.routing.is_none()
     }
 
+    /// Whether requests hand the root calls to send on its tick (the shared store's writes
+    /// nobody waits for).
+    pub fn sends_later(&self) -> bool {
+        self.idempotency
+            .as_ref()
+            .is_some_and(|ip| ip.shared.is_some())
+    }
+
     /// Whether any exchange may wait a backoff on the root context's tick: on Envoy every
     /// request with a body takes the native driver, whatever `retry.exchange` says.
     pub fn needs_tick(&self) -> bool {

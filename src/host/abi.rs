@@ -7,7 +7,7 @@
 //! `unsafe` in the crate: the imports the SDK declares, called as it calls them.
 #![allow(unsafe_code)]
 
-use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status, StreamType};
 
 #[cfg(target_arch = "wasm32")]
 #[link(wasm_import_module = "env")]
@@ -79,6 +79,7 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> Status;
+    fn proxy_continue_stream(stream_type: StreamType) -> Status;
     fn proxy_define_metric(
         metric_type: MetricType,
         name_data: *const u8,
@@ -98,6 +99,20 @@ fn checked(status: Status) -> Result<(), Status> {
     match status {
         Status::Ok => Ok(()),
         status => Err(status),
+    }
+}
+
+/// Resumes a stream the filter paused (Envoy; Kong's host resumes by itself).
+pub fn continue_stream(stream: StreamType) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: no pointers are passed.
+        checked(unsafe { proxy_continue_stream(stream) })
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = stream;
+        Err(Status::InternalFailure)
     }
 }
 

@@ -53,6 +53,10 @@ pub struct FakeHost {
     pub rng: Cell<u64>,
     /// Shared data with Envoy's CAS rules (cas 0 = no check; absent keys inserted).
     pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// Calls handed to the root for its next tick.
+    pub later: RefCell<Vec<Dispatched>>,
+    pub resumed_requests: Cell<usize>,
+    pub resumed_responses: Cell<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +239,30 @@ impl Host for FakeHost {
             timeout_ms,
         });
         Ok(token)
+    }
+
+    fn dispatch_later(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        timeout_ms: u64,
+    ) {
+        self.later.borrow_mut().push(Dispatched {
+            token: 0,
+            target: target.to_string(),
+            headers: owned(headers),
+            body,
+            timeout_ms,
+        });
+    }
+
+    fn resume_request(&self) {
+        self.resumed_requests.set(self.resumed_requests.get() + 1);
+    }
+
+    fn resume_response(&self) {
+        self.resumed_responses.set(self.resumed_responses.get() + 1);
     }
 
     fn call_response(&self, body_size: usize) -> CallResponse {

@@ -3,12 +3,15 @@
 //!
 //! Everything the key alone decides is decided before the request headers go on: on Envoy the
 //! route's upstream request starts as soon as they do, so a duplicate or a replay decided later
-//! would reach the application as an aborted request.
+//! would reach the application as an aborted request. With the shared store the claim is a
+//! call to Webdis ([`Gate::Ask`]): the exchange holds the request until [`claimed`] reads its
+//! answer, and holds the final answer until its completion is written ([`Key::settle`]).
 
 use super::headers::HeaderBlock;
 use super::reply::Reply;
 use super::{Host, HostKind, HostShared, Level, Metric};
-use crate::idempotency::{self, Claim, Facts, KeyError, Settle, Stored};
+use crate::idempotency::{self, Claim, Facts, KeyError, Record, Settle, State, Stored};
+use crate::shared_store::{self, Claimed, Redis, WhenUnavailable};
 
 /// The exchange's final answer as the record keeps it; `body` is `None` when it was too large
 /// to keep.
@@ -18,15 +21,28 @@ pub struct Final<'a> {
     pub body: Option<&'a [u8]>,
 }
 
-/// A key this request holds (or, with `slot: None`, a key it could not claim and runs without).
+/// Where a claim is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// A slot of the node-local table.
+    Slot(u32),
+    /// The shared store's record.
+    Shared,
+}
+
+/// A key this request holds (or, with `held: None`, a key it could not claim and runs without).
 pub struct Key {
     /// Caller scope and key: what the store is keyed by.
     store_key: String,
     owner: u64,
-    /// The claimed slot, while this request owns the key.
-    slot: Option<u32>,
+    facts: Facts,
+    /// Where the claim is, while this request owns the key.
+    held: Option<Held>,
     /// When the claim's lease ends, as last written.
     lease_until: u64,
+    /// A completion sent to the shared store and not yet acknowledged (cached on this node once
+    /// it is, or once the store turns out to be unreachable).
+    completing: Option<(Stored, u64)>,
 }
 
 /// What the key decided at request-header time.
@@ -37,6 +53,35 @@ pub enum Gate {
     Claimed(Key),
     /// Answer with this, without contacting any upstream.
     Answer(Reply),
+    /// The shared store decides: send it this claim (see [`send`]), then [`claimed`] reads
+    /// the answer.
+    Ask(Key, Vec<u8>),
+}
+
+/// Sends a command to Webdis: `POST /` with the command as the body.
+pub fn send(redis: &Redis, host: &impl Host, command: &[u8]) -> Result<u32, String> {
+    let headers = webdis_headers(redis);
+    host.dispatch(&redis.target, &headers, command, redis.timeout_ms)
+}
+
+/// Sends a command to Webdis from the root context, answer unread.
+fn send_later(redis: &Redis, host: &impl Host, command: Vec<u8>) {
+    let headers = webdis_headers(redis);
+    host.dispatch_later(&redis.target, &headers, command, redis.timeout_ms);
+}
+
+fn webdis_headers(redis: &Redis) -> [(&str, &str); 4] {
+    [
+        (":method", "POST"),
+        (":path", "/"),
+        (":authority", &redis.authority),
+        ("content-type", "text/plain"),
+    ]
+}
+
+/// The HTTP status of Webdis's answer (`None`: no answer at all).
+pub fn status_of(resp: &super::CallResponse) -> Option<u16> {
+    super::header(&resp.headers, ":status").and_then(|s| s.trim().parse().ok())
 }
 
 /// The caller scope: route and hashed headers, as configured.
@@ -118,71 +163,171 @@ pub fn gate(
     let store_key = format!("{scope}:{key}");
     let owner = host.random();
     let store = HostShared(host);
-    match idempotency::claim(
+    let mut k = Key {
+        store_key,
+        owner,
+        facts,
+        held: None,
+        lease_until: now + ip.lease_ms,
+        completing: None,
+    };
+    if let Some(redis) = &ip.shared {
+        if let Some((cached, stored)) = idempotency::cached(&store, ip.slots, &k.store_key, now) {
+            host.count(Metric::IdemCacheHit);
+            let same = cached.same_as(&k.facts);
+            return Gate::Answer(held_answer(Claim::Done { same, stored }, host, path));
+        }
+        let rec = k.record(now + ip.lease_ms);
+        let command = redis.claim(&k.store_key, &rec, ip.lease_ms);
+        return Gate::Ask(k, command);
+    }
+    let claim = idempotency::claim(
         &store,
         ip.slots,
-        &store_key,
-        &facts,
+        &k.store_key,
+        &k.facts,
         owner,
         now,
         ip.lease_ms,
-    ) {
+    );
+    match claim {
         Claim::Claimed { slot, evicted } => {
             if evicted {
                 host.count(Metric::IdemEvicted);
             }
-            Gate::Claimed(Key {
-                store_key,
-                owner,
-                slot: Some(slot),
-                lease_until: now + ip.lease_ms,
-            })
+            k.held = Some(Held::Slot(slot));
+            Gate::Claimed(k)
         }
+        Claim::Full if ip.when_full == idempotency::WhenFull::PassThrough => {
+            host.count(Metric::IdemStoreFull);
+            host.log(
+                Level::Warn,
+                "rollsafe: idempotency store full; run unprotected",
+            );
+            // Unprotected: the request runs once, under the plain retry rules.
+            Gate::Unkeyed
+        }
+        other => Gate::Answer(held_answer(other, host, path)),
+    }
+}
+
+/// The shared store's answer to a claim (`status: None`: no answer): `Ok(Some)` the key is
+/// this request's, `Ok(None)` the store is unavailable and the request runs unprotected
+/// (`fail-open`), `Err` the answer to send.
+pub fn claimed(
+    mut k: Key,
+    ip: &idempotency::Policy,
+    host: &impl Host,
+    status: Option<u16>,
+    body: &[u8],
+    path: &str,
+) -> Result<Option<Key>, Reply> {
+    let Some(redis) = &ip.shared else {
+        return Ok(None);
+    };
+    match shared_store::read_claim(status, body, &k.store_key, &k.facts) {
+        Ok(Claimed::Won) => {
+            k.held = Some(Held::Shared);
+            Ok(Some(k))
+        }
+        Ok(Claimed::Held(claim)) => {
+            if let Claim::Done { same: true, stored } = &claim {
+                // Replays of this key on this node now need no call.
+                let now = host.now_ms();
+                let expires = now + ip.ttl_ms;
+                idempotency::cache(
+                    &HostShared(host),
+                    ip.slots,
+                    &k.store_key,
+                    &k.facts,
+                    k.owner,
+                    stored,
+                    now,
+                    expires,
+                );
+            }
+            Err(held_answer(claim, host, path))
+        }
+        Err(why) => {
+            host.count(Metric::IdemStoreUnavailable);
+            match redis.when_unavailable {
+                WhenUnavailable::FailClosed => {
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "rollsafe: idempotency store unavailable ({}); answered 503",
+                            why.0
+                        ),
+                    );
+                    Err(Reply::problem(
+                        503,
+                        "idempotency-store-unavailable",
+                        "Idempotency store unavailable",
+                        "The idempotency store cannot be reached; the request was not run. Try again shortly.".into(),
+                        path,
+                        Some(1),
+                    ))
+                }
+                WhenUnavailable::FailOpen => {
+                    host.count(Metric::IdemFailOpen);
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "rollsafe: idempotency store unavailable ({}); running the request unprotected (fail-open)",
+                            why.0
+                        ),
+                    );
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// The answer when another request holds the key (in flight or completed) or there is no room.
+fn held_answer(claim: Claim, host: &impl Host, path: &str) -> Reply {
+    match claim {
         Claim::InFlight {
             same: true,
             retry_after_ms,
         } => {
             host.count(Metric::IdemInFlight);
-            Gate::Answer(Reply::problem(
+            Reply::problem(
                 409,
                 "idempotency-key-in-flight",
                 "Request in progress",
                 "A request with this idempotency key is still being processed.".into(),
                 path,
                 Some(retry_after_ms.div_ceil(1000).max(1)),
-            ))
+            )
         }
         // 422 wins over 409 when both apply.
         Claim::InFlight { same: false, .. } | Claim::Done { same: false, .. } => {
             host.count(Metric::IdemMismatch);
-            Gate::Answer(Reply::problem(
+            Reply::problem(
                 422,
                 "idempotency-key-reused",
                 "Idempotency key reused",
                 "This idempotency key was used with a different request.".into(),
                 path,
                 None,
-            ))
+            )
         }
         Claim::Done { same: true, stored } => {
             host.count(Metric::IdemReplayed);
-            Gate::Answer(replay(stored))
+            replay(stored)
         }
-        Claim::Full => {
+        Claim::Full | Claim::Claimed { .. } => {
             host.count(Metric::IdemStoreFull);
             host.log(Level::Warn, "rollsafe: idempotency store full");
-            match ip.when_full {
-                idempotency::WhenFull::Reject => Gate::Answer(Reply::problem(
-                    503,
-                    "idempotency-store-full",
-                    "Idempotency store full",
-                    "The idempotency store is full; try again shortly.".into(),
-                    path,
-                    Some(1),
-                )),
-                // Unprotected: the request runs once, under the plain retry rules.
-                idempotency::WhenFull::PassThrough => Gate::Unkeyed,
-            }
+            Reply::problem(
+                503,
+                "idempotency-store-full",
+                "Idempotency store full",
+                "The idempotency store is full; try again shortly.".into(),
+                path,
+                Some(1),
+            )
         }
     }
 }
@@ -204,91 +349,141 @@ fn replay(stored: Stored) -> Reply {
 impl Key {
     /// Whether this request holds the key (and so may be retried as if idempotent).
     pub fn enforced(&self) -> bool {
-        self.slot.is_some()
+        self.held.is_some()
     }
 
     /// When the claim's lease ends, while this request holds the key.
     pub fn lease_until(&self) -> Option<u64> {
-        self.slot.map(|_| self.lease_until)
+        self.held.map(|_| self.lease_until)
+    }
+
+    /// This request's in-flight record.
+    fn record(&self, expires_ms: u64) -> Record {
+        Record {
+            key: self.store_key.clone(),
+            facts: self.facts,
+            owner: self.owner,
+            expires_ms,
+            state: State::InFlight,
+        }
     }
 
     /// An attempt starts: the lease must last at least until `until` (the longest the exchange
     /// can still take). Written only when the claim's lease would end earlier — a body that
     /// took long to arrive.
-    pub fn cover(&mut self, host: &impl Host, until: u64) {
-        let Some(slot) = self.slot else {
+    pub fn cover(&mut self, ip: &idempotency::Policy, host: &impl Host, until: u64) {
+        let Some(held) = self.held else {
             return;
         };
         if self.lease_until >= until {
             return;
         }
-        let extend = Settle::Extend { expires_ms: until };
-        if idempotency::settle(
-            &HostShared(host),
-            slot,
-            &self.store_key,
-            self.owner,
-            &extend,
-        ) {
-            self.lease_until = until;
-        } else {
-            // Someone else holds the key now: this request must not be retried as keyed.
-            host.log(
-                Level::Warn,
-                "rollsafe: idempotency lease lost before the attempt started",
-            );
-            self.slot = None;
+        match (held, &ip.shared) {
+            (Held::Slot(slot), _) => {
+                let extend = Settle::Extend { expires_ms: until };
+                let store = HostShared(host);
+                if idempotency::settle(&store, slot, &self.store_key, self.owner, &extend) {
+                    self.lease_until = until;
+                } else {
+                    // Someone else holds the key now: this request must not be retried as keyed.
+                    host.log(
+                        Level::Warn,
+                        "rollsafe: idempotency lease lost before the attempt started",
+                    );
+                    self.held = None;
+                }
+            }
+            (Held::Shared, Some(redis)) => {
+                // Unacknowledged (sent from the root): the claim's own lease already covers the
+                // longest exchange, this only adds what the body's arrival took.
+                let lease_ms = until.saturating_sub(host.now_ms());
+                let extend = shared_store::Settle::Extend { lease_ms };
+                let command = redis.settle(&self.store_key, &self.record(0), &extend);
+                send_later(redis, host, command);
+                self.lease_until = until;
+            }
+            (Held::Shared, None) => {}
         }
     }
 
     /// The exchange ended: a storable answer completes the record, anything else (5xx, no
-    /// answer, a request that never reached the application) releases it.
+    /// answer, a request that never reached the application) releases it. With the shared
+    /// store and `hold`, the command is returned for the caller to send and wait for (its
+    /// answer goes to [`Key::settled`]); without `hold` it goes out from the root.
     pub fn settle(
         &mut self,
         ip: &idempotency::Policy,
         host: &impl Host,
         answer: Option<Final<'_>>,
         body_len: Option<u64>,
-    ) {
-        let Some(slot) = self.slot.take() else {
-            return;
-        };
-        let settle = match answer.filter(|a| ip.stores(a.status)) {
-            Some(Final {
-                status,
-                headers,
-                body,
-            }) => {
-                let body = body.filter(|b| b.len() <= ip.max_response_bytes);
-                let keep = body.is_some();
-                Settle::Complete {
-                    stored: Stored {
-                        status,
-                        headers: headers
-                            .iter()
-                            .filter(|(k, _)| {
-                                ip.replay_headers.iter().any(|h| k.eq_ignore_ascii_case(h))
-                            })
-                            .cloned()
-                            .collect(),
-                        body: body.map(<[u8]>::to_vec).unwrap_or_default(),
-                        body_omitted: !keep,
-                    },
-                    expires_ms: host.now_ms() + ip.ttl_ms,
-                    body_len,
-                }
+        hold: bool,
+    ) -> Option<Vec<u8>> {
+        let held = self.held.take()?;
+        let now = host.now_ms();
+        let stored = answer.filter(|a| ip.stores(a.status)).map(|a| {
+            let body = a.body.filter(|b| b.len() <= ip.max_response_bytes);
+            Stored {
+                status: a.status,
+                headers: a
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| ip.replay_headers.iter().any(|h| k.eq_ignore_ascii_case(h)))
+                    .cloned()
+                    .collect(),
+                body_omitted: body.is_none(),
+                body: body.map(<[u8]>::to_vec).unwrap_or_default(),
             }
+        });
+        let Some(redis) = ip.shared.as_ref().filter(|_| held == Held::Shared) else {
+            if let Held::Slot(slot) = held {
+                self.settle_slot(host, slot, stored, now + ip.ttl_ms, body_len);
+            }
+            return None;
+        };
+        if body_len.is_some() {
+            self.facts.body_len = body_len;
+        }
+        let rec = self.record(0);
+        let command = match &stored {
+            Some(stored) => redis.settle(
+                &self.store_key,
+                &rec,
+                &shared_store::Settle::Complete {
+                    stored,
+                    ttl_ms: ip.ttl_ms,
+                },
+            ),
+            None => redis.settle(&self.store_key, &rec, &shared_store::Settle::Release),
+        };
+        self.completing = stored.map(|s| (s, now + ip.ttl_ms));
+        if hold {
+            return Some(command);
+        }
+        send_later(redis, host, command);
+        self.keep_on_node(ip, host);
+        None
+    }
+
+    fn settle_slot(
+        &mut self,
+        host: &impl Host,
+        slot: u32,
+        stored: Option<Stored>,
+        expires_ms: u64,
+        body_len: Option<u64>,
+    ) {
+        let completes = stored.is_some();
+        let settle = match stored {
+            Some(stored) => Settle::Complete {
+                stored,
+                expires_ms,
+                body_len,
+            },
             None => Settle::Release,
         };
-        let stored = matches!(settle, Settle::Complete { .. });
-        if idempotency::settle(
-            &HostShared(host),
-            slot,
-            &self.store_key,
-            self.owner,
-            &settle,
-        ) {
-            host.count(if stored {
+        let store = HostShared(host);
+        if idempotency::settle(&store, slot, &self.store_key, self.owner, &settle) {
+            host.count(if completes {
                 Metric::IdemStored
             } else {
                 Metric::IdemReleased
@@ -298,6 +493,78 @@ impl Key {
                 Level::Warn,
                 "rollsafe: idempotency record no longer held by this request; left as it is",
             );
+        }
+    }
+
+    /// The shared store's answer to the command [`Key::settle`] returned (`status: None`: none).
+    /// A completion the store could not take is still kept on this node: a retry here replays.
+    pub fn settled(
+        &mut self,
+        ip: &idempotency::Policy,
+        host: &impl Host,
+        status: Option<u16>,
+        body: &[u8],
+    ) {
+        let completes = self.completing.is_some();
+        match shared_store::read_settle(status, body) {
+            Ok(true) => host.count(if completes {
+                Metric::IdemStored
+            } else {
+                Metric::IdemReleased
+            }),
+            Ok(false) => {
+                self.completing = None;
+                host.log(
+                    Level::Warn,
+                    "rollsafe: idempotency record no longer held by this request; left as it is",
+                );
+            }
+            Err(why) => {
+                host.count(Metric::IdemStoreUnavailable);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "rollsafe: idempotency record not written to the shared store ({}); {}",
+                        why.0,
+                        if completes {
+                            "kept on this node only"
+                        } else {
+                            "the key stays claimed until its lease ends"
+                        }
+                    ),
+                );
+            }
+        }
+        self.keep_on_node(ip, host);
+    }
+
+    /// Caches the completion on this node (the shared store's cache of completed records).
+    fn keep_on_node(&mut self, ip: &idempotency::Policy, host: &impl Host) {
+        let Some((stored, expires)) = self.completing.take() else {
+            return;
+        };
+        idempotency::cache(
+            &HostShared(host),
+            ip.slots,
+            &self.store_key,
+            &self.facts,
+            self.owner,
+            &stored,
+            host.now_ms(),
+            expires,
+        );
+    }
+
+    /// The client left while the claim was being asked for: release it, should it have landed
+    /// (only this request's own claim can be released).
+    pub fn abandon(&self, ip: &idempotency::Policy, host: &impl Host) {
+        if let Some(redis) = &ip.shared {
+            let command = redis.settle(
+                &self.store_key,
+                &self.record(0),
+                &shared_store::Settle::Release,
+            );
+            send_later(redis, host, command);
         }
     }
 }

@@ -60,13 +60,20 @@ pub enum Metric {
     IdemStoreFull,
     /// The oldest completed record of a key's probe window made room for a new key.
     IdemEvicted,
+    /// The shared store (Redis through Webdis) gave no usable answer: down, slow, or an error.
+    IdemStoreUnavailable,
+    /// `when_unavailable: fail-open`: a keyed request ran unprotected.
+    IdemFailOpen,
+    /// A keyed request answered (replay or 422) from this node's cache of the shared store's
+    /// completed records, with no call to Redis.
+    IdemCacheHit,
     RoutingMissingKey,
     RoutingFailover,
     RoutingGroupDown,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 25] = [
+    pub const ALL: [Metric; 28] = [
         Metric::MaintenanceRejected,
         Metric::MaintenanceBypassed,
         Metric::Attempts,
@@ -89,6 +96,9 @@ impl Metric {
         Metric::IdemReleased,
         Metric::IdemStoreFull,
         Metric::IdemEvicted,
+        Metric::IdemStoreUnavailable,
+        Metric::IdemFailOpen,
+        Metric::IdemCacheHit,
         Metric::RoutingMissingKey,
         Metric::RoutingFailover,
         Metric::RoutingGroupDown,
@@ -118,6 +128,9 @@ impl Metric {
             Metric::IdemReleased => "rollsafe_idempotency_released",
             Metric::IdemStoreFull => "rollsafe_idempotency_store_full",
             Metric::IdemEvicted => "rollsafe_idempotency_evicted",
+            Metric::IdemStoreUnavailable => "rollsafe_idempotency_store_unavailable",
+            Metric::IdemFailOpen => "rollsafe_idempotency_fail_open",
+            Metric::IdemCacheHit => "rollsafe_idempotency_cache_hits",
             Metric::RoutingMissingKey => "rollsafe_routing_missing_key",
             Metric::RoutingFailover => "rollsafe_routing_failover",
             Metric::RoutingGroupDown => "rollsafe_routing_group_down",
@@ -173,6 +186,20 @@ pub trait Host {
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, String>;
+    /// A call nobody waits for (a lease extended, a key released after the client left): the
+    /// root context sends it on its next tick, so it outlives the request and goes out from
+    /// phases where a request may not dispatch (Kong's response and log phases).
+    fn dispatch_later(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        timeout_ms: u64,
+    );
+    /// Lets a request held at its headers go on (Envoy: its body then reaches the filter).
+    fn resume_request(&self);
+    /// Lets a held response go on.
+    fn resume_response(&self);
     /// Headers and body of the call response being delivered.
     fn call_response(&self, body_size: usize) -> CallResponse;
     /// Answers the request locally; the upstream is not contacted.

@@ -4,12 +4,14 @@
 //! implement (HOSTS.md: Kong traps on `proxy_get_log_level`, `proxy_done`, …).
 
 use super::flow::{self, Request, Verdict};
-use super::scheduler::{Scheduler, Shared};
+use super::scheduler::{Later, Scheduler, Shared};
 use super::{CallResponse, Host, HostKind, HostShared, Level, Metric, SetError};
 use crate::plan::Plan;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{
+    Action, BufferType, ContextType, LogLevel, MapType, MetricType, StreamType,
+};
 use std::cell::{Cell, RefCell};
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
@@ -35,10 +37,12 @@ pub fn install() {
 pub struct ProxyHost {
     metric_ids: Rc<Vec<Option<u32>>>,
     seed: Rc<Cell<u64>>,
+    /// The root's: calls sent on its next tick.
+    scheduler: Rc<Scheduler>,
 }
 
 impl ProxyHost {
-    fn with_metrics() -> Self {
+    fn with_metrics(scheduler: Rc<Scheduler>) -> Self {
         let ids = Metric::ALL
             .iter()
             .map(|m| super::abi::define_metric(MetricType::Counter, m.name()).ok())
@@ -48,6 +52,7 @@ impl ProxyHost {
             seed: Rc::new(Cell::new(
                 std::hash::RandomState::new().build_hasher().finish(),
             )),
+            scheduler,
         }
     }
 }
@@ -138,6 +143,38 @@ impl Host for ProxyHost {
             Duration::from_millis(timeout_ms),
         )
         .map_err(|e| format!("{e:?}"))
+    }
+
+    fn dispatch_later(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        timeout_ms: u64,
+    ) {
+        let call = Later {
+            target: target.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body,
+            timeout_ms,
+        };
+        if !self.scheduler.send_later(call) {
+            self.log(
+                Level::Warn,
+                &format!("rollsafe: too many calls waiting for {target:?}; one dropped"),
+            );
+        }
+    }
+
+    fn resume_request(&self) {
+        let _ = super::abi::continue_stream(StreamType::HttpRequest);
+    }
+
+    fn resume_response(&self) {
+        let _ = super::abi::continue_stream(StreamType::HttpResponse);
     }
 
     fn call_response(&self, body_size: usize) -> CallResponse {
@@ -264,7 +301,12 @@ impl RootContext for Root {
                         .filter(|v| !v.is_empty());
                 }
                 self.scheduler.allow_tick(plan.needs_tick());
-                self.host = ProxyHost::with_metrics();
+                if kind == HostKind::Kong && plan.sends_later() {
+                    // Kong's host takes one tick period per root for good (a second one
+                    // traps): set once, it sends the calls nobody waits for.
+                    let _ = hostcalls::set_tick_period(TICK);
+                }
+                self.host = ProxyHost::with_metrics(Rc::clone(&self.scheduler));
                 if let Some(idem) = &plan.idempotency {
                     crate::idempotency::create_slots(&HostShared(&self.host), idem.slots);
                 }
@@ -276,6 +318,22 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        for call in self.scheduler.take_later() {
+            let headers: Vec<(&str, &str)> = call
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if let Err(e) = self
+                .host
+                .dispatch(&call.target, &headers, &call.body, call.timeout_ms)
+            {
+                self.host.log(
+                    Level::Warn,
+                    &format!("rollsafe: cannot call {:?}: {e}", call.target),
+                );
+            }
+        }
         for (context_id, request) in self.scheduler.due(self.host.now_ms()) {
             if !self.host.set_effective_context(context_id) {
                 continue;
@@ -368,5 +426,6 @@ impl HttpContext for Http {
         if let Ok(mut req) = self.request.try_borrow_mut() {
             req.on_done(&self.host);
         }
+        switch_tick(&self.scheduler);
     }
 }

@@ -13,10 +13,23 @@ type Held = Weak<RefCell<Request>>;
 type Entry = (u64, u32, Held);
 type CallEntry = (u32, u32, Held);
 
+/// A call the root sends for a request that does not wait for its answer.
+pub struct Later {
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// The most calls waiting for the root's next tick: past it a call is dropped (and logged by
+/// the caller), so a store that stopped answering cannot make memory grow.
+pub const LATER_MAX: usize = 4096;
+
 #[derive(Default)]
 pub struct Scheduler {
     wakeups: RefCell<Vec<Entry>>,
     calls: RefCell<Vec<CallEntry>>,
+    later: RefCell<Vec<Later>>,
     /// The root's tick is running: it runs only while a wake-up is filed, so an idle worker
     /// is never woken (a 10 ms tick costs a VM call a hundred times a second).
     ticking: std::cell::Cell<bool>,
@@ -73,11 +86,27 @@ impl Scheduler {
     /// Whether the tick must start (a wake-up is filed and it is not running) or may stop
     /// (nothing is filed): `Some(on)` when the tick should be switched, recorded as done.
     pub fn tick_change(&self) -> Option<bool> {
-        let want = self.tick_allowed.get() && !self.wakeups.borrow().is_empty();
+        let want = self.tick_allowed.get()
+            && !(self.wakeups.borrow().is_empty() && self.later.borrow().is_empty());
         (want != self.ticking.get()).then(|| {
             self.ticking.set(want);
             want
         })
+    }
+
+    /// Files a call for the root's next tick; `false` when too many are waiting.
+    pub fn send_later(&self, call: Later) -> bool {
+        let mut later = self.later.borrow_mut();
+        if later.len() >= LATER_MAX {
+            return false;
+        }
+        later.push(call);
+        true
+    }
+
+    /// The calls to send now.
+    pub fn take_later(&self) -> Vec<Later> {
+        std::mem::take(&mut *self.later.borrow_mut())
     }
 
     /// Set at configure time: whether the plan waits on the tick.

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 WASM = Path(os.environ.get("ROLLSAFE_WASM", ROOT / "dist" / "rollsafe.wasm"))
 POD_BIN = ROOT / "target" / "release" / "rollsafe-pod"
 ENVOY_BIN = Path(sys.executable).parent / "envoy"
+# The shared store's processes (Debian's `redis-server` and `webdis`; make test installs them).
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+WEBDIS_BIN = shutil.which("webdis") or "/usr/bin/webdis"
 
 # Pods get their own loopback address (127.0.0.<n>) so a test can address a "pod" the way a
 # Service would address an endpoint; n is spread by process id so parallel runs don't collide.
@@ -241,6 +245,70 @@ ROUTE_RETRY_POLICY = {
     }],
     "host_selection_retry_max_attempts": 3,
 }
+
+
+class SharedStore:
+    """The shared idempotency store on loopback: `redis-server` (persisting every write to its
+    append-only file, so a restart loses nothing) and `webdis` in front of it, which rollsafe
+    calls over HTTP. It is a cluster like a pod's (`ip`, `port`, `address`) so a gateway can name
+    it: `clusters={"webdis": [store]}`, and `redis.target: "webdis"` in the filter config."""
+
+    def __init__(self, harness: "Harness"):
+        self.harness = harness
+        self.ip = "127.0.0.1"
+        self.port = free_port()
+        self.redis_port = free_port()
+        self.dir = harness.dir / f"store-{next(harness.counter)}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.redis: subprocess.Popen | None = None
+        self.webdis: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def start(self) -> "SharedStore":
+        self.start_redis()
+        conf = self.dir / "webdis.json"
+        conf.write_text(json.dumps({
+            "redis_host": self.ip, "redis_port": self.redis_port, "http_host": self.ip,
+            "http_port": self.port, "threads": 2, "pool_size": 8, "daemonize": False,
+            "websockets": False, "database": 0, "verbosity": 3,
+            "logfile": str(self.dir / "webdis.log")}))
+        self.webdis = subprocess.Popen([WEBDIS_BIN, str(conf)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.harness.procs.append(self.webdis)
+        wait_for(lambda: self.ping() or self.webdis.poll() is not None, 10, "webdis")
+        return self
+
+    def start_redis(self) -> None:
+        self.redis = subprocess.Popen(
+            [REDIS_BIN, "--bind", self.ip, "--port", str(self.redis_port), "--dir", str(self.dir),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             "--logfile", str(self.dir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.harness.procs.append(self.redis)
+        wait_for(lambda: _connectable(self.ip, self.redis_port) or self.redis.poll() is not None,
+                 10, "redis")
+
+    def stop_redis(self) -> None:
+        """Stops Redis (Webdis stays up and answers 503)."""
+        if self.redis and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(10)
+
+    def ping(self) -> bool:
+        """Whether Webdis reaches Redis."""
+        try:
+            return request(self.ip, self.port, "GET", "/PING", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def command(self, *parts: str):
+        """One Redis command through Webdis (JSON answer)."""
+        from urllib.parse import quote
+        path = "/" + "/".join(quote(p, safe="") for p in parts)
+        return request(self.ip, self.port, "GET", path, timeout=5).json()
 
 
 class Envoy:
@@ -483,7 +551,15 @@ class Kong:
         self.dir = harness.dir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "error.log"
-        self.services = {name: harness.service(name, pods) for name, pods in clusters.items()}
+        # Kong's dispatch always sends `Connection: close`, and Debian's Webdis (0.1.9) never
+        # answers such a request when it arrives in more than one read (nicolasff/webdis#194,
+        # fixed in later Webdis): a shared store is reached through a keep-alive proxy in this
+        # same nginx, as the README tells Kong operators running that Webdis.
+        self.store_proxies = {name: (pods[0].address, free_port()) for name, pods in clusters.items()
+                              if isinstance(pods[0], SharedStore)}
+        self.services = {name: (f"127.0.0.1:{self.store_proxies[name][1]}"
+                                if name in self.store_proxies else harness.service(name, pods))
+                         for name, pods in clusters.items()}
         # Kong points the live request at a group with kong.service.target; bare nginx has no
         # Kong PDK, so the harness routes it by the group header rollsafe sets, to the same
         # Service.
@@ -502,6 +578,9 @@ class Kong:
         if isinstance(retry, dict):
             # Kong's host has one driver (dispatch); the suite's native/dispatch runs are one run.
             retry.pop("exchange", None)
+        redis = (cfg.get("idempotency") or {}).get("redis")
+        if isinstance(redis, dict) and redis.get("target") in self.services:
+            redis["target"] = self.services[redis["target"]]
         if isinstance(retry, dict) and retry.get("target") in self.services:
             retry["target"] = self.services[retry["target"]]
         elif isinstance(retry, dict) and "target" not in retry and not cfg.get("routing"):
@@ -524,6 +603,17 @@ class Kong:
         upstreams = "\n".join(
             f"  upstream {name} {{ " + " ".join(f"server {addr} max_fails=0;" for _ in range(3)) + " }"
             for name, addr in self.services.items())
+        stores = "".join(
+            f"""  upstream {name}_webdis {{ server {addr}; keepalive 16; }}
+  server {{
+    listen {proxy};
+    location / {{
+      proxy_pass http://{name}_webdis;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+""" for name, (addr, port) in self.store_proxies.items() for proxy in [f"127.0.0.1:{port}"])
         # One filter chain per route, as Kong attaches it; the route's Service is proxy_pass.
         var = "$http_" + self.group_header.lower().replace("-", "_")
         maps = "".join(
@@ -559,6 +649,7 @@ http {{
   client_max_body_size 32m;
   {self.http_extra}
 {upstreams}
+{stores}
 {maps}
   server {{
     listen 127.0.0.1:{self.port};
@@ -654,6 +745,9 @@ class Harness:
         self.procs.append(proc)
         wait_for(lambda: _connectable(ip, port) or proc.poll() is not None, 10, f"service {name}")
         return f"{ip}:{port}"
+
+    def shared_store(self) -> SharedStore:
+        return SharedStore(self).start()
 
     def envoy(self, filter_config, clusters: dict[str, list[Pod]], start: bool = True, **kw):
         """The gateway under test with rollsafe in it: Envoy, or Kong's host under

@@ -47,6 +47,9 @@ impl Exchange {
         token: u32,
         body_size: usize,
     ) {
+        if self.on_store_answer(policy, host, token, body_size) {
+            return;
+        }
         if self.pending != Some(token) || self.answered {
             return;
         }
@@ -76,7 +79,7 @@ impl Exchange {
         }
         match self.after_attempt(policy, host, outcome, retry_after) {
             Some(_) if self.buffers_unsafe && !self.body.is_empty() => {
-                self.hand_to_proxy_pass(host, outcome)
+                self.hand_to_proxy_pass(host, outcome.reason())
             }
             Some((wait_ms, timeout_ms)) => self.schedule(policy, host, wait_ms, timeout_ms),
             None => self.answer(policy, host),
@@ -88,7 +91,7 @@ impl Exchange {
     /// nginx's own `proxy_pass` (the request resumes to it once this callback returns with
     /// nothing pending; `kong.service.target` names the attempt's target). Its answer is final:
     /// Kong's host cannot act on a response but to let it through (and store it).
-    fn hand_to_proxy_pass(&mut self, host: &impl Host, outcome: Outcome) {
+    pub(super) fn hand_to_proxy_pass(&mut self, host: &impl Host, after: &str) {
         self.reroute(host);
         let plan = std::rc::Rc::clone(&self.plan);
         let group = plan
@@ -115,7 +118,7 @@ impl Exchange {
                 self.method(),
                 self.path(),
                 self.attempt,
-                outcome.reason()
+                after
             ),
         );
     }

@@ -37,6 +37,22 @@ pub enum Step {
     Pause,
 }
 
+/// A call to the shared store the exchange waits for.
+enum StoreCall {
+    /// The key's claim: the request is held until it is answered.
+    Claim(Key),
+    /// The key's completion or release: then this.
+    Settle(Then),
+}
+
+/// What comes after the key's record is written.
+enum Then {
+    /// Send this answer.
+    Reply(Reply),
+    /// Let the held response go on (Envoy's native driver).
+    Resume,
+}
+
 /// An upstream answer kept as the possible final answer.
 #[derive(Debug, Clone)]
 struct Answer {
@@ -125,6 +141,12 @@ pub struct Exchange {
     /// Native: when to renew the key's lease while the route's attempt is still out (its
     /// bound is the route's timeout, which rollsafe cannot see).
     renew_at: Option<u64>,
+    /// The call to the shared store this exchange waits for, and its token.
+    store_call: Option<(u32, StoreCall)>,
+    /// Kong's host, a request with a body: the shared store's claim, asked once the body is
+    /// whole (nothing reaches an upstream before then, and pausing the headers would starve the
+    /// filter of the body).
+    deferred_claim: Option<(Key, Vec<u8>)>,
 }
 
 impl Exchange {
@@ -203,10 +225,13 @@ impl Exchange {
             buffers_unsafe: false,
             storing: None,
             renew_at: None,
+            store_call: None,
+            deferred_claim: None,
         };
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
+        let mut ask = None;
         if let (Some(ip), Some(block)) = (plan.idempotency.as_ref().filter(|_| keyed), &ex.block) {
             match key::gate(ip, plan.host, host, block, declared_len, now) {
                 Gate::Unkeyed => {}
@@ -215,10 +240,21 @@ impl Exchange {
                     ex.send_reply(host, &reply);
                     return (Some(ex), Step::Pause);
                 }
+                Gate::Ask(k, command) => ask = Some((k, command)),
             }
         }
         policy.note_request(now);
         ex.name_group(host);
+        if let Some((k, command)) = ask {
+            if plan.host == HostKind::Kong && has_body {
+                ex.deferred_claim = Some((k, command));
+                return (Some(ex), Step::Continue);
+            }
+            // Held at its headers until the claim is answered (on Envoy the route's request
+            // starts with them; its body waits with it).
+            let step = ex.ask(policy, host, k, &command);
+            return (Some(ex), step);
+        }
         match driver {
             Driver::Dispatch if !has_body => {
                 ex.send_attempt(policy, host);
@@ -236,6 +272,115 @@ impl Exchange {
 
     fn method(&self) -> &str {
         &self.method
+    }
+
+    /// Sends the shared store the key's claim; the request stays held until its answer.
+    fn ask(&mut self, policy: &Policy, host: &impl Host, k: Key, command: &[u8]) -> Step {
+        let plan = Rc::clone(&self.plan);
+        let Some(redis) = plan.idempotency.as_ref().and_then(|ip| ip.shared.as_ref()) else {
+            return Step::Continue;
+        };
+        match key::send(redis, host, command) {
+            Ok(token) => {
+                self.store_call = Some((token, StoreCall::Claim(k)));
+                Step::Pause
+            }
+            Err(e) => {
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "rollsafe: cannot call the idempotency store at {:?}: {e}",
+                        redis.target
+                    ),
+                );
+                self.claim_answered(policy, host, k, None, &[])
+            }
+        }
+    }
+
+    /// The shared store answered the claim (`status: None`: it did not): run the request, or
+    /// answer it.
+    fn claim_answered(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        k: Key,
+        status: Option<u16>,
+        body: &[u8],
+    ) -> Step {
+        let plan = Rc::clone(&self.plan);
+        let Some(ip) = plan.idempotency.as_ref() else {
+            return Step::Continue;
+        };
+        let path = self.path().to_string();
+        match key::claimed(k, ip, host, status, body, &path) {
+            Ok(k) => self.key = k,
+            Err(reply) => {
+                self.send_reply(host, &reply);
+                return Step::Pause;
+            }
+        }
+        match self.driver {
+            Driver::Native => {
+                // Only now do the headers (and then the body) go on to the route.
+                self.begin_route_attempt(policy, host);
+                host.resume_request();
+                Step::Continue
+            }
+            Driver::Dispatch if self.buffers_unsafe && !self.body.is_empty() => {
+                self.hand_to_proxy_pass(host, "the idempotency store's failed call");
+                Step::Continue
+            }
+            Driver::Dispatch => {
+                self.send_attempt(policy, host);
+                Step::Pause
+            }
+        }
+    }
+
+    /// An answer from the shared store: `true` when it was one this exchange waits for.
+    fn on_store_answer(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        token: u32,
+        body_size: usize,
+    ) -> bool {
+        if self.store_call.as_ref().is_none_or(|(t, _)| *t != token) {
+            return false;
+        }
+        let Some((_, call)) = self.store_call.take() else {
+            return false;
+        };
+        let resp = host.call_response(body_size);
+        let status = key::status_of(&resp);
+        // Kong's host: after a failed call nothing may take a buffer (see `on_call_response`),
+        // and the same holds after an answer without a body (Webdis's 503 while Redis is
+        // down): a local answer with a body sent from this callback left nginx writing a
+        // zero-size buffer and the client's connection closed unanswered.
+        self.buffers_unsafe =
+            self.plan.host == HostKind::Kong && (status.is_none() || resp.body.is_empty());
+        match call {
+            StoreCall::Claim(k) => {
+                self.claim_answered(policy, host, k, status, &resp.body);
+            }
+            StoreCall::Settle(then) => {
+                let plan = Rc::clone(&self.plan);
+                if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
+                    k.settled(ip, host, status, &resp.body);
+                }
+                self.then(host, then);
+            }
+        }
+        self.buffers_unsafe = false;
+        true
+    }
+
+    fn then(&mut self, host: &impl Host, then: Then) {
+        match then {
+            Then::Reply(reply) => self.send_reply(host, &reply),
+            Then::Resume => host.resume_response(),
+        }
     }
 
     fn path(&self) -> &str {
@@ -270,20 +415,53 @@ impl Exchange {
     /// The first attempt starts: the key's lease must outlast anything the exchange can still
     /// do (written only when the body took long enough to eat into it).
     fn cover_lease(&mut self, policy: &Policy, host: &impl Host) {
-        if let Some(k) = self.key.as_mut() {
-            k.cover(host, host.now_ms() + policy.longest_exchange_ms());
+        let plan = Rc::clone(&self.plan);
+        if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
+            k.cover(ip, host, host.now_ms() + policy.longest_exchange_ms());
         }
     }
 
     /// Completes or releases the key with the exchange's final answer (`None`: no answer that
-    /// may be stored).
-    fn settle_key(&mut self, host: &impl Host, answer: Option<Final<'_>>) {
+    /// may be stored). `then`: what follows once the record is written — with the shared store
+    /// it waits for the store's acknowledgement (so that a retry on any node finds the
+    /// record), and it is handed back when there is nothing to wait for. With `None` nothing
+    /// waits (the write goes out from the root).
+    fn settle_key(
+        &mut self,
+        host: &impl Host,
+        answer: Option<Final<'_>>,
+        then: Option<Then>,
+    ) -> Option<Then> {
         let plan = Rc::clone(&self.plan);
         let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
-            return;
+            return then;
         };
         let received = self.body_done.then_some(self.body.len() as u64);
-        k.settle(ip, host, answer, received.or(self.declared_len));
+        // Kong's host, after a failed call: a dispatch with a body could share its buffer.
+        let hold = then.is_some() && !self.buffers_unsafe;
+        let command = k.settle(ip, host, answer, received.or(self.declared_len), hold);
+        let (Some(redis), Some(command)) = (ip.shared.as_ref(), command) else {
+            // Written already (the node-local store), or sent from the root: nothing waits.
+            return then;
+        };
+        let then = then?;
+        match key::send(redis, host, &command) {
+            Ok(token) => {
+                self.store_call = Some((token, StoreCall::Settle(then)));
+                None
+            }
+            Err(e) => {
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "rollsafe: cannot call the idempotency store at {:?}: {e}",
+                        redis.target
+                    ),
+                );
+                k.settled(ip, host, None, &[]);
+                Some(then)
+            }
+        }
     }
 
     /// The body is too large to hold (or the host did not hand it over): the configured
@@ -295,7 +473,7 @@ impl Exchange {
         why: &str,
     ) -> (Option<Exchange>, Step) {
         host.count(Metric::BodyTooLarge);
-        self.settle_key(host, None);
+        self.settle_key(host, None, None);
         match policy.body_too_large {
             BodyTooLarge::Reject => {
                 host.log(
@@ -367,6 +545,14 @@ impl Exchange {
         }
         self.body = body;
         self.body_done = true;
+        if self.store_call.is_some() {
+            // Still waiting for the claim, which then starts the attempt with this body.
+            return (Some(self), Step::Pause);
+        }
+        if let Some((k, command)) = self.deferred_claim.take() {
+            let step = self.ask(policy, host, k, &command);
+            return (Some(self), step);
+        }
         match self.driver {
             Driver::Dispatch => {
                 self.send_attempt(policy, host);
@@ -482,7 +668,7 @@ impl Exchange {
         if k.lease_until()
             .is_some_and(|until| until <= now + ip.lease_ms / 2)
         {
-            k.cover(host, now + ip.lease_ms);
+            k.cover(ip, host, now + ip.lease_ms);
         }
         if let Some(until) = k.lease_until() {
             self.renew_at = Some(until.saturating_sub(ip.lease_ms / 2).max(now + 1));
@@ -495,20 +681,27 @@ impl Exchange {
         self.wake_at.take()
     }
 
+    /// The call this exchange waits for: an attempt, or the shared store.
     pub fn pending(&self) -> Option<u32> {
-        self.pending
+        self.pending.or(self.store_call.as_ref().map(|(t, _)| *t))
     }
 
     /// The client went away. A key whose request never reached an upstream whole is released
     /// (nothing can have run); otherwise it stays claimed until its lease ends, since the
     /// application may still be executing it.
     pub fn on_client_gone(&mut self, host: &impl Host) {
+        if let Some((_, StoreCall::Claim(k))) = self.store_call.take() {
+            if let Some(ip) = self.plan.idempotency.as_ref() {
+                k.abandon(ip, host);
+            }
+            return;
+        }
         if self.answered || self.storing.is_some() {
             return;
         }
         let reached = self.route_complete || self.attempt > 0 && self.driver == Driver::Dispatch;
         if !reached {
-            self.settle_key(host, None);
+            self.settle_key(host, None, None);
         }
     }
 
@@ -579,15 +772,21 @@ impl Exchange {
     /// Sends the final answer: the last upstream answer, or a problem when there is none.
     fn answer(&mut self, policy: &Policy, host: &impl Host) {
         let last = self.last.take();
-        self.settle_key(
-            host,
-            last.as_ref().map(|a| Final {
-                status: a.status,
-                headers: &a.headers,
-                body: Some(&a.body),
-            }),
-        );
-        let reply = match last {
+        let done = last.as_ref().map(|a| Final {
+            status: a.status,
+            headers: &a.headers,
+            body: Some(&a.body),
+        });
+        // The answer waits for its record: built first, sent once the record is written.
+        let reply = self.final_reply(policy, last.as_ref());
+        if let Some(then) = self.settle_key(host, done, Some(Then::Reply(reply))) {
+            self.then(host, then);
+        }
+    }
+
+    fn final_reply(&self, policy: &Policy, last: Option<&Answer>) -> Reply {
+        let last = last.cloned();
+        match last {
             Some(a) => {
                 let mut headers: Vec<(String, String)> = a
                     .headers
@@ -604,8 +803,7 @@ impl Exchange {
                 }
             }
             None => self.no_answer_problem(policy),
-        };
-        self.send_reply(host, &reply);
+        }
     }
 
     /// 504 (timeouts, deadline) or 502 (connection failures) when no upstream ever answered.

@@ -6,9 +6,9 @@
 //! exchange — streamed to the client, buffered first when it completes an idempotency record —
 //! or, when it is a retryable failure, is held while the next attempt is dispatched.
 
-use super::{Exchange, Step};
+use super::{Exchange, Step, Then};
 use crate::host::key::Final;
-use crate::host::{Host, Level, Metric};
+use crate::host::{Host, HostKind, Level, Metric};
 use crate::retry::{self, Outcome, Policy};
 use std::rc::Rc;
 
@@ -53,7 +53,7 @@ impl Exchange {
             // the route, say every pod refused), and no more of the body will come: nothing can
             // be replayed and nothing ran, so the key is released and the answer passes.
             self.answered = true;
-            self.settle_key(host, None);
+            self.settle_key(host, None, None);
             host.count(Metric::RetryGaveUp);
             host.log(
                 Level::Info,
@@ -80,8 +80,7 @@ impl Exchange {
         if let Some(h) = &policy.attempt_count_header {
             host.set_response_header(h, &self.attempt.to_string());
         }
-        self.keep_route_answer(host, status, end_of_stream);
-        Step::Continue
+        self.keep_route_answer(host, status, end_of_stream)
     }
 
     /// Attempt 1's answer: retry (its response held meanwhile) or let it through.
@@ -122,25 +121,23 @@ impl Exchange {
                 if let Some(h) = &policy.attempt_count_header {
                     host.set_response_header(h, &self.attempt.to_string());
                 }
-                self.keep_route_answer(host, status, end_of_stream);
-                Step::Continue
+                self.keep_route_answer(host, status, end_of_stream)
             }
         }
     }
 
     /// The route's answer is final. Under a key, a storable answer completes the record (its
     /// body buffered on the way through), any other releases it.
-    fn keep_route_answer(&mut self, host: &impl Host, status: u16, end_of_stream: bool) {
+    fn keep_route_answer(&mut self, host: &impl Host, status: u16, end_of_stream: bool) -> Step {
         if !self.key_enforced() {
-            return;
+            return Step::Continue;
         }
         let plan = Rc::clone(&self.plan);
         let Some(ip) = plan.idempotency.as_ref() else {
-            return;
+            return Step::Continue;
         };
         if !ip.stores(status) {
-            self.settle_key(host, None);
-            return;
+            return self.settle_in_response(host, None);
         }
         let headers: Vec<(String, String)> = ip
             .replay_headers
@@ -153,9 +150,21 @@ impl Exchange {
                 headers: &headers,
                 body: Some(&[]),
             };
-            self.settle_key(host, Some(done));
+            self.settle_in_response(host, Some(done))
         } else {
             self.storing = Some(Storing { status, headers });
+            Step::Continue
+        }
+    }
+
+    /// Settles the key from the response phase. On Envoy the response waits for a shared
+    /// store's acknowledgement (a retry on any node then finds the record); Kong's host allows
+    /// no call from here, so its write goes out from the root.
+    fn settle_in_response(&mut self, host: &impl Host, answer: Option<Final<'_>>) -> Step {
+        let hold = self.plan.host == HostKind::Envoy;
+        match self.settle_key(host, answer, hold.then_some(Then::Resume)) {
+            None if hold => Step::Pause,
+            _ => Step::Continue,
         }
     }
 
@@ -179,7 +188,7 @@ impl Exchange {
                 headers: &headers,
                 body: body.as_deref(),
             };
-            self.settle_key(host, Some(done));
+            return self.settle_in_response(host, Some(done));
         }
         Step::Continue
     }

@@ -1,0 +1,156 @@
+"""Idempotency across gateway nodes: two gateways (two Envoy processes, or two Kong hosts under
+ROLLSAFE_GATEWAY=kong) share one Redis through Webdis (`idempotency.store: redis`)."""
+
+import concurrent.futures
+import itertools
+
+import pytest
+
+from tests.e2e.test_idempotency import post
+
+
+def shared(when_unavailable="fail-closed", cache=True, **idem) -> dict:
+    return {
+        "retry": {"backoff": {"base_ms": 10, "max_ms": 20}},
+        "idempotency": {
+            "store": "redis",
+            "redis": {"target": "webdis", "when_unavailable": when_unavailable,
+                      "cache": cache, "timeout_ms": 500},
+            **idem,
+        },
+    }
+
+
+def two_nodes(harness, cfg, pods=None, **kw):
+    store = harness.shared_store()
+    pods = pods or [harness.pod("a1", "a")]
+    clusters = {"svc": pods, "webdis": [store]}
+    a = harness.envoy(cfg, clusters, default_cluster="svc", **kw)
+    b = harness.envoy(cfg, clusters, default_cluster="svc", **kw)
+    return store, pods, a, b
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_a_key_used_on_one_node_replays_on_the_other(harness, cache):
+    store, [pod], a, b = two_nodes(harness, shared(cache=cache))
+    first = post(a, '"order-1"', '{"sku": 1}')
+    assert first.status == 201, first
+    second = post(b, '"order-1"', '{"sku": 1}')
+    assert second.status == 201, second
+    assert second.headers.get("idempotent-replayed") == "true"
+    assert second.body == first.body
+    assert second.headers["content-type"] == first.headers["content-type"]
+    # Same node again: from its cache when it keeps one, from Redis otherwise.
+    third = post(a, '"order-1"', '{"sku": 1}')
+    assert third.headers.get("idempotent-replayed") == "true"
+    assert len(pod.ledger()) == 1
+    # A different request under the same key, on either node: 422.
+    assert post(b, '"order-1"', '{"sku": 22}').status == 422
+    assert post(a, '"order-1"', '{"sku": 22}').status == 422
+    assert len(pod.ledger()) == 1
+    # The record is Redis's, under the prefix, with the TTL of a completed record.
+    keys = store.command("KEYS", "rollsafe:*")["KEYS"]
+    assert len(keys) == 1, keys
+    ttl = store.command("PTTL", keys[0])["PTTL"]
+    assert 86_000_000 < ttl <= 86_400_000, ttl
+    if a.has_stats:
+        assert a.stats().get("wasmcustom.rollsafe_idempotency_cache_hits", 0) == (2 if cache else 0)  # the replay, the 422
+
+
+def test_fifty_concurrent_duplicates_across_two_nodes_write_once(harness):
+    pod = harness.pod("a1", "a")
+    store, _, a, b = two_nodes(harness, shared(), pods=[pod])
+    pod.script({"delay_ms": 400, "count": 1, "commit": True, "status": 201})
+    nodes = itertools.cycle([a, b])
+    targets = [next(nodes) for _ in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(lambda n: post(n, '"burst"', '{"sku": 9}'), targets))
+    statuses = sorted(r.status for r in results)
+    assert len(pod.ledger()) == 1, statuses
+    assert set(statuses) <= {201, 409}, statuses
+    for r in results:
+        if r.status == 409:
+            assert r.problem()["type"].endswith("idempotency-key-in-flight")
+            assert int(r.headers["retry-after"]) >= 1
+    # Afterwards both nodes replay the one result.
+    for node in (a, b):
+        again = post(node, '"burst"', '{"sku": 9}')
+        assert again.status == 201 and again.headers.get("idempotent-replayed") == "true"
+    assert len(pod.ledger()) == 1
+
+
+def test_a_lease_that_ran_out_cannot_be_completed_over_a_newer_claim(harness):
+    """The owner check is the server's: a claim whose lease expired while its request still ran
+    is taken by the next try; the first owner's late completion must not overwrite it."""
+    pod = harness.pod("a1", "a")
+    cfg = shared(lease_ms=1000)
+    cfg["retry"].update({"attempts": 1, "per_try_timeout_ms": 900})
+    store, _, a, b = two_nodes(harness, cfg, pods=[pod])
+    key = '"slow"'
+    pod.script({"delay_ms": 700, "count": 1, "commit": True, "status": 201})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(post, a, key, "{}")
+        # Expire the first claim by hand (as if its lease had run out), then claim again.
+        import time
+        time.sleep(0.3)
+        [rkey] = store.command("KEYS", "rollsafe:*")["KEYS"]
+        store.command("DEL", rkey)
+        second = pool.submit(post, b, key, "{}")
+        first = slow.result()
+        second = second.result()
+    assert first.status == 201 and second.status == 201
+    assert len(pod.ledger()) == 2  # the deleted record let the second run: the test's doing
+    # The record is the second request's, completed: the first one's late write was refused.
+    third = post(a, key, "{}")
+    assert third.headers.get("idempotent-replayed") == "true"
+    assert third.body == second.body, (third.body, first.body, second.body)
+
+
+def test_redis_down_fails_closed_then_everything_recovers_with_nothing_lost(harness):
+    pod = harness.pod("a1", "a")
+    store, _, a, b = two_nodes(harness, shared(cache=False), pods=[pod])
+    done = post(a, '"before"', '{"sku": 1}')
+    assert done.status == 201
+    store.stop_redis()
+    seen = len(pod.attempts())
+    for node in (a, b):
+        r = post(node, '"during"', '{"sku": 2}')
+        assert r.status == 503, r
+        assert r.headers.get("retry-after") == "1"
+        problem = r.problem() if node.kind == "envoy" else None
+        if problem:
+            assert problem["type"].endswith("idempotency-store-unavailable")
+    assert len(pod.attempts()) == seen, "no upstream contact while the store is down"
+    # Requests without a key are none of the store's business.
+    assert a.request("GET", "/orders").status == 200
+    store.start_redis()
+    harness_wait(store)
+    # The key completed before the outage still replays (Redis kept it), on both nodes.
+    for node in (a, b):
+        r = post(node, '"before"', '{"sku": 1}')
+        assert r.headers.get("idempotent-replayed") == "true", r
+    # The refused write now runs, once.
+    assert post(b, '"during"', '{"sku": 2}').status == 201
+    assert post(a, '"during"', '{"sku": 2}').headers.get("idempotent-replayed") == "true"
+    bodies = [e["idempotency_key"] for e in pod.ledger()]
+    assert bodies == ['"before"', '"during"'], bodies
+    if a.has_stats:
+        assert a.stats().get("wasmcustom.rollsafe_idempotency_store_unavailable", 0) >= 1
+
+
+def test_webdis_down_fails_open_when_configured(harness):
+    pod = harness.pod("a1", "a")
+    store, _, a, b = two_nodes(harness, shared(when_unavailable="fail-open"), pods=[pod])
+    store.webdis.terminate()
+    store.webdis.wait(10)
+    r = post(a, '"open"', '{"sku": 3}')
+    assert r.status == 201, r
+    assert "idempotent-replayed" not in r.headers
+    assert len(pod.ledger()) == 1, "ran once, unprotected"
+    if a.has_stats:
+        assert a.stats().get("wasmcustom.rollsafe_idempotency_fail_open", 0) == 1
+
+
+def harness_wait(store):
+    from tests.e2e.harness import wait_for
+    wait_for(store.ping, 10, "webdis reaches redis again")
