@@ -19,6 +19,8 @@ pub mod fake;
 mod idempotency_flow_tests;
 #[cfg(test)]
 mod retry_flow_tests;
+#[cfg(test)]
+mod shared_store_flow_tests;
 
 /// Log levels the flow uses (mapped to the host's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,6 +31,10 @@ class Write:
     errors: list = field(default_factory=list)
     final: int | None = None
     latency_ms: float = 0.0
+    # Sent again after its answer (as a client that lost it would), and whether that was a
+    # replay of the same answer.
+    resent: bool = False
+    replayed: bool = False
 
 
 @dataclass
@@ -50,6 +54,10 @@ class Verdict:
     @property
     def failed(self) -> list[Write]:
         return [w for w in self.writes if w.final is None or not 200 <= w.final < 300]
+
+    @property
+    def not_replayed(self) -> list[Write]:
+        return [w for w in self.writes if w.resent and not w.replayed]
 
     @property
     def saw_5xx(self) -> list[Write]:
@@ -77,6 +85,8 @@ class Verdict:
             f"{len(self.crash_window)} doubled in the app's crash window",
             f"attempts at pods    {self.attempts} ({self.aborted} aborted)",
             f"rollsafe retries    {retries or 'none'}",
+            f"resent by clients   {sum(w.resent for w in self.writes)} "
+            f"({len(self.not_replayed)} not replayed)",
             f"replays             {self.stats.get('wasmcustom.rollsafe_idempotency_replays', 0)}"
             f"   409s: {seen.get(409, 0)} seen by clients",
             f"client statuses     {dict(sorted(seen.items()))}",
@@ -98,14 +108,18 @@ def _send(port: int, path: str, w: Write, body: bytes, timeout: float = 30) -> t
         conn.close()
 
 
-def _client(port: int, path: str, n: int, stop: threading.Event, out: list[Write], users: int):
+def _client(ports: list[int], path: str, n: int, stop: threading.Event, out: list[Write],
+            users: int, resend: float):
     rng = random.Random(n)
-    while not stop.is_set():
-        w = Write(key=str(uuid.uuid4()), user=f"user-{rng.randrange(users)}")
-        body = json.dumps({"client": n, "key": w.key, "sku": rng.randrange(1000)}).encode()
-        start = time.monotonic()
-        give_up = start + 60
+    # With several gateway nodes a client's tries go round them (a load balancer in front of
+    # the fleet, or a client's own retry landing elsewhere): a retry is on another node.
+    node = rng.randrange(len(ports))
+
+    def until_final(w: Write, body: bytes, give_up: float):
+        nonlocal node
         while time.monotonic() < give_up:
+            port = ports[node]
+            node = (node + 1) % len(ports)
             try:
                 status, headers = _send(port, path, w, body)
             except OSError as e:
@@ -119,9 +133,20 @@ def _client(port: int, path: str, n: int, stop: threading.Event, out: list[Write
             if status >= 500:
                 time.sleep(0.05)
                 continue
-            w.final = status
-            break
+            return status, headers
+        return None, {}
+
+    while not stop.is_set():
+        w = Write(key=str(uuid.uuid4()), user=f"user-{rng.randrange(users)}")
+        body = json.dumps({"client": n, "key": w.key, "sku": rng.randrange(1000)}).encode()
+        start = time.monotonic()
+        w.final, _ = until_final(w, body, start + 60)
         w.latency_ms = (time.monotonic() - start) * 1000
+        if w.final is not None and rng.random() < resend:
+            # A client that lost the answer sends the write again (on the next node).
+            w.resent = True
+            status, headers = until_final(w, body, time.monotonic() + 60)
+            w.replayed = status == w.final and headers.get("idempotent-replayed") == "true"
         out.append(w)
         time.sleep(rng.uniform(0, 0.01))
 
@@ -133,13 +158,16 @@ def _in_flight(pod: Pod) -> int:
         return 0
 
 
-def run(envoy_port: int, pods: list[Pod], stats, clients: int = 6, users: int = 60,
+def run(envoy_port: int | list[int], pods: list[Pod], stats, clients: int = 6, users: int = 60,
         warmup_s: float = 1.0, settle_s: float = 0.5, path: str = "/orders",
-        log=lambda msg: None) -> Verdict:
-    """Runs the load and the restarts; `stats()` reads the gateway's counters at the end."""
+        resend: float = 0.0, log=lambda msg: None) -> Verdict:
+    """Runs the load and the restarts against one gateway port, or several gateway nodes' ports
+    (each client's tries then go round them); `stats()` reads the gateway's counters at the
+    end."""
+    ports = envoy_port if isinstance(envoy_port, list) else [envoy_port]
     stop = threading.Event()
     writes: list[Write] = []
-    threads = [threading.Thread(target=_client, args=(envoy_port, path, n, stop, writes, users),
+    threads = [threading.Thread(target=_client, args=(ports, path, n, stop, writes, users, resend),
                                 daemon=True) for n in range(clients)]
     for t in threads:
         t.start()

@@ -5,6 +5,9 @@ twice, no client sees a 5xx, and no pod ever sees a request whose body did not a
 (the harness fixture fails the test on any aborted request).
 """
 
+import collections
+import copy
+
 from tests.e2e import rolling
 
 # Idempotency, retries and routing together, as a team running writes through a gateway
@@ -34,6 +37,37 @@ def test_rolling_restart_loses_no_write_and_runs_none_twice(harness):
     pods, envoy = start(harness)
     verdict = rolling.run(envoy.port, pods, envoy.stats, clients=6, log=print)
     print("\n" + verdict.summary())
+    check(verdict)
+
+
+def test_rolling_restart_with_two_gateway_nodes_on_the_shared_store(harness):
+    """The same run with two gateway nodes sharing one Redis: every retry of a client lands on
+    the other node, so only the shared store can tell a retry from a new write."""
+    cfg = copy.deepcopy(CHAOS_CONFIG)
+    cfg["idempotency"] = {"store": "redis", "redis": {"target": "webdis", "timeout_ms": 500}}
+    store = harness.shared_store()
+    groups = {f"group-{g}": harness.group(g, 2, work_ms=20) for g in "abc"}
+    clusters = {**groups, "webdis": [store]}
+    nodes = [harness.envoy(cfg, clusters, default_cluster="group-a") for _ in range(2)]
+    pods = [p for ps in groups.values() for p in ps]
+
+    def stats():
+        total = collections.Counter()
+        for n in nodes:
+            total.update(n.stats())
+        return dict(total)
+
+    # A fifth of the writes are sent again after their answer, on the other node.
+    verdict = rolling.run([n.port for n in nodes], pods, stats, clients=6, resend=0.2, log=print)
+    print("\n" + verdict.summary())
+    check(verdict)
+    assert sum(w.resent for w in verdict.writes) >= 50
+    assert not verdict.not_replayed, [(w.key, w.statuses) for w in verdict.not_replayed[:5]]
+    if nodes[0].has_stats:
+        assert verdict.stats.get("wasmcustom.rollsafe_idempotency_store_unavailable", 0) == 0
+
+
+def check(verdict):
     assert len(verdict.writes) >= 300, "the clients kept writing through the run"
     assert verdict.restarts == 12
     assert verdict.kills_mid_request >= 3, "SIGKILL landed mid-request"

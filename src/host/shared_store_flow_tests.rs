@@ -1,0 +1,308 @@
+//! Keyed requests on the shared store through the flow: two fake hosts (two gateway nodes)
+//! against one fake Redis behind a fake Webdis that runs the two scripts' semantics. What the
+//! real Redis and Webdis do is the e2e suite's (`tests/e2e/test_shared_store.py`); this pins
+//! the flow: what is held, what is dispatched, what is answered.
+
+use super::fake::{Dispatched, FakeHost};
+use super::flow::{configure, Request, Verdict};
+use super::{HostKind, HostShared, Metric};
+use crate::shared_store::{CLAIM_SCRIPT, SETTLE_SCRIPT};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Redis as the scripts see it: values and their expiry (ms).
+#[derive(Default)]
+struct Redis {
+    data: RefCell<HashMap<Vec<u8>, (Vec<u8>, u64)>>,
+    down: std::cell::Cell<bool>,
+}
+
+fn unpercent(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            out.push(
+                u8::from_str_radix(std::str::from_utf8(&s[i + 1..i + 3]).unwrap(), 16).unwrap(),
+            );
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+impl Redis {
+    /// Webdis's answer to one call: (HTTP status, body).
+    fn answer(&self, call: &Dispatched, now: u64) -> (u16, Vec<u8>) {
+        if self.down.get() {
+            return (503, Vec::new());
+        }
+        let cmd = call.body.strip_suffix(b".raw").unwrap();
+        let p: Vec<Vec<u8>> = cmd.split(|&b| b == b'/').map(unpercent).collect();
+        assert_eq!(p[0], b"EVAL");
+        let mut data = self.data.borrow_mut();
+        data.retain(|_, (_, exp)| *exp > now);
+        let key = p[3].clone();
+        let reply: Vec<u8> = if p[1] == CLAIM_SCRIPT.as_bytes() {
+            match data.get(&key) {
+                None => {
+                    let lease: u64 = std::str::from_utf8(&p[5]).unwrap().parse().unwrap();
+                    data.insert(key, (p[4].clone(), now + lease));
+                    b"C".to_vec()
+                }
+                Some((v, exp)) => {
+                    let mut r = format!("H{} ", exp - now).into_bytes();
+                    r.extend_from_slice(v);
+                    r
+                }
+            }
+        } else if p[1] == SETTLE_SCRIPT.as_bytes() {
+            match data.get(&key) {
+                Some((v, _)) if v.get(..17) == Some(&p[4][..]) => {
+                    let ms: u64 = std::str::from_utf8(&p[6]).unwrap().parse().unwrap();
+                    match &p[5][..] {
+                        b"D" => {
+                            data.remove(&key);
+                        }
+                        b"E" => {
+                            let e = data.get_mut(&key).unwrap();
+                            e.1 = e.1.max(now + ms);
+                        }
+                        _ => {
+                            data.insert(key, (p[7].clone(), now + ms));
+                        }
+                    }
+                    b"K".to_vec()
+                }
+                _ => b"L".to_vec(),
+            }
+        } else {
+            panic!("unknown script");
+        };
+        let mut body = format!("${}\r\n", reply.len()).into_bytes();
+        body.extend_from_slice(&reply);
+        body.extend_from_slice(b"\r\n");
+        (200, body)
+    }
+}
+
+/// A plan on the shared store; `redis`: more of the `redis` section.
+fn plan(host: &FakeHost, kind: HostKind, redis: &str) -> Rc<crate::plan::Plan> {
+    let retry = match kind {
+        HostKind::Kong => r#"{"target":"orders:80"}"#,
+        HostKind::Envoy => r#"{"backoff":{"base_ms":1,"max_ms":1}}"#,
+    };
+    let cfg = format!(
+        r#"{{"retry":{retry},"idempotency":{{"store":"redis","redis":{{"target":"webdis"{redis}}}}}}}"#
+    );
+    let plan = configure(host, cfg.as_bytes(), kind).expect("config");
+    if let Some(ip) = &plan.idempotency {
+        crate::idempotency::create_slots(&HostShared(host), ip.slots);
+    }
+    Rc::new(plan)
+}
+
+fn post(host: &FakeHost, key: &str, body: &[u8]) {
+    let len = body.len().to_string();
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/orders"),
+        ("content-length", &len),
+        ("idempotency-key", key),
+    ]);
+    host.set_body(body);
+}
+
+/// Delivers Webdis's answer to the call the request waits for.
+fn webdis(host: &FakeHost, redis: &Redis, req: &mut Request) {
+    let token = req.pending_call().expect("a call to Webdis");
+    let call = host
+        .dispatches()
+        .into_iter()
+        .find(|d| d.token == token)
+        .unwrap();
+    assert_eq!(call.target, "webdis");
+    let (status, body) = redis.answer(&call, host.now.get());
+    let size = body.len();
+    *host.call.borrow_mut() = super::CallResponse {
+        headers: vec![(":status".into(), status.to_string())],
+        body,
+    };
+    req.on_call_response(host, token, size);
+}
+
+/// One keyed POST on Envoy's native driver, answered 201 by the route.
+fn envoy_write(host: &FakeHost, redis: &Redis, plan: &Rc<crate::plan::Plan>, key: &str) -> Request {
+    post(host, key, b"{}");
+    let mut req = Request::new(Rc::clone(plan));
+    assert_eq!(
+        req.on_request_headers(host, false),
+        Verdict::Pause,
+        "held for the claim"
+    );
+    assert_eq!(host.resumed_requests.get(), 0);
+    webdis(host, redis, &mut req);
+    assert_eq!(host.resumed_requests.get(), 1, "claimed: the headers go on");
+    assert_eq!(req.on_request_body(host, 2, true), Verdict::Continue);
+    host.set_response(&[(":status", "201"), ("content-type", "application/json")]);
+    *host.response_body.borrow_mut() = b"{\"id\":1}".to_vec();
+    assert_eq!(req.on_response_headers(host, false), Verdict::Continue);
+    assert_eq!(
+        req.on_response_body(host, 8, true),
+        Verdict::Pause,
+        "the answer waits for its record"
+    );
+    webdis(host, redis, &mut req);
+    assert_eq!(host.resumed_responses.get(), 1);
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+    req
+}
+
+#[test]
+fn a_key_completed_on_one_node_is_replayed_on_another_and_then_from_its_cache() {
+    let redis = Redis::default();
+    let a = FakeHost::at(1_000);
+    let b = FakeHost::at(1_000);
+    let plan_a = plan(&a, HostKind::Envoy, "");
+    let plan_b = plan(&b, HostKind::Envoy, "");
+    envoy_write(&a, &redis, &plan_a, "k");
+
+    post(&b, "k", b"{}");
+    let mut req = Request::new(Rc::clone(&plan_b));
+    assert_eq!(req.on_request_headers(&b, false), Verdict::Pause);
+    webdis(&b, &redis, &mut req);
+    assert_eq!(b.resumed_requests.get(), 0, "never reaches the route");
+    let replay = b.responses().last().cloned().unwrap();
+    assert_eq!((replay.status, &replay.body[..]), (201, &b"{\"id\":1}"[..]));
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+
+    // Node B now holds the completed record itself: no call at all.
+    let calls = b.dispatches().len();
+    let mut again = Request::new(Rc::clone(&plan_b));
+    assert_eq!(again.on_request_headers(&b, false), Verdict::Pause);
+    assert_eq!(b.dispatches().len(), calls);
+    assert_eq!(b.responses().last().unwrap().status, 201);
+    assert_eq!(b.counted(Metric::IdemCacheHit), 1);
+    // So does node A, from its own completion.
+    post(&a, "k", b"{}");
+    let calls = a.dispatches().len();
+    Request::new(Rc::clone(&plan_a)).on_request_headers(&a, false);
+    assert_eq!(a.dispatches().len(), calls);
+    assert_eq!(a.responses().last().unwrap().status, 201);
+}
+
+#[test]
+fn a_key_in_flight_on_one_node_is_409_on_the_other() {
+    let redis = Redis::default();
+    let a = FakeHost::at(1_000);
+    let b = FakeHost::at(1_000);
+    let plan_a = plan(&a, HostKind::Envoy, "");
+    let plan_b = plan(&b, HostKind::Envoy, "");
+    post(&a, "k", b"{}");
+    let mut first = Request::new(Rc::clone(&plan_a));
+    first.on_request_headers(&a, false);
+    webdis(&a, &redis, &mut first);
+    post(&b, "k", b"{}");
+    let mut second = Request::new(Rc::clone(&plan_b));
+    second.on_request_headers(&b, false);
+    webdis(&b, &redis, &mut second);
+    let r = b.responses().last().cloned().unwrap();
+    assert_eq!(r.status, 409);
+    assert_eq!(
+        r.header("retry-after"),
+        Some("30"),
+        "the lease left, rounded up"
+    );
+    // A different body under the key: 422 wins.
+    post(&b, "k", b"{\"x\":1}");
+    let mut third = Request::new(Rc::clone(&plan_b));
+    third.on_request_headers(&b, false);
+    webdis(&b, &redis, &mut third);
+    assert_eq!(b.responses().last().unwrap().status, 422);
+}
+
+#[test]
+fn on_kong_the_claim_waits_for_the_whole_body_then_the_attempt_is_dispatched() {
+    let redis = Redis::default();
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, HostKind::Kong, "");
+    post(&host, "k", b"{}");
+    let mut req = Request::new(Rc::clone(&plan));
+    assert_eq!(
+        req.on_request_headers(&host, false),
+        Verdict::Continue,
+        "pausing here would starve the filter of the body"
+    );
+    assert!(host.dispatches().is_empty());
+    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Pause);
+    assert_eq!(host.dispatches().len(), 1, "the claim");
+    webdis(&host, &redis, &mut req);
+    let attempt = host.dispatches().last().cloned().unwrap();
+    assert_eq!(attempt.target, "orders:80");
+    assert_eq!(attempt.body, b"{}");
+    host.answer_call(&[(":status", "201")], "made");
+    req.on_call_response(&host, attempt.token, 4);
+    assert!(
+        host.responses().is_empty(),
+        "the answer waits for its record"
+    );
+    webdis(&host, &redis, &mut req);
+    assert_eq!(host.responses().last().unwrap().status, 201);
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+}
+
+#[test]
+fn an_unavailable_store_fails_closed_or_open_as_configured() {
+    let redis = Redis::default();
+    redis.down.set(true);
+    for kind in [HostKind::Envoy, HostKind::Kong] {
+        for open in [false, true] {
+            let host = FakeHost::at(1_000);
+            let extra = if open {
+                r#","when_unavailable":"fail-open""#
+            } else {
+                ""
+            };
+            let plan = plan(&host, kind, extra);
+            post(&host, "k", b"");
+            let mut req = Request::new(Rc::clone(&plan));
+            req.on_request_headers(&host, true);
+            webdis(&host, &redis, &mut req);
+            assert_eq!(host.counted(Metric::IdemStoreUnavailable), 1);
+            // Reached an upstream: the route (Envoy's native driver) or a dispatched attempt.
+            let reached = host.resumed_requests.get() + host.dispatches().len() - 1;
+            if open {
+                assert!(host.responses().is_empty(), "{kind:?}");
+                assert_eq!(host.counted(Metric::IdemFailOpen), 1);
+                assert_eq!(reached, 1, "{kind:?}: run once, unprotected");
+            } else {
+                let r = host.responses().last().cloned().unwrap();
+                assert_eq!(r.status, 503, "{kind:?}");
+                assert_eq!(r.header("retry-after"), Some("1"));
+                assert_eq!(reached, 0, "{kind:?}: no upstream contact");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_client_that_leaves_while_the_claim_is_asked_releases_it_from_the_root() {
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, HostKind::Envoy, "");
+    post(&host, "k", b"{}");
+    let mut req = Request::new(Rc::clone(&plan));
+    req.on_request_headers(&host, false);
+    req.on_done(&host);
+    let later = host.later.borrow();
+    assert_eq!(later.len(), 1);
+    let release = String::from_utf8_lossy(&later[0].body).into_owned();
+    assert!(release.starts_with("EVAL/"), "{release}");
+    assert!(
+        release.contains("/D/0//0.raw"),
+        "a release by this owner: {release}"
+    );
+}
