@@ -11,10 +11,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// Redis as the scripts see it: values and their expiry (ms).
+/// A value and when it expires (ms).
+type Entry = (Vec<u8>, u64);
+
+/// Redis as the scripts see it.
 #[derive(Default)]
 struct Redis {
-    data: RefCell<HashMap<Vec<u8>, (Vec<u8>, u64)>>,
+    data: RefCell<HashMap<Vec<u8>, Entry>>,
     down: std::cell::Cell<bool>,
 }
 
