@@ -21,10 +21,19 @@ use crate::config::ConfigError;
 use crate::idempotency::{self, Claim, Facts, Record, State, Stored};
 use serde::Deserialize;
 
-/// Claim. KEYS[1]: the record; ARGV[1]: the in-flight value; ARGV[2]: the lease, ms.
-/// Returns `C` (claimed) or `H<pttl> <value>` (held).
-pub const CLAIM_SCRIPT: &str = "if redis.call('SET',KEYS[1],ARGV[1],'NX','PX',ARGV[2]) then \
+/// Claim. KEYS[1]: the record; ARGV[1]: the in-flight value; ARGV[2]: the lease, ms; ARGV[3]:
+/// the claim's deadline (Unix ms). Returns `C` (claimed), `H<pttl> <value>` (held) or `T` (the
+/// claim reached Redis after its deadline: its sender has given up on it, so it must not land).
+pub const CLAIM_SCRIPT: &str = "local t=redis.call('TIME') \
+if t[1]*1000+math.floor(t[2]/1000)>tonumber(ARGV[3]) then return 'T' end \
+if redis.call('SET',KEYS[1],ARGV[1],'NX','PX',ARGV[2]) then \
 return 'C' end return 'H'..redis.call('PTTL',KEYS[1])..' '..(redis.call('GET',KEYS[1]) or '')";
+
+/// How far a gateway node's clock may be from Redis's for a claim's deadline: a claim that
+/// reaches Redis later than `timeout_ms` plus this after it was sent is refused. (A call that
+/// timed out may still be queued in Webdis; landing later, it would hold the key for a whole
+/// lease for a request that already got its answer.)
+pub const CLOCK_SKEW_MS: u64 = 1000;
 
 /// Settle. KEYS[1]: the record; ARGV[1]: the in-flight tag it must still start with; ARGV[2]:
 /// `S` (set ARGV[4] for ARGV[3] ms), `D` (delete), `E` (lease at least ARGV[3] ms).
@@ -128,11 +137,17 @@ impl Redis {
         })
     }
 
-    /// The Webdis command (the body of a `POST /`) that claims `store_key` for `owner`.
-    pub fn claim(&self, store_key: &str, rec: &Record, lease_ms: u64) -> Vec<u8> {
+    /// The Webdis command (the body of a `POST /`) that claims `store_key` for `rec`'s owner,
+    /// sent at `now`.
+    pub fn claim(&self, store_key: &str, rec: &Record, lease_ms: u64, now: u64) -> Vec<u8> {
         let value = value(rec, None);
         let lease = lease_ms.to_string();
-        self.eval(CLAIM_SCRIPT, store_key, &[&value, lease.as_bytes()])
+        let deadline = (now + self.timeout_ms + CLOCK_SKEW_MS).to_string();
+        self.eval(
+            CLAIM_SCRIPT,
+            store_key,
+            &[&value, lease.as_bytes(), deadline.as_bytes()],
+        )
     }
 
     /// The Webdis command that completes, releases or extends `rec`'s claim (its owner's).
@@ -295,6 +310,11 @@ pub fn read_claim(
     let bad = || Unavailable("unreadable record in Redis".into());
     match data.split_first() {
         Some((b'C', [])) => Ok(Claimed::Won),
+        Some((b'T', [])) => Err(Unavailable(
+            "the claim reached Redis after its deadline (Webdis slow, or this node's clock \
+             more than a second from Redis's)"
+                .into(),
+        )),
         Some((b'H', rest)) => {
             let sp = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
             let pttl: i64 = std::str::from_utf8(rest.get(..sp).ok_or_else(bad)?)
@@ -404,10 +424,11 @@ mod tests {
         assert_eq!(done.state, State::Done);
         assert_eq!(back, Some(stored));
         assert_eq!(p[8], b"0");
-        let claim = parts(&r.claim("scope:k1", &rec(7), 30_000));
+        let claim = parts(&r.claim("scope:k1", &rec(7), 30_000, 1_000));
         assert_eq!(claim[1], CLAIM_SCRIPT.as_bytes());
         assert_eq!(read_value(&claim[4]).unwrap(), (rec(7), None));
         assert_eq!(claim[5], b"30000");
+        assert_eq!(claim[6], b"2250", "sent at 1000, timeout 250, skew 1000");
     }
 
     fn raw(s: &[u8]) -> Vec<u8> {
@@ -476,6 +497,7 @@ mod tests {
             (Some(200), b"$5\r\nC\r\n".to_vec()),
             (Some(200), raw(b"Hgarbage")),
             (Some(200), raw(b"H10 \x00\x01")),
+            (Some(200), raw(b"T")),
         ] {
             assert!(
                 read_claim(status, &body, "scope:k1", &facts).is_err(),

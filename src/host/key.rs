@@ -178,7 +178,7 @@ pub fn gate(
             return Gate::Answer(held_answer(Claim::Done { same, stored }, host, path));
         }
         let rec = k.record(now + ip.lease_ms);
-        let command = redis.claim(&k.store_key, &rec, ip.lease_ms);
+        let command = redis.claim(&k.store_key, &rec, ip.lease_ms, now);
         return Gate::Ask(k, command);
     }
     let claim = idempotency::claim(
@@ -250,6 +250,11 @@ pub fn claimed(
         }
         Err(why) => {
             host.count(Metric::IdemStoreUnavailable);
+            // A claim without an answer (a timeout: Envoy's is a 504) may yet land, before its
+            // deadline: released, should it. (Webdis's own errors mean it did not.)
+            if matches!(status, None | Some(504)) {
+                k.abandon(ip, host);
+            }
             match redis.when_unavailable {
                 WhenUnavailable::FailClosed => {
                     host.log(

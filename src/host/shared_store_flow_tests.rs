@@ -51,7 +51,9 @@ impl Redis {
         data.retain(|_, (_, exp)| *exp > now);
         let key = p[3].clone();
         let reply: Vec<u8> = if p[1] == CLAIM_SCRIPT.as_bytes() {
+            let deadline: u64 = std::str::from_utf8(&p[6]).unwrap().parse().unwrap();
             match data.get(&key) {
+                _ if now > deadline => b"T".to_vec(),
                 None => {
                     let lease: u64 = std::str::from_utf8(&p[5]).unwrap().parse().unwrap();
                     data.insert(key, (p[4].clone(), now + lease));
@@ -287,9 +289,35 @@ fn an_unavailable_store_fails_closed_or_open_as_configured() {
                 assert_eq!(r.status, 503, "{kind:?}");
                 assert_eq!(r.header("retry-after"), Some("1"));
                 assert_eq!(reached, 0, "{kind:?}: no upstream contact");
+                assert!(
+                    host.later.borrow().is_empty(),
+                    "Webdis said the claim did not land"
+                );
             }
         }
     }
+}
+
+#[test]
+fn a_claim_that_timed_out_is_refused_should_it_land_late_and_released_besides() {
+    let redis = Redis::default();
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, HostKind::Envoy, "");
+    post(&host, "k", b"{}");
+    let mut req = Request::new(Rc::clone(&plan));
+    req.on_request_headers(&host, false);
+    let claim = host.dispatches().last().cloned().unwrap();
+    host.answer_call(&[(":dispatch_status", "timeout")], "");
+    req.on_call_response(&host, claim.token, 0);
+    assert_eq!(host.responses().last().unwrap().status, 503);
+    assert_eq!(
+        host.later.borrow().len(),
+        1,
+        "the release, should the claim land"
+    );
+    // Webdis runs the queued claim long after: past its deadline, it does not land.
+    assert_eq!(redis.answer(&claim, 1_000 + 250 + 1_001).1, b"$1\r\nT\r\n");
+    assert!(redis.data.borrow().is_empty());
 }
 
 #[test]

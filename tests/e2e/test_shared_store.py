@@ -154,3 +154,32 @@ def test_webdis_down_fails_open_when_configured(harness):
 def harness_wait(store):
     from tests.e2e.harness import wait_for
     wait_for(store.ping, 10, "webdis reaches redis again")
+
+
+def test_a_store_that_stops_answering_costs_at_most_its_timeout(harness):
+    """Redis frozen (SIGSTOP): Webdis holds the call; rollsafe gives up at `timeout_ms` and
+    answers as configured, without waiting on. The claim it gave up on, run late, does not
+    hold the key: the client's next try runs."""
+    import os
+    import signal
+    import time
+    pod = harness.pod("a1", "a")
+    store, _, a, _ = two_nodes(harness, shared(), pods=[pod])
+    assert post(a, '"warm"', "{}").status == 201
+    os.kill(store.redis.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        r = post(a, '"frozen"', "{}", timeout=10)
+        waited = time.monotonic() - started
+        # Webdis still holds the claim; when Redis runs it, it is past its deadline (timeout
+        # plus a second of clock skew) and does not land.
+        time.sleep(max(0.0, 2.0 - waited))
+    finally:
+        os.kill(store.redis.pid, signal.SIGCONT)
+    assert r.status == 503, r
+    # timeout_ms is 500: the answer comes after it, not after the client's own 10 s.
+    assert waited < 3, waited
+    assert len(pod.ledger()) == 1
+    harness_wait(store)
+    assert post(a, '"frozen"', "{}").status == 201
+    assert len(pod.ledger()) == 2
