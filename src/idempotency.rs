@@ -1385,6 +1385,12 @@ mod tests {
             (r#"{"max_entries":1}"#, "idempotency.max_entries"),
             (r#"{"lease_ms":1}"#, "idempotency.lease_ms"),
             (r#"{"header":"bad header"}"#, "idempotency.header"),
+            (r#"{"store":"redis"}"#, "idempotency.redis"),
+            (r#"{"redis":{"target":"webdis"}}"#, "idempotency.store"),
+            (
+                r#"{"store":"redis","redis":{"target":""}}"#,
+                "idempotency.redis.target",
+            ),
         ] {
             let cfg: IdempotencyConfig = serde_json::from_str(json).unwrap();
             assert_eq!(
