@@ -105,7 +105,7 @@ test-kong: deps dist $(POD)
 # make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
 # packages when missing, and builds the no-op filter it compares with (bench/probe).
 # --- fuzzing (cargo fuzz, libFuzzer; no sanitizer: the targets run no unsafe code) --------------
-FUZZ_TARGETS := config idempotency_key retry_after rrule stored_record problem header_block
+FUZZ_TARGETS := config idempotency_key retry_after rrule stored_record problem header_block store_reply
 FUZZ_SMOKE_S ?= 4
 FUZZ_RUNS    ?= 10000000
 

@@ -254,14 +254,15 @@ pub fn value(rec: &Record, stored: Option<&Stored>) -> Vec<u8> {
 /// Reads a value back: the record, and the response when it is completed.
 pub fn read_value(v: &[u8]) -> Option<(Record, Option<Stored>)> {
     let n = u32::from_be_bytes(v.get(17..21)?.try_into().ok()?) as usize;
-    let rec = idempotency::decode(v.get(21..21 + n)?)?;
+    let end = n.checked_add(21)?;
+    let rec = idempotency::decode(v.get(21..end)?)?;
     if v.first() != Some(&if rec.state == State::Done { b'D' } else { b'I' }) {
         return None;
     }
     match rec.state {
         State::InFlight => Some((rec, None)),
         State::Done => {
-            let (owner, stored) = idempotency::decode_response(v.get(21 + n..)?)?;
+            let (owner, stored) = idempotency::decode_response(v.get(end..)?)?;
             (owner == rec.owner).then_some((rec, Some(stored)))
         }
     }
@@ -285,7 +286,8 @@ fn bulk(status: Option<u16>, body: &[u8]) -> Result<&[u8], Unavailable> {
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
-    let data = rest.get(nl + 2..nl + 2 + len).ok_or_else(bad)?;
+    let end = (nl + 2).checked_add(len).ok_or_else(bad)?;
+    let data = rest.get(nl + 2..end).ok_or_else(bad)?;
     Ok(data)
 }
 
@@ -498,6 +500,8 @@ mod tests {
             (Some(200), raw(b"Hgarbage")),
             (Some(200), raw(b"H10 \x00\x01")),
             (Some(200), raw(b"T")),
+            // A length that overflows (found by fuzz/store_reply).
+            (Some(200), b"$18446744073709551615\r\n".to_vec()),
         ] {
             assert!(
                 read_claim(status, &body, "scope:k1", &facts).is_err(),
