@@ -186,6 +186,17 @@ def variants(pod_clusters) -> list[Variant]:
                 script=post_script("bench-replay"), goal="rps", prepare=stored,
                 fixed=("POST", "/bench", {"idempotency-key": '"bench-replay"',
                                           "content-type": "application/json"}, KIB.encode())),
+        # What any filter must do to replay, done by the no-op filter: read the key (one
+        # header; the whole map, to see the rest of the request too) and answer with the stored
+        # 1 KiB itself. The bound of what a replay can reach on this host.
+        Variant("reply_floor_1k", "no-op filter reading one header and answering 1 KiB itself",
+                "direct_1k", dict(config="method,reply", wasm=PROBE, concurrency=1,
+                                  direct_response=KIB),
+                script=post_script("bench-replay"), fixed=post_fixed),
+        Variant("reply_floor_map_1k", "no-op filter reading the header map and answering 1 KiB",
+                "direct_1k", dict(config="headers,reply", wasm=PROBE, concurrency=1,
+                                  direct_response=KIB),
+                script=post_script("bench-replay"), fixed=post_fixed),
     ]
     for name, cfg in json.loads(os.environ.get("BENCH_VARIANTS", "{}")).items():
         out.append(Variant(name, "extra (BENCH_VARIANTS)", "noop", dict(config=cfg, **idle)))
@@ -193,7 +204,7 @@ def variants(pod_clusters) -> list[Variant]:
     if only:  # investigations: these variants and their references
         keep = set(only) | {v.ref for v in out if v.name in only and v.ref}
         if "replay_1k" in only:
-            keep.add("direct_1k_noop")
+            keep |= {"direct_1k_noop", "reply_floor_1k", "reply_floor_map_1k"}
         out = [v for v in out if v.name in keep]
     return out
 
@@ -389,6 +400,13 @@ def verdicts(vs: list[Variant]) -> list[str]:
             extra = (f"; the no-op wasm filter alone in front of direct_response: "
                      f"{med(floor.rps) / med(ref.rps):.2f}×, and the replay against that: "
                      f"{med(v.rps) / med(floor.rps):.2f}×" if floor else "")
+            least = [(by[n], what) for n, what in [
+                ("reply_floor_1k", "one header read"), ("reply_floor_map_1k", "the header map")]
+                if n in by]
+            if least:
+                extra += "; the no-op filter doing only what a replay must — " + ", ".join(
+                    f"{what} and a 1 KiB local answer: {med(f.rps) / med(ref.rps):.2f}×"
+                    for f, what in least)
             why = f": {REASONS[v.name]}" if r < 0.9 and v.name in REASONS else ""
             lines.append(f"| {v.name} throughput | ≥ 0.9× direct_response | {r:.2f}× "
                          f"({med(v.rps):,.0f} vs {med(ref.rps):,.0f} rps){extra} | "
