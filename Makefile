@@ -104,6 +104,16 @@ test-kong: deps dist $(POD)
 
 # make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
 # packages when missing, and builds the no-op filter it compares with (bench/probe).
+bench: deps $(DIST) $(POD) $(PROBE)
+	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done
+	cargo run -q --release --example routing_bench
+	$(PY) -m tests.e2e.bench
+
+clean:
+	cargo clean
+	rm -rf dist .run .deps-stamp
+
 # --- fuzzing (cargo fuzz, libFuzzer; no sanitizer: the targets run no unsafe code) --------------
 FUZZ_TARGETS := config idempotency_key retry_after rrule stored_record problem header_block store_reply
 FUZZ_SMOKE_S ?= 4
