@@ -426,7 +426,9 @@ REASONS = {
                "which is absent: one_read + an absent lookup",
     "idempotency": "one lookup of the key header (absent on these GETs)",
     "maintenance": "one clock read",
-    "replay_1k": "beside the no-op filter's own cost (direct_1k_noop), rollsafe's work: with keys "
+    "replay_1k": "out of reach of any filter here: the no-op filter doing only what a replay must "
+                 "(reply_floor_1k, reply_floor_map_1k) is below 0.9× too, the price of Envoy's "
+                 "local-reply path; beside it, rollsafe's work: with keys "
                  "alone, a lookup of the key header first (what lets unkeyed requests pass after "
                  "one lookup), the header map, the route's name (a property), the key's index "
                  "record and the 1 KiB stored response (shared data), SHA-256 of the scope and of "

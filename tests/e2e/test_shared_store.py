@@ -183,3 +183,31 @@ def test_a_store_that_stops_answering_costs_at_most_its_timeout(harness):
     harness_wait(store)
     assert post(a, '"frozen"', "{}").status == 201
     assert len(pod.ledger()) == 2
+
+
+@pytest.mark.parametrize("failure", ["close", "reset"])
+def test_a_write_retried_after_its_pod_dropped_it_completes_for_every_node(harness, failure):
+    """The first attempt's pod drops the connection (a terminating pod); the retry succeeds and
+    its completion reaches the shared store. On Kong's host that retry is carried by Kong's own
+    proxying, whose answer passes the response phase, where no call may be made: its write goes
+    out from the root's tick."""
+    from tests.e2e.harness import wait_for
+    pod = harness.pod("a1", "a")
+    cfg = shared()
+    cfg["retry"].update({"attempts": 2, "per_try_timeout_ms": 1000, "deadline_ms": 4000})
+    cfg["idempotency"]["lease_ms"] = 4000
+    store, _, a, b = two_nodes(harness, cfg, pods=[pod])
+    pod.script({failure: True})
+    first = post(a, '"dropped"', '{"sku": 5}')
+    assert first.status == 201, first
+    assert len(pod.ledger()) == 1
+    replays = []
+
+    def replayed_on_b():
+        r = post(b, '"dropped"', '{"sku": 5}')
+        replays.append(r.status)
+        return r.headers.get("idempotent-replayed") == "true"
+
+    wait_for(replayed_on_b, 3, "node B replays the retried write")
+    assert set(replays) <= {201, 409}, replays
+    assert len(pod.ledger()) == 1
