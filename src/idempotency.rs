@@ -1,8 +1,10 @@
 //! Idempotency keys (IETF draft-ietf-httpapi-idempotency-key-header, Stripe-style replay):
-//! key parsing, request fingerprints, and the record store's claim protocol. Pure: time is an
-//! argument and the store is a trait the host layer implements with proxy-wasm shared data.
+//! key parsing, request fingerprints, and the node-local store's claim protocol. Pure: time is
+//! an argument and shared data is a trait the host layer implements with proxy-wasm's. (The
+//! store shared by several gateway nodes is `crate::shared_store`; both answer with a [`Claim`].)
 //!
-//! The store is a fixed table of `max_entries` slots whose keys are created at configure time.
+//! The node-local store is a fixed table of `max_entries` slots whose keys are created at
+//! configure time (and, beside the shared store, caches its completed records).
 //! A claim is a compare-and-swap on an existing slot — exclusive on both hosts (HOSTS.md: on
 //! Envoy "absent, so set" lets two workers win). A request key maps to a short probe sequence
 //! of slots; the full key is stored inside the record and compared, since Kong's shm tells keys
@@ -483,33 +485,16 @@ pub enum Claim {
     Full,
 }
 
-/// What an idempotency store does; the node-local [`SlotStore`] is one implementation.
-pub trait Store {
-    /// Claims `key`, or reports what holds it.
-    fn claim(&self, key: &str, facts: &Facts, owner: u64, now: u64, lease_ms: u64) -> Claim;
-    /// Completes, releases or extends `owner`'s claim; whether the write happened.
-    fn settle(&self, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool;
-}
-
-/// The node-local store: a fixed table of slots in the host's shared data, created at
-/// configure time and claimed by compare-and-swap (exclusive on both hosts). A key may use the
-/// slots of its probe window; when all of them hold completed records, the oldest completion
-/// is evicted — a request in flight never is, so a new key is refused only while its whole
-/// window is in flight. Memory: `slots` index records (key, facts, times; ~0.4 KiB) plus at
-/// most one stored response per slot.
-pub struct SlotStore<'a, S: Shared> {
-    pub shared: &'a S,
-    pub slots: u32,
-}
-
-impl<S: Shared> Store for SlotStore<'_, S> {
-    fn claim(&self, key: &str, facts: &Facts, owner: u64, now: u64, lease_ms: u64) -> Claim {
-        claim(self.shared, self.slots, key, facts, owner, now, lease_ms)
-    }
-    fn settle(&self, slot: u32, key: &str, owner: u64, s: &Settle) -> bool {
-        settle(self.shared, slot, key, owner, s)
-    }
-}
+// Two stores answer a claim with a [`Claim`]: the node-local one below (synchronous shared-data
+// reads and compare-and-swap) and the shared one (`crate::shared_store`, one call to Redis, whose
+// answer arrives later). The key's lifecycle (`host::key`) drives either.
+//
+// The node-local store: a fixed table of slots in the host's shared data, created at configure
+// time and claimed by compare-and-swap (exclusive on both hosts). A key may use the slots of its
+// probe window; when all of them hold completed records, the oldest completion is evicted — a
+// request in flight never is, so a new key is refused only while its whole window is in flight.
+// Memory: `slots` index records (key, facts, times; ~0.4 KiB) plus at most one stored response
+// per slot.
 
 /// Where a key's probe window starts: FNV-1a, mixed. (A cryptographic hash buys nothing here:
 /// its output is public too, so anyone can search for keys that share a window either way;
@@ -532,7 +517,7 @@ pub fn create_slots(store: &impl Shared, slots: u32) {
     }
 }
 
-/// Claims `key` with `facts`, or reports what holds it (see [`SlotStore`]).
+/// Claims `key` with `facts` in the node-local table, or reports what holds it.
 pub fn claim(
     store: &impl Shared,
     slots: u32,

@@ -58,10 +58,23 @@ pub enum Gate {
     Ask(Key, Vec<u8>),
 }
 
-/// Sends a command to Webdis: `POST /` with the command as the body.
-pub fn send(redis: &Redis, host: &impl Host, command: &[u8]) -> Result<u32, String> {
+/// Sends a command to Webdis: `POST /` with the command as the body. `None` (logged): the host
+/// refused the call (on Envoy, a target that names no cluster).
+pub fn send(redis: &Redis, host: &impl Host, command: &[u8]) -> Option<u32> {
     let headers = webdis_headers(redis);
-    host.dispatch(&redis.target, &headers, command, redis.timeout_ms)
+    match host.dispatch(&redis.target, &headers, command, redis.timeout_ms) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            host.log(
+                Level::Error,
+                &format!(
+                    "rollsafe: cannot call the idempotency store at {:?}: {e}",
+                    redis.target
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// Sends a command to Webdis from the root context, answer unread.

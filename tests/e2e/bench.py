@@ -396,20 +396,24 @@ def verdicts(vs: list[Variant]) -> list[str]:
                          f"{med(ref.p50):.2f} ms) | {'met' if r <= 1.5 else 'not met'} |")
         elif v.goal == "rps" and ref:
             r = med(v.rps) / med(ref.rps)
+            # A saturated worker's throughput is the inverse of its CPU per request, which is
+            # steadier here than wrk's count (wrk shares the 2 cores).
+            by_cpu = lambda x: med(ref.cpu) / med(x.cpu)  # noqa: E731
             floor = by.get("direct_1k_noop")
             extra = (f"; the no-op wasm filter alone in front of direct_response: "
-                     f"{med(floor.rps) / med(ref.rps):.2f}×, and the replay against that: "
-                     f"{med(v.rps) / med(floor.rps):.2f}×" if floor else "")
+                     f"{med(floor.rps) / med(ref.rps):.2f}× (by CPU {by_cpu(floor):.2f}×), and the "
+                     f"replay against that: {med(v.rps) / med(floor.rps):.2f}×" if floor else "")
             least = [(by[n], what) for n, what in [
                 ("reply_floor_1k", "one header read"), ("reply_floor_map_1k", "the header map")]
                 if n in by]
             if least:
                 extra += "; the no-op filter doing only what a replay must — " + ", ".join(
-                    f"{what} and a 1 KiB local answer: {med(f.rps) / med(ref.rps):.2f}×"
-                    for f, what in least)
+                    f"{what} and a 1 KiB local answer: {med(f.rps) / med(ref.rps):.2f}× "
+                    f"(by CPU {by_cpu(f):.2f}×)" for f, what in least)
             why = f": {REASONS[v.name]}" if r < 0.9 and v.name in REASONS else ""
             lines.append(f"| {v.name} throughput | ≥ 0.9× direct_response | {r:.2f}× "
-                         f"({med(v.rps):,.0f} vs {med(ref.rps):,.0f} rps){extra} | "
+                         f"({med(v.rps):,.0f} vs {med(ref.rps):,.0f} rps; by Envoy CPU per "
+                         f"request {by_cpu(v):.2f}×){extra} | "
                          f"{'met' if r >= 0.9 else 'not met' + why} |")
     return lines
 

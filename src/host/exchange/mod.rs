@@ -281,20 +281,11 @@ impl Exchange {
             return Step::Continue;
         };
         match key::send(redis, host, command) {
-            Ok(token) => {
+            Some(token) => {
                 self.store_call = Some((token, StoreCall::Claim(k)));
                 Step::Pause
             }
-            Err(e) => {
-                host.log(
-                    Level::Error,
-                    &format!(
-                        "rollsafe: cannot call the idempotency store at {:?}: {e}",
-                        redis.target
-                    ),
-                );
-                self.claim_answered(policy, host, k, None, &[])
-            }
+            None => self.claim_answered(policy, host, k, None, &[]),
         }
     }
 
@@ -446,18 +437,11 @@ impl Exchange {
         };
         let then = then?;
         match key::send(redis, host, &command) {
-            Ok(token) => {
+            Some(token) => {
                 self.store_call = Some((token, StoreCall::Settle(then)));
                 None
             }
-            Err(e) => {
-                host.log(
-                    Level::Error,
-                    &format!(
-                        "rollsafe: cannot call the idempotency store at {:?}: {e}",
-                        redis.target
-                    ),
-                );
+            None => {
                 k.settled(ip, host, None, &[]);
                 Some(then)
             }
