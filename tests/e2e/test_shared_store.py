@@ -211,3 +211,20 @@ def test_a_write_retried_after_its_pod_dropped_it_completes_for_every_node(harne
     wait_for(replayed_on_b, 3, "node B replays the retried write")
     assert set(replays) <= {201, 409}, replays
     assert len(pod.ledger()) == 1
+
+
+def test_a_large_body_waits_for_the_claim_and_reaches_the_pod_whole(harness):
+    """On Envoy the request is held at its headers while the claim is asked, so its body is
+    held too (under flow control): once claimed, the pod gets all of it, once."""
+    pod = harness.pod("a1", "a")
+    cfg = shared()
+    cfg["retry"]["max_body_bytes"] = 1 << 20
+    store, _, a, b = two_nodes(harness, cfg, pods=[pod])
+    body = '{"blob": "' + "x" * (900 * 1024) + '"}'
+    r = post(a, '"large"', body, timeout=20)
+    assert r.status == 201, r
+    [entry] = pod.ledger()
+    assert len(entry["body"]) == len(body)
+    again = post(b, '"large"', body, timeout=20)
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert len(pod.ledger()) == 1
