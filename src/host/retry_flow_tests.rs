@@ -485,48 +485,54 @@ fn a_client_supplied_group_header_is_dropped() {
 }
 
 #[test]
-fn kong_after_a_failed_call_takes_no_buffer_a_body_retry_goes_to_proxy_pass() {
+fn kong_after_a_failed_call_or_an_empty_answer_takes_no_buffer_a_body_retry_goes_to_proxy_pass() {
     // ngx_wasm_module frees a failed call's buffers only after its callback: a dispatch with
-    // a body from there spun the worker, a local answer with a body lost the client.
-    let host = FakeHost::at(1_000);
-    let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{}}"#;
-    let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
-    let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
-    crate::idempotency::create_slots(&super::HostShared(&host), slots);
-    let mut req = Request::new(Rc::new(plan));
-    host.set_request(&[
-        (":method", "POST"),
-        (":path", "/orders"),
-        ("content-length", "2"),
-        ("idempotency-key", "k"),
-    ]);
-    assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
-    host.set_body(b"{}");
-    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Pause);
-    host.answer_call(&[(":dispatch_status", "broken connection")], "");
-    req.on_call_response(&host, host.last_token(), 0);
-    assert_eq!(
-        host.dispatches().len(),
-        1,
-        "no dispatch with a body from that callback"
-    );
-    assert!(host.responses().is_empty());
-    assert_eq!(
-        req.pending_call(),
-        None,
-        "nothing pending: Kong resumes to proxy_pass"
-    );
-    assert!(host
-        .properties
-        .borrow()
-        .iter()
-        .any(|(k, v)| k == "kong.service.target" && v == b"orders:80"));
-    // proxy_pass's answer is final and completes the key on its way through.
-    host.set_response(&[(":status", "201")]);
-    *host.response_body.borrow_mut() = b"made".to_vec();
-    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
-    assert_eq!(req.on_response_body(&host, 4, true), Verdict::Continue);
-    assert_eq!(host.counted(Metric::IdemStored), 1);
+    // a body from there spun the worker, a local answer with a body lost the client. An answer
+    // without a body (a draining pod's empty 503) spun it the same way.
+    for answer in [
+        [(":dispatch_status", "broken connection")],
+        [(":status", "503")],
+    ] {
+        let host = FakeHost::at(1_000);
+        let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{}}"#;
+        let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
+        let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
+        crate::idempotency::create_slots(&super::HostShared(&host), slots);
+        let mut req = Request::new(Rc::new(plan));
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("content-length", "2"),
+            ("idempotency-key", "k"),
+        ]);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        host.set_body(b"{}");
+        assert_eq!(req.on_request_body(&host, 2, true), Verdict::Pause);
+        host.answer_call(&answer, "");
+        req.on_call_response(&host, host.last_token(), 0);
+        assert_eq!(
+            host.dispatches().len(),
+            1,
+            "{answer:?}: no dispatch with a body from that callback"
+        );
+        assert!(host.responses().is_empty());
+        assert_eq!(
+            req.pending_call(),
+            None,
+            "nothing pending: Kong resumes to proxy_pass"
+        );
+        assert!(host
+            .properties
+            .borrow()
+            .iter()
+            .any(|(k, v)| k == "kong.service.target" && v == b"orders:80"));
+        // proxy_pass's answer is final and completes the key on its way through.
+        host.set_response(&[(":status", "201")]);
+        *host.response_body.borrow_mut() = b"made".to_vec();
+        assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+        assert_eq!(req.on_response_body(&host, 4, true), Verdict::Continue);
+        assert_eq!(host.counted(Metric::IdemStored), 1);
+    }
 }
 
 #[test]

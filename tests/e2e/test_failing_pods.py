@@ -80,3 +80,20 @@ def test_a_failing_pod_ends_in_an_answer_within_the_deadline(harness, failure, m
     if failure != "refuse":
         r2, _ = send(gw, method)
         assert r2.status == ok, r2
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_an_answer_without_a_body_is_retried_and_the_retry_answered_whole(harness, method):
+    """A draining pod's 503 with an empty body, then a good answer: the retry (on Kong's host
+    dispatched from the empty answer's callback, with the request's body) and the final
+    answer reach the client whole, and the gateway keeps serving."""
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy(CONFIG, {"group-a": [pod]})
+    pod.script({"status": 503, "body": ""})
+    r, elapsed = send(gw, method)
+    assert r.status == (201 if method == "POST" else 200), r
+    assert r.body.startswith(b"{"), r
+    assert len(pod.attempts()) == 2
+    assert "send() returned zero" not in gw.log()
+    r2, _ = send(gw, method)
+    assert r2.status == r.status, r2
