@@ -253,6 +253,8 @@ class SharedStore:
     calls over HTTP. It is a cluster like a pod's (`ip`, `port`, `address`) so a gateway can name
     it: `clusters={"webdis": [store]}`, and `redis.target: "webdis"` in the filter config."""
 
+    POOL = 8  # Webdis's connections to Redis
+
     def __init__(self, harness: "Harness"):
         self.harness = harness
         self.ip = "127.0.0.1"
@@ -272,7 +274,7 @@ class SharedStore:
         conf = self.dir / "webdis.json"
         conf.write_text(json.dumps({
             "redis_host": self.ip, "redis_port": self.redis_port, "http_host": self.ip,
-            "http_port": self.port, "threads": 2, "pool_size": 8, "daemonize": False,
+            "http_port": self.port, "threads": 2, "pool_size": self.POOL, "daemonize": False,
             "websockets": False, "database": 0, "verbosity": 3,
             "logfile": str(self.dir / "webdis.log")}))
         self.webdis = subprocess.Popen([WEBDIS_BIN, str(conf)], stdout=subprocess.DEVNULL,
@@ -303,6 +305,11 @@ class SharedStore:
             return request(self.ip, self.port, "GET", "/PING", timeout=1).status == 200
         except OSError:
             return False
+
+    def recovered(self) -> bool:
+        """Whether every connection of Webdis's pool reaches Redis again (after a restart it
+        reconnects them one by one, answering 503 on those not yet back)."""
+        return all(self.ping() for _ in range(4 * self.POOL))
 
     def command(self, *parts: str):
         """One Redis command through Webdis (JSON answer)."""

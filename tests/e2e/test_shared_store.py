@@ -153,7 +153,7 @@ def test_webdis_down_fails_open_when_configured(harness):
 
 def harness_wait(store):
     from tests.e2e.harness import wait_for
-    wait_for(store.ping, 10, "webdis reaches redis again")
+    wait_for(store.recovered, 10, "webdis reaches redis again on every connection")
 
 
 def test_a_store_that_stops_answering_costs_at_most_its_timeout(harness):
