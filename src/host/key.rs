@@ -437,7 +437,6 @@ impl Key {
         hold: bool,
     ) -> Option<Vec<u8>> {
         let held = self.held.take()?;
-        let now = host.now_ms();
         let stored = answer.filter(|a| ip.stores(a.status)).map(|a| {
             let body = a.body.filter(|b| b.len() <= ip.max_response_bytes);
             Stored {
@@ -452,9 +451,11 @@ impl Key {
                 body: body.map(<[u8]>::to_vec).unwrap_or_default(),
             }
         });
+        // The clock is read for a completion only: a release needs no time.
+        let expires_ms = || host.now_ms() + ip.ttl_ms;
         let Some(redis) = ip.shared.as_ref().filter(|_| held == Held::Shared) else {
             if let Held::Slot(slot) = held {
-                self.settle_slot(host, slot, stored, now + ip.ttl_ms, body_len);
+                self.settle_slot(host, slot, stored, expires_ms, body_len);
             }
             return None;
         };
@@ -473,7 +474,7 @@ impl Key {
             ),
             None => redis.settle(&self.store_key, &rec, &shared_store::Settle::Release),
         };
-        self.completing = stored.map(|s| (s, now + ip.ttl_ms));
+        self.completing = stored.map(|s| (s, expires_ms()));
         if hold {
             return Some(command);
         }
@@ -487,14 +488,14 @@ impl Key {
         host: &impl Host,
         slot: u32,
         stored: Option<Stored>,
-        expires_ms: u64,
+        expires_ms: impl FnOnce() -> u64,
         body_len: Option<u64>,
     ) {
         let completes = stored.is_some();
         let settle = match stored {
             Some(stored) => Settle::Complete {
                 stored,
-                expires_ms,
+                expires_ms: expires_ms(),
                 body_len,
             },
             None => Settle::Release,

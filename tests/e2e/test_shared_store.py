@@ -3,9 +3,13 @@ ROLLSAFE_GATEWAY=kong) share one Redis through Webdis (`idempotency.store: redis
 
 import concurrent.futures
 import itertools
+import os
+import signal
+import time
 
 import pytest
 
+from tests.e2e.harness import wait_for
 from tests.e2e.test_idempotency import post
 
 
@@ -91,7 +95,6 @@ def test_a_lease_that_ran_out_cannot_be_completed_over_a_newer_claim(harness):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         slow = pool.submit(post, a, key, "{}")
         # Expire the first claim by hand (as if its lease had run out), then claim again.
-        import time
         time.sleep(0.3)
         [rkey] = store.command("KEYS", "rollsafe:*")["KEYS"]
         store.command("DEL", rkey)
@@ -124,7 +127,7 @@ def test_redis_down_fails_closed_then_everything_recovers_with_nothing_lost(harn
     # Requests without a key are none of the store's business.
     assert a.request("GET", "/orders").status == 200
     store.start_redis()
-    harness_wait(store)
+    wait_for(store.recovered, 10, "webdis reaches redis again on every connection")
     # The key completed before the outage still replays (Redis kept it), on both nodes.
     for node in (a, b):
         r = post(node, '"before"', '{"sku": 1}')
@@ -151,18 +154,11 @@ def test_webdis_down_fails_open_when_configured(harness):
         assert a.stats().get("wasmcustom.rollsafe_idempotency_fail_open", 0) == 1
 
 
-def harness_wait(store):
-    from tests.e2e.harness import wait_for
-    wait_for(store.recovered, 10, "webdis reaches redis again on every connection")
-
 
 def test_a_store_that_stops_answering_costs_at_most_its_timeout(harness):
     """Redis frozen (SIGSTOP): Webdis holds the call; rollsafe gives up at `timeout_ms` and
     answers as configured, without waiting on. The claim it gave up on, run late, does not
     hold the key: the client's next try runs."""
-    import os
-    import signal
-    import time
     pod = harness.pod("a1", "a")
     store, _, a, _ = two_nodes(harness, shared(), pods=[pod])
     assert post(a, '"warm"', "{}").status == 201
@@ -180,7 +176,7 @@ def test_a_store_that_stops_answering_costs_at_most_its_timeout(harness):
     # timeout_ms is 500: the answer comes after it, not after the client's own 10 s.
     assert waited < 3, waited
     assert len(pod.ledger()) == 1
-    harness_wait(store)
+    wait_for(store.recovered, 10, "webdis reaches redis again on every connection")
     assert post(a, '"frozen"', "{}").status == 201
     assert len(pod.ledger()) == 2
 
@@ -191,7 +187,6 @@ def test_a_write_retried_after_its_pod_dropped_it_completes_for_every_node(harne
     its completion reaches the shared store. On Kong's host that retry is carried by Kong's own
     proxying, whose answer passes the response phase, where no call may be made: its write goes
     out from the root's tick."""
-    from tests.e2e.harness import wait_for
     pod = harness.pod("a1", "a")
     cfg = shared()
     cfg["retry"].update({"attempts": 2, "per_try_timeout_ms": 1000, "deadline_ms": 4000})

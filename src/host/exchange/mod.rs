@@ -303,8 +303,7 @@ impl Exchange {
         let Some(ip) = plan.idempotency.as_ref() else {
             return Step::Continue;
         };
-        let path = self.path().to_string();
-        match key::claimed(k, ip, host, status, body, &path) {
+        match key::claimed(k, ip, host, status, body, self.path()) {
             Ok(k) => self.key = k,
             Err(reply) => {
                 self.send_reply(host, &reply);
@@ -337,10 +336,7 @@ impl Exchange {
         token: u32,
         body_size: usize,
     ) -> bool {
-        if self.store_call.as_ref().is_none_or(|(t, _)| *t != token) {
-            return false;
-        }
-        let Some((_, call)) = self.store_call.take() else {
+        let Some((_, call)) = self.store_call.take_if(|(t, _)| *t == token) else {
             return false;
         };
         let resp = host.call_response(body_size);
@@ -413,38 +409,37 @@ impl Exchange {
     }
 
     /// Completes or releases the key with the exchange's final answer (`None`: no answer that
-    /// may be stored). `then`: what follows once the record is written — with the shared store
-    /// it waits for the store's acknowledgement (so that a retry on any node finds the
-    /// record), and it is handed back when there is nothing to wait for. With `None` nothing
-    /// waits (the write goes out from the root).
+    /// may be stored). With `hold` and the shared store, what follows waits for the store's
+    /// acknowledgement (so that a retry on any node finds the record): the call's token is
+    /// returned, for [`Exchange::then_after`]. Without, the write goes out from the root.
     fn settle_key(
         &mut self,
         host: &impl Host,
         answer: Option<Final<'_>>,
-        then: Option<Then>,
-    ) -> Option<Then> {
+        hold: bool,
+    ) -> Option<u32> {
         let plan = Rc::clone(&self.plan);
         let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
-            return then;
+            return None;
         };
         let received = self.body_done.then_some(self.body.len() as u64);
         // Kong's host, after a failed call: a dispatch with a body could share its buffer.
-        let hold = then.is_some() && !self.buffers_unsafe;
-        let command = k.settle(ip, host, answer, received.or(self.declared_len), hold);
-        let (Some(redis), Some(command)) = (ip.shared.as_ref(), command) else {
-            // Written already (the node-local store), or sent from the root: nothing waits.
-            return then;
-        };
-        let then = then?;
-        match key::send(redis, host, &command) {
-            Some(token) => {
-                self.store_call = Some((token, StoreCall::Settle(then)));
-                None
-            }
-            None => {
-                k.settled(ip, host, None, &[]);
-                Some(then)
-            }
+        let hold = hold && !self.buffers_unsafe;
+        // `None`: written already (the node-local store), or sent from the root.
+        let command = k.settle(ip, host, answer, received.or(self.declared_len), hold)?;
+        let redis = ip.shared.as_ref()?;
+        let token = key::send(redis, host, &command);
+        if token.is_none() {
+            k.settled(ip, host, None, &[]);
+        }
+        token
+    }
+
+    /// `then` now, or once the shared store acknowledged the record (`waiting`: its call).
+    fn then_after(&mut self, host: &impl Host, waiting: Option<u32>, then: Then) {
+        match waiting {
+            Some(token) => self.store_call = Some((token, StoreCall::Settle(then))),
+            None => self.then(host, then),
         }
     }
 
@@ -457,7 +452,7 @@ impl Exchange {
         why: &str,
     ) -> (Option<Exchange>, Step) {
         host.count(Metric::BodyTooLarge);
-        self.settle_key(host, None, None);
+        self.settle_key(host, None, false);
         match policy.body_too_large {
             BodyTooLarge::Reject => {
                 host.log(
@@ -685,7 +680,7 @@ impl Exchange {
         }
         let reached = self.route_complete || self.attempt > 0 && self.driver == Driver::Dispatch;
         if !reached {
-            self.settle_key(host, None, None);
+            self.settle_key(host, None, false);
         }
     }
 
@@ -761,15 +756,13 @@ impl Exchange {
             headers: &a.headers,
             body: Some(&a.body),
         });
-        // The answer waits for its record: built first, sent once the record is written.
-        let reply = self.final_reply(policy, last.as_ref());
-        if let Some(then) = self.settle_key(host, done, Some(Then::Reply(reply))) {
-            self.then(host, then);
-        }
+        // The answer goes out once its record is written.
+        let waiting = self.settle_key(host, done, true);
+        let reply = self.final_reply(policy, last);
+        self.then_after(host, waiting, Then::Reply(reply));
     }
 
-    fn final_reply(&self, policy: &Policy, last: Option<&Answer>) -> Reply {
-        let last = last.cloned();
+    fn final_reply(&self, policy: &Policy, last: Option<Answer>) -> Reply {
         match last {
             Some(a) => {
                 let mut headers: Vec<(String, String)> = a

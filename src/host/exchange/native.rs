@@ -6,7 +6,7 @@
 //! exchange — streamed to the client, buffered first when it completes an idempotency record —
 //! or, when it is a retryable failure, is held while the next attempt is dispatched.
 
-use super::{Exchange, Step, Then};
+use super::{Exchange, Step, StoreCall, Then};
 use crate::host::key::Final;
 use crate::host::{Host, HostKind, Level, Metric};
 use crate::retry::{self, Outcome, Policy};
@@ -53,7 +53,7 @@ impl Exchange {
             // the route, say every pod refused), and no more of the body will come: nothing can
             // be replayed and nothing ran, so the key is released and the answer passes.
             self.answered = true;
-            self.settle_key(host, None, None);
+            self.settle_key(host, None, false);
             host.count(Metric::RetryGaveUp);
             host.log(
                 Level::Info,
@@ -162,9 +162,12 @@ impl Exchange {
     /// no call from here, so its write goes out from the root.
     fn settle_in_response(&mut self, host: &impl Host, answer: Option<Final<'_>>) -> Step {
         let hold = self.plan.host == HostKind::Envoy;
-        match self.settle_key(host, answer, hold.then_some(Then::Resume)) {
-            None if hold => Step::Pause,
-            _ => Step::Continue,
+        match self.settle_key(host, answer, hold) {
+            Some(token) => {
+                self.store_call = Some((token, StoreCall::Settle(Then::Resume)));
+                Step::Pause
+            }
+            None => Step::Continue,
         }
     }
 
