@@ -5,29 +5,10 @@
 //! (see the `schema` test) and every example config is checked against both.
 
 use serde::Deserialize;
-use std::fmt;
 
-/// Why a configuration was refused: the field path (`retry.attempts`) and the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub path: String,
-    pub reason: String,
-}
+pub mod error;
 
-impl ConfigError {
-    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError {
-            path: path.into(),
-            reason: reason.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.reason)
-    }
-}
+pub use error::ConfigError;
 
 /// The whole filter configuration. Every section is optional; an absent section turns that
 /// capability off, so `{}` (or no configuration at all) is a transparent pass-through.

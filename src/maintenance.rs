@@ -6,7 +6,7 @@
 //! start time of day and a duration). Overlapping or adjacent windows count as one span, so
 //! `Retry-After` always points at the moment the service is really back.
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::method;
 pub use crate::method::Method;
 use serde::Deserialize;

@@ -6,7 +6,7 @@
 //! reached the application (the connection failed before the request was sent) — unless
 //! rollsafe enforces the request's idempotency key, which makes a repeat harmless.
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use serde::Deserialize;
 use std::cell::RefCell;
 

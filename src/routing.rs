@@ -8,7 +8,7 @@
 //! and the score order is the key's failover order. Lookup is O(groups): nothing for ≤ 16.
 //! The mapping depends only on the config and the key: the same on every worker and node.
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use serde::Deserialize;
 
 /// `routing` config section.

@@ -17,8 +17,10 @@
 //! read in Webdis's `.raw` format (RESP), which is binary-safe; every script returns one bulk
 //! string, which Webdis passes through unchanged.
 
-use crate::config::ConfigError;
-use crate::idempotency::{self, Claim, Facts, Record, State, Stored};
+use crate::config::error::ConfigError;
+use crate::idempotency::key::Facts;
+use crate::idempotency::record::{self, Record, State, Stored};
+use crate::idempotency::store::Claim;
 use serde::Deserialize;
 
 /// Claim. KEYS[1]: the record; ARGV[1]: the in-flight value; ARGV[2]: the lease, ms; ARGV[3]:
@@ -241,12 +243,12 @@ fn tag(state: State, owner: u64) -> Vec<u8> {
 
 /// A Redis value: tag, the index record (length-prefixed), and a completed record's response.
 pub fn value(rec: &Record, stored: Option<&Stored>) -> Vec<u8> {
-    let record = idempotency::encode(rec);
+    let record = record::encode(rec);
     let mut out = tag(rec.state, rec.owner);
     out.extend_from_slice(&(record.len() as u32).to_be_bytes());
     out.extend_from_slice(&record);
     if let Some(s) = stored {
-        out.extend_from_slice(&idempotency::encode_response(rec.owner, s));
+        out.extend_from_slice(&record::encode_response(rec.owner, s));
     }
     out
 }
@@ -255,14 +257,14 @@ pub fn value(rec: &Record, stored: Option<&Stored>) -> Vec<u8> {
 pub fn read_value(v: &[u8]) -> Option<(Record, Option<Stored>)> {
     let n = u32::from_be_bytes(v.get(17..21)?.try_into().ok()?) as usize;
     let end = n.checked_add(21)?;
-    let rec = idempotency::decode(v.get(21..end)?)?;
+    let rec = record::decode(v.get(21..end)?)?;
     if v.first() != Some(&if rec.state == State::Done { b'D' } else { b'I' }) {
         return None;
     }
     match rec.state {
         State::InFlight => Some((rec, None)),
         State::Done => {
-            let (owner, stored) = idempotency::decode_response(v.get(end..)?)?;
+            let (owner, stored) = record::decode_response(v.get(end..)?)?;
             (owner == rec.owner).then_some((rec, Some(stored)))
         }
     }
@@ -365,7 +367,7 @@ mod tests {
         Record {
             key: "scope:k1".into(),
             facts: Facts {
-                fingerprint: idempotency::fingerprint("POST", "/orders", ""),
+                fingerprint: crate::idempotency::fingerprint("POST", "/orders", ""),
                 body_len: Some(2),
             },
             owner,

@@ -222,7 +222,7 @@ impl Request {
         };
         if self.plan.retry.is_none() {
             // Nothing owns this request: the host's own proxying goes to the group.
-            name_group(host, self.plan.host, &rp.group_header, &g.name, &g.target);
+            super::name_group(host, self.plan.host, &rp.group_header, &g.name, &g.target);
         }
         Ok(Some(Routed {
             key_hash,
@@ -386,15 +386,6 @@ impl<H: Host> Headers<'_, H> {
             Some(all) => all.get(name).map(str::to_string),
             None => self.host.request_header(name),
         }
-    }
-}
-
-/// Points the host's own proxying of this request at a group: the group header (seen by the
-/// upstream; an Envoy route matches it) and, on Kong, `kong.service.target`.
-pub fn name_group(host: &impl Host, kind: HostKind, header: &str, name: &str, target: &str) {
-    host.set_request_header(header, name);
-    if kind == HostKind::Kong {
-        host.set_property(&["kong", "service", "target"], target.as_bytes());
     }
 }
 

@@ -215,6 +215,15 @@ pub trait Host {
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
 }
 
+/// Points the host's own proxying of this request at a group: the group header (seen by the
+/// upstream; an Envoy route matches it) and, on Kong, `kong.service.target`.
+pub fn name_group(host: &impl Host, kind: HostKind, header: &str, name: &str, target: &str) {
+    host.set_request_header(header, name);
+    if kind == HostKind::Kong {
+        host.set_property(&["kong", "service", "target"], target.as_bytes());
+    }
+}
+
 pub use crate::idempotency::SetError;
 
 /// The host's shared data as the idempotency store sees it.

@@ -105,7 +105,7 @@ impl Exchange {
         match (group, &self.target) {
             // The group's header and target, as for any request Kong proxies to a group.
             (Some((rp, g)), _) => {
-                crate::host::flow::name_group(host, plan.host, &rp.group_header, &g.name, &g.target)
+                crate::host::name_group(host, plan.host, &rp.group_header, &g.name, &g.target)
             }
             (None, Some(target)) => {
                 host.set_property(&["kong", "service", "target"], target.as_bytes())

@@ -697,7 +697,7 @@ impl Exchange {
         };
         self.headers.push((rp.group_header.clone(), g.name.clone()));
         if self.driver == Driver::Native {
-            super::flow::name_group(host, plan.host, &rp.group_header, &g.name, &g.target);
+            super::name_group(host, plan.host, &rp.group_header, &g.name, &g.target);
         }
     }
 

@@ -1,0 +1,119 @@
+//! The key header (parsed or refused with the reason) and what tells one request from another
+//! under the same key: the caller scope and the request's fingerprint.
+
+use sha2::{Digest, Sha256};
+
+/// Why a key header was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    Missing,
+    Repeated,
+    Invalid(&'static str),
+}
+
+/// Parses the key: a Structured Field string (`"…"`) or a bare token; 1–255 visible ASCII
+/// characters; exactly one header line.
+pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
+    let raw = match values {
+        [] => return Err(KeyError::Missing),
+        [one] => one.as_ref().trim(),
+        _ => return Err(KeyError::Repeated),
+    };
+    let key = if let Some(inner) = raw.strip_prefix('"') {
+        let inner = inner
+            .strip_suffix('"')
+            .ok_or(KeyError::Invalid("unterminated string"))?;
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(e @ ('"' | '\\')) => out.push(e),
+                    _ => return Err(KeyError::Invalid("bad escape in string")),
+                },
+                '"' => return Err(KeyError::Invalid("unescaped quote in string")),
+                c if (' '..='~').contains(&c) => out.push(c),
+                _ => return Err(KeyError::Invalid("not printable ASCII")),
+            }
+        }
+        out
+    } else {
+        if raw.is_empty() {
+            return Err(KeyError::Invalid("empty"));
+        }
+        if !raw.chars().all(|c| ('!'..='~').contains(&c)) {
+            return Err(KeyError::Invalid("not visible ASCII (use a quoted string)"));
+        }
+        raw.to_string()
+    };
+    if key.is_empty() {
+        return Err(KeyError::Invalid("empty"));
+    }
+    if key.len() > 255 {
+        return Err(KeyError::Invalid("longer than 255 characters"));
+    }
+    Ok(key)
+}
+
+/// Hex of the first 16 bytes of SHA-256 over the scope parts (a part absent counts as empty),
+/// taken as bytes: credentials that are not UTF-8 still tell callers apart.
+pub fn scope_id(parts: &[Option<&[u8]>]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        let p = p.unwrap_or_default();
+        h.update((p.len() as u32).to_be_bytes());
+        h.update(p);
+    }
+    let digest = h.finalize();
+    hex(digest.get(..16).unwrap_or_default())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        for nibble in [b >> 4, b & 0xf] {
+            out.push(char::from(
+                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    out
+}
+
+/// What a record keeps of the request it answers, to tell a repeat from a different request
+/// with the same key. Everything here is known from the request headers, so a duplicate, a
+/// replay and a 422 are decided before any upstream is contacted (on Envoy the route's upstream
+/// request starts as soon as the headers go on, so a body-time decision would always reach it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// SHA-256 over method, path and query, and the client's body digest (`Content-Digest` /
+    /// `Repr-Digest`, RFC 9530) when it sends one. (The caller scope is part of the record's
+    /// key, so it is not hashed again here.)
+    pub fingerprint: [u8; 32],
+    /// The declared body length (`Content-Length`); `None` when the body is chunked.
+    pub body_len: Option<u64>,
+}
+
+impl Facts {
+    /// Whether a request with `other` facts is the same request. An unknown length on either
+    /// side compares equal: a chunked body is told apart by method, path and scope alone.
+    pub fn same_as(&self, other: &Facts) -> bool {
+        self.fingerprint == other.fingerprint
+            && match (self.body_len, other.body_len) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+/// SHA-256 over method, path and query, scope and body digest (length-prefixed, so parts can't
+/// blur).
+pub fn fingerprint(method: &str, path: &str, digest: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [method.as_bytes(), path.as_bytes(), digest.as_bytes()] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}

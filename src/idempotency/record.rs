@@ -1,0 +1,162 @@
+//! What a record holds, and its bytes in shared data and in the shared store.
+
+use super::key::Facts;
+
+const MAGIC: &[u8; 4] = b"RSI3";
+const RESPONSE_MAGIC: &[u8; 4] = b"RSR1";
+
+/// A stored response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body was larger than `max_response_bytes` and was not kept.
+    pub body_omitted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    InFlight,
+    /// Completed: the response is kept apart, under the store's `response_key` of the slot,
+    /// tagged with the claim's owner.
+    Done,
+}
+
+/// One slot's index record: small, so a claim that reads a probe window stays cheap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: String,
+    pub facts: Facts,
+    /// The claim's owner (a random token per request): only it may complete, release or extend
+    /// the claim, so a holder whose lease ran out can never overwrite a newer claim.
+    pub owner: u64,
+    pub expires_ms: u64,
+    pub state: State,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// The index record as bytes: `RSI3`, then fixed fields and the key.
+pub fn encode(rec: &Record) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 + rec.key.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&rec.expires_ms.to_be_bytes());
+    out.extend_from_slice(&rec.owner.to_be_bytes());
+    out.extend_from_slice(&rec.facts.fingerprint);
+    out.extend_from_slice(&rec.facts.body_len.map_or(u64::MAX, |n| n).to_be_bytes());
+    out.push(match rec.state {
+        State::InFlight => 0,
+        State::Done => 1,
+    });
+    put_str(&mut out, rec.key.as_bytes());
+    out
+}
+
+/// A stored response as bytes: `RSR1`, the owner tag, status, flags, headers, body.
+pub fn encode_response(owner: u64, s: &Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + s.body.len());
+    out.extend_from_slice(RESPONSE_MAGIC);
+    out.extend_from_slice(&owner.to_be_bytes());
+    out.extend_from_slice(&s.status.to_be_bytes());
+    out.push(u8::from(s.body_omitted));
+    out.extend_from_slice(&(s.headers.len() as u32).to_be_bytes());
+    for (k, v) in &s.headers {
+        put_str(&mut out, k.as_bytes());
+        put_str(&mut out, v.as_bytes());
+    }
+    put_str(&mut out, &s.body);
+    out
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?.to_vec()).ok()
+    }
+}
+
+/// Decodes an index record; `None` for an empty slot or anything that is not a whole record.
+pub fn decode(value: &[u8]) -> Option<Record> {
+    let mut r = Reader(value);
+    if r.take(4)? != MAGIC {
+        return None;
+    }
+    let expires_ms = r.u64()?;
+    let owner = r.u64()?;
+    let fingerprint: [u8; 32] = r.take(32)?.try_into().ok()?;
+    let body_len = Some(r.u64()?).filter(|n| *n != u64::MAX);
+    let state = match r.u8()? {
+        0 => State::InFlight,
+        1 => State::Done,
+        _ => return None,
+    };
+    let key = r.string()?;
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some(Record {
+        key,
+        facts: Facts {
+            fingerprint,
+            body_len,
+        },
+        owner,
+        expires_ms,
+        state,
+    })
+}
+
+/// Decodes a stored response and its owner tag.
+pub fn decode_response(value: &[u8]) -> Option<(u64, Stored)> {
+    let mut r = Reader(value);
+    if r.take(4)? != RESPONSE_MAGIC {
+        return None;
+    }
+    let owner = r.u64()?;
+    let status = r.u16()?;
+    let body_omitted = r.u8()? != 0;
+    let n = r.u32()? as usize;
+    let mut headers = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        headers.push((r.string()?, r.string()?));
+    }
+    let body = r.bytes()?.to_vec();
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some((
+        owner,
+        Stored {
+            status,
+            headers,
+            body,
+            body_omitted,
+        },
+    ))
+}

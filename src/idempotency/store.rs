@@ -1,0 +1,311 @@
+//! The node-local store: a fixed table of slots in the host's shared data, claimed by
+//! compare-and-swap.
+
+use super::key::Facts;
+use super::record::{decode, decode_response, encode, encode_response, Record, State, Stored};
+
+/// Slots probed for one key.
+const PROBE: usize = 8;
+/// Claim attempts when another worker changes a slot between read and write.
+const CAS_TRIES: usize = 4;
+
+/// The shared-data operations the store needs (the host layer maps them to proxy-wasm).
+pub trait Shared {
+    /// The value and its CAS token.
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes when the stored CAS still equals `cas`.
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// Someone else wrote the slot since it was read.
+    CasMismatch,
+    /// The host refused the write (Kong: the shm zone is full).
+    Refused,
+}
+
+/// The outcome of claiming a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This request owns the key; run it. `evicted`: the slot held the oldest completed record
+    /// of the probe window, which made room.
+    Claimed { slot: u32, evicted: bool },
+    /// Another request with this key is running; `same` says whether it has this fingerprint.
+    InFlight { same: bool, retry_after_ms: u64 },
+    /// A completed result exists.
+    Done { same: bool, stored: Stored },
+    /// Every slot this key may use holds a request in flight (or the host refused the write).
+    Full,
+}
+
+// Two stores answer a claim with a [`Claim`]: the node-local one below (synchronous shared-data
+// reads and compare-and-swap) and the shared one (the `shared_store` module, one call to Redis, whose
+// answer arrives later). The key's lifecycle (`host::key`) drives either.
+//
+// The node-local store: a fixed table of slots in the host's shared data, created at configure
+// time and claimed by compare-and-swap (exclusive on both hosts). A key may use the slots of its
+// probe window; when all of them hold completed records, the oldest completion is evicted — a
+// request in flight never is, so a new key is refused only while its whole window is in flight.
+// Memory: `slots` index records (key, facts, times; ~0.4 KiB) plus at most one stored response
+// per slot.
+
+/// Where a key's probe window starts: FNV-1a, mixed. (A cryptographic hash buys nothing here:
+/// its output is public too, so anyone can search for keys that share a window either way;
+/// the window's eviction of the oldest completion, never a request in flight, is the bound.)
+fn probe_start(key: &str, slots: u32) -> u32 {
+    let h = crate::routing::hash_key(key.as_bytes());
+    let mut z = h ^ (h >> 33);
+    z = z.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    z ^= z >> 33;
+    (z % u64::from(slots.max(1))) as u32
+}
+
+/// Creates the slots that do not exist yet (configure time, every worker).
+pub fn create_slots(store: &impl Shared, slots: u32) {
+    for i in 0..slots {
+        let key = slot_key(i);
+        if store.get(&key).is_none() {
+            let _ = store.set(&key, &[], 0);
+        }
+    }
+}
+
+/// Claims `key` with `facts` in the node-local table, or reports what holds it.
+pub fn claim(
+    store: &impl Shared,
+    slots: u32,
+    key: &str,
+    facts: &Facts,
+    owner: u64,
+    now: u64,
+    lease_ms: u64,
+) -> Claim {
+    let start = probe_start(key, slots);
+    for _ in 0..CAS_TRIES {
+        let mut free: Option<(u32, u32)> = None;
+        // The completed record that expires first: the oldest completion (one TTL for all).
+        let mut oldest: Option<(u32, u32, u64)> = None;
+        let mut found = None;
+        for i in 0..PROBE.min(slots as usize) as u32 {
+            let slot = (start + i) % slots;
+            let Some((value, cas)) = store.get(&slot_key(slot)) else {
+                continue;
+            };
+            match decode(&value) {
+                Some(rec) if rec.key == key && rec.expires_ms > now => {
+                    found = Some((slot, rec));
+                    break;
+                }
+                Some(rec) if rec.expires_ms > now => {
+                    if rec.state == State::Done && oldest.is_none_or(|(_, _, e)| rec.expires_ms < e)
+                    {
+                        oldest = Some((slot, cas, rec.expires_ms));
+                    }
+                }
+                // Empty, expired, or unreadable (not ours): free.
+                _ => {
+                    if free.is_none() {
+                        free = Some((slot, cas));
+                    }
+                }
+            }
+        }
+        if let Some((slot, rec)) = found {
+            let same = rec.facts.same_as(facts);
+            return match rec.state {
+                State::InFlight => Claim::InFlight {
+                    same,
+                    retry_after_ms: rec.expires_ms.saturating_sub(now),
+                },
+                State::Done => match read_response(store, slot, rec.owner) {
+                    Some(stored) => Claim::Done { same, stored },
+                    // Being replaced under us (evicted and reclaimed): try again shortly.
+                    None => Claim::InFlight {
+                        same,
+                        retry_after_ms: 1000,
+                    },
+                },
+            };
+        }
+        let (slot, cas, evicted) = match (free, oldest) {
+            (Some((slot, cas)), _) => (slot, cas, false),
+            (None, Some((slot, cas, _))) => (slot, cas, true),
+            (None, None) => return Claim::Full,
+        };
+        let rec = Record {
+            key: key.to_string(),
+            facts: *facts,
+            owner,
+            expires_ms: now + lease_ms,
+            state: State::InFlight,
+        };
+        match store.set(&slot_key(slot), &encode(&rec), cas) {
+            Ok(()) => return Claim::Claimed { slot, evicted },
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Refused) => return Claim::Full,
+        }
+    }
+    // The slots kept changing under us: someone else is busy with them.
+    Claim::Full
+}
+
+/// How a claim ends or goes on.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Completed: replayed until `expires_ms` (unless evicted). `body_len` is the length
+    /// actually received (known now even for a chunked body).
+    Complete {
+        stored: Stored,
+        expires_ms: u64,
+        body_len: Option<u64>,
+    },
+    /// Freed, so the client's next try runs.
+    Release,
+    /// Still in flight: the lease now runs until `expires_ms`.
+    Extend { expires_ms: u64 },
+}
+
+/// Applies `settle` to this request's in-flight record in `slot`. Only a record still held by
+/// `owner` under `key` is touched (compare-and-swap), so a stale owner changes nothing; returns
+/// whether the write happened. A completion writes the response first, then flips the index.
+pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool {
+    let slot_key = slot_key(slot);
+    let mut response_written = false;
+    for _ in 0..CAS_TRIES {
+        let Some((value, cas)) = store.get(&slot_key) else {
+            return false;
+        };
+        let Some(mut rec) = decode(&value) else {
+            return false;
+        };
+        if rec.key != key || rec.owner != owner || rec.state != State::InFlight {
+            return false;
+        }
+        let value = match settle {
+            Settle::Complete {
+                stored,
+                expires_ms,
+                body_len,
+            } => {
+                if !response_written {
+                    if write_response(store, slot, owner, stored).is_err() {
+                        // Too large for what is left of the zone: free the slot rather than
+                        // leave it claimed until the lease runs out.
+                        let _ = store.set(&slot_key, &[], cas);
+                        return false;
+                    }
+                    response_written = true;
+                }
+                rec.state = State::Done;
+                rec.expires_ms = *expires_ms;
+                if body_len.is_some() {
+                    rec.facts.body_len = *body_len;
+                }
+                encode(&rec)
+            }
+            Settle::Release => Vec::new(),
+            Settle::Extend { expires_ms } => {
+                rec.expires_ms = rec.expires_ms.max(*expires_ms);
+                encode(&rec)
+            }
+        };
+        match store.set(&slot_key, &value, cas) {
+            Ok(()) => return true,
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Refused) => {
+                if matches!(settle, Settle::Complete { .. }) {
+                    let _ = store.set(&slot_key, &[], cas);
+                }
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// The node-local cache of completed records kept beside the shared store: this node's copy
+/// of `key`'s completed record, if it holds one. A record still in flight is no answer here
+/// (the cache never holds claims: [`cache`] completes the one it makes at once).
+pub fn cached(store: &impl Shared, slots: u32, key: &str, now: u64) -> Option<(Facts, Stored)> {
+    if slots == 0 {
+        return None;
+    }
+    let start = probe_start(key, slots);
+    for i in 0..PROBE.min(slots as usize) as u32 {
+        let slot = (start + i) % slots;
+        let Some((value, _)) = store.get(&slot_key(slot)) else {
+            continue;
+        };
+        if let Some(rec) = decode(&value).filter(|r| r.key == key && r.expires_ms > now) {
+            return match rec.state {
+                State::Done => read_response(store, slot, rec.owner).map(|s| (rec.facts, s)),
+                State::InFlight => None,
+            };
+        }
+    }
+    None
+}
+
+/// Keeps a completed record in the node-local cache (evicting the window's oldest when it must);
+/// whether it was written. A key the cache already holds is left as it is.
+#[allow(clippy::too_many_arguments)]
+pub fn cache(
+    store: &impl Shared,
+    slots: u32,
+    key: &str,
+    facts: &Facts,
+    owner: u64,
+    stored: &Stored,
+    now: u64,
+    expires_ms: u64,
+) -> bool {
+    if slots == 0 {
+        return false;
+    }
+    let Claim::Claimed { slot, .. } = claim(store, slots, key, facts, owner, now, 1_000) else {
+        return false;
+    };
+    let done = Settle::Complete {
+        stored: stored.clone(),
+        expires_ms,
+        body_len: facts.body_len,
+    };
+    settle(store, slot, key, owner, &done)
+}
+
+/// Writes the slot's response, whatever was there (the index CAS is what guards the slot).
+fn write_response(
+    store: &impl Shared,
+    slot: u32,
+    owner: u64,
+    stored: &Stored,
+) -> Result<(), SetError> {
+    let key = response_key(slot);
+    let value = encode_response(owner, stored);
+    for _ in 0..CAS_TRIES {
+        let cas = store.get(&key).map_or(0, |(_, cas)| cas);
+        match store.set(&key, &value, cas) {
+            Err(SetError::CasMismatch) => continue,
+            other => return other,
+        }
+    }
+    Err(SetError::CasMismatch)
+}
+
+/// The slot's response, when it belongs to `owner`'s completion.
+fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
+    let (value, _) = store.get(&response_key(slot))?;
+    let (tag, stored) = decode_response(&value)?;
+    (tag == owner).then_some(stored)
+}
+
+/// Shared-data key of slot `i`'s index record (Kong: zone `rollsafe`).
+pub fn slot_key(i: u32) -> String {
+    format!("rollsafe/idem/{i}")
+}
+
+/// Shared-data key of slot `i`'s stored response.
+pub fn response_key(i: u32) -> String {
+    format!("rollsafe/idem/{i}/r")
+}

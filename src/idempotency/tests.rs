@@ -1,0 +1,509 @@
+use super::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Shared data with each host's CAS rules (HOSTS.md): on Kong a write succeeds only when the
+/// given cas equals the stored one (absent = 0); on Envoy cas 0 means "no check" and an
+/// absent key is inserted whatever the cas.
+type Interleaved = Box<dyn FnOnce(&FakeShared)>;
+
+struct FakeShared {
+    kong: bool,
+    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// Runs once just before the next write: another worker's interleaved write.
+    interleave: RefCell<Option<Interleaved>>,
+    capacity: usize,
+}
+
+impl FakeShared {
+    fn new(kong: bool) -> Self {
+        FakeShared {
+            kong,
+            map: RefCell::default(),
+            interleave: RefCell::new(None),
+            capacity: usize::MAX,
+        }
+    }
+    fn raw_set(&self, key: &str, value: &[u8]) {
+        let mut m = self.map.borrow_mut();
+        let cas = m.get(key).map_or(0, |(_, c)| *c) + 1;
+        m.insert(key.to_string(), (value.to_vec(), cas));
+    }
+}
+
+impl Shared for FakeShared {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.map.borrow().get(key).cloned()
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        let interleaved = self.interleave.borrow_mut().take();
+        if let Some(f) = interleaved {
+            f(self);
+        }
+        if value.len() > self.capacity {
+            return Err(SetError::Refused);
+        }
+        let current = self.map.borrow().get(key).map(|(_, c)| *c);
+        let ok = match (self.kong, current) {
+            (true, None) => cas == 0,
+            (true, Some(c)) => cas == c,
+            (false, None) => true,
+            (false, Some(c)) => cas == 0 || cas == c,
+        };
+        if !ok {
+            return Err(SetError::CasMismatch);
+        }
+        self.raw_set(key, value);
+        Ok(())
+    }
+}
+
+fn stored(status: u16, body: &str) -> Stored {
+    Stored {
+        status,
+        headers: vec![("content-type".into(), "text/plain".into())],
+        body: body.into(),
+        body_omitted: false,
+    }
+}
+
+const FP: Facts = Facts {
+    fingerprint: [7; 32],
+    body_len: Some(2),
+};
+const OTHER: Facts = Facts {
+    fingerprint: [8; 32],
+    body_len: Some(2),
+};
+const OWNER: u64 = 0xA11CE;
+
+fn done(stored: Stored, expires_ms: u64) -> Settle {
+    Settle::Complete {
+        stored,
+        expires_ms,
+        body_len: None,
+    }
+}
+
+#[test]
+fn state_machine_claim_in_flight_done_expired() {
+    for kong in [true, false] {
+        let s = FakeShared::new(kong);
+        create_slots(&s, 64);
+        let Claim::Claimed { slot, .. } = claim(&s, 64, "k1", &FP, OWNER, 1_000, 30_000) else {
+            panic!()
+        };
+        assert_eq!(
+            claim(&s, 64, "k1", &FP, OWNER, 2_000, 30_000),
+            Claim::InFlight {
+                same: true,
+                retry_after_ms: 29_000
+            }
+        );
+        assert_eq!(
+            claim(&s, 64, "k1", &OTHER, OWNER, 2_000, 30_000),
+            Claim::InFlight {
+                same: false,
+                retry_after_ms: 29_000
+            }
+        );
+        assert!(settle(
+            &s,
+            slot,
+            "k1",
+            OWNER,
+            &done(stored(201, "made"), 100_000)
+        ));
+        assert_eq!(
+            claim(&s, 64, "k1", &FP, OWNER, 3_000, 30_000),
+            Claim::Done {
+                same: true,
+                stored: stored(201, "made")
+            }
+        );
+        assert!(matches!(
+            claim(&s, 64, "k1", &OTHER, OWNER, 3_000, 30_000),
+            Claim::Done { same: false, .. }
+        ));
+        // After the TTL the key is free again.
+        assert!(matches!(
+            claim(&s, 64, "k1", &FP, OWNER, 100_000, 30_000),
+            Claim::Claimed { .. }
+        ));
+    }
+}
+
+#[test]
+fn released_claims_and_expired_leases_let_the_next_try_run() {
+    let s = FakeShared::new(true);
+    create_slots(&s, 16);
+    let Claim::Claimed { slot, .. } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
+        panic!()
+    };
+    assert!(settle(&s, slot, "k", OWNER, &Settle::Release));
+    assert!(matches!(
+        claim(&s, 16, "k", &FP, OWNER, 1, 1_000),
+        Claim::Claimed { .. }
+    ));
+    // A crashed or stalled holder: the lease runs out.
+    assert!(matches!(
+        claim(&s, 16, "k", &FP, OWNER, 500, 1_000),
+        Claim::InFlight { .. }
+    ));
+    assert!(matches!(
+        claim(&s, 16, "k", &FP, OWNER, 1_001, 1_000),
+        Claim::Claimed { .. }
+    ));
+}
+
+#[test]
+fn two_workers_racing_for_one_key_cannot_both_win_on_either_host() {
+    for kong in [true, false] {
+        let s = FakeShared::new(kong);
+        create_slots(&s, 16);
+        // Worker B claims between worker A's read and A's write.
+        *s.interleave.borrow_mut() = Some(Box::new(|s: &FakeShared| {
+            assert!(matches!(
+                claim(s, 16, "k", &FP, OWNER, 0, 1_000),
+                Claim::Claimed { .. }
+            ));
+        }));
+        assert!(
+            matches!(
+                claim(&s, 16, "k", &FP, OWNER, 0, 1_000),
+                Claim::InFlight { same: true, .. }
+            ),
+            "kong={kong}"
+        );
+    }
+}
+
+#[test]
+fn slots_that_were_never_created_are_not_claimed_absent_so_set() {
+    // Without pre-created slots there is nothing to CAS against: report full rather than
+    // risk Envoy's non-exclusive first insert.
+    let s = FakeShared::new(false);
+    assert_eq!(claim(&s, 16, "k", &FP, OWNER, 0, 1_000), Claim::Full);
+}
+
+#[test]
+fn a_window_of_requests_in_flight_is_full_and_completed_records_are_evicted_oldest_first() {
+    let s = FakeShared::new(true);
+    create_slots(&s, 16);
+    // Requests in flight are never evicted: once every slot holds one, new keys are full.
+    let mut held = Vec::new();
+    for i in 0..200 {
+        if let Claim::Claimed { slot, evicted } =
+            claim(&s, 16, &format!("k{i}"), &FP, OWNER, 0, 60_000)
+        {
+            assert!(!evicted);
+            held.push((slot, format!("k{i}")));
+        }
+    }
+    assert_eq!(held.len(), 16);
+    assert_eq!(claim(&s, 16, "late", &FP, OWNER, 0, 60_000), Claim::Full);
+    // Completed ones make room, the oldest completion first.
+    for (n, (slot, key)) in held.iter().enumerate() {
+        let expires = 100_000 + n as u64;
+        assert!(settle(
+            &s,
+            *slot,
+            key,
+            OWNER,
+            &done(stored(201, key), expires)
+        ));
+    }
+    let Claim::Claimed { evicted: true, .. } = claim(&s, 16, "late", &FP, OWNER, 1, 60_000) else {
+        panic!("a completed record makes room")
+    };
+    let oldest = &held[0].1;
+    assert!(
+        matches!(
+            claim(&s, 16, oldest, &FP, OWNER, 2, 60_000),
+            Claim::Claimed { .. }
+        ),
+        "the oldest completion was the one evicted"
+    );
+    assert!(matches!(
+        claim(&s, 16, &held[15].1, &FP, OWNER, 2, 60_000),
+        Claim::Done { .. }
+    ));
+    assert!(
+        s.map.borrow().len() <= 32,
+        "an index and a response per slot at most"
+    );
+}
+
+#[test]
+fn a_million_keys_through_ten_thousand_slots_are_never_refused_and_memory_stays_flat() {
+    let s = FakeShared::new(false);
+    let slots = 10_000;
+    create_slots(&s, slots);
+    let n: u64 = if cfg!(debug_assertions) {
+        200_000
+    } else {
+        1_000_000
+    };
+    let (mut evicted, mut sizes) = (0u64, Vec::new());
+    for i in 0..n {
+        let key = format!("key-{i}");
+        let Claim::Claimed { slot, evicted: e } = claim(&s, slots, &key, &FP, i, i, 30_000) else {
+            panic!("key {i} refused")
+        };
+        evicted += u64::from(e);
+        let body = format!("{{\"id\":{i}}}");
+        assert!(settle(
+            &s,
+            slot,
+            &key,
+            i,
+            &done(stored(201, &body), i + 86_400_000)
+        ));
+        if i % (n / 10) == n / 10 - 1 {
+            sizes.push(s.map.borrow().values().map(|(v, _)| v.len()).sum::<usize>());
+        }
+    }
+    assert!(
+        evicted >= n - u64::from(slots),
+        "evictions counted: {evicted}"
+    );
+    // Memory after warm-up: flat (two keys a slot at most; bytes grow only with the digits
+    // of the keys and bodies this test makes).
+    let (first, last) = (sizes[1], *sizes.last().unwrap());
+    assert!(last <= first + first / 20, "grew from {first} to {last}");
+    assert!(s.map.borrow().len() <= 2 * slots as usize);
+    // The most recent keys still replay.
+    for i in n - 100..n {
+        let Claim::Done {
+            same: true,
+            stored: got,
+        } = claim(&s, slots, &format!("key-{i}"), &FP, 0, n, 30_000)
+        else {
+            panic!("key {i} no longer replays")
+        };
+        assert_eq!(got.body, format!("{{\"id\":{i}}}").into_bytes());
+    }
+}
+
+#[test]
+fn crc_colliding_or_foreign_slot_contents_are_told_apart_by_the_full_key() {
+    let s = FakeShared::new(true);
+    create_slots(&s, 16);
+    let Claim::Claimed { slot, .. } = claim(&s, 16, "a", &FP, OWNER, 0, 60_000) else {
+        panic!()
+    };
+    // Another key landing on the same slot never reads "a"'s record as its own.
+    assert!(!settle(&s, slot, "b", OWNER, &Settle::Release));
+    s.raw_set(&store::slot_key((slot + 1) % 16), b"garbage");
+    assert!(matches!(
+        claim(&s, 16, "b", &FP, OWNER, 0, 60_000),
+        Claim::Claimed { .. }
+    ));
+}
+
+#[test]
+fn refused_writes_degrade_to_full() {
+    let mut s = FakeShared::new(true);
+    create_slots(&s, 16);
+    let Claim::Claimed { slot, .. } = claim(&s, 16, "k", &FP, OWNER, 0, 60_000) else {
+        panic!()
+    };
+    s.capacity = 100;
+    assert!(!settle(
+        &s,
+        slot,
+        "k",
+        OWNER,
+        &done(stored(200, &"x".repeat(1000)), 99)
+    ));
+    assert!(matches!(
+        claim(&s, 16, "k", &FP, OWNER, 1, 60_000),
+        Claim::Claimed { .. } | Claim::Full
+    ));
+}
+
+#[test]
+fn records_round_trip_and_garbage_is_not_a_record() {
+    let rec = Record {
+        key: "k".into(),
+        facts: FP,
+        owner: OWNER,
+        expires_ms: 42,
+        state: State::Done,
+    };
+    assert_eq!(decode(&encode(&rec)), Some(rec.clone()));
+    let bytes = encode(&rec);
+    for cut in 0..bytes.len() {
+        assert_eq!(decode(&bytes[..cut]), None);
+    }
+    assert_eq!(decode(b""), None);
+    let resp = encode_response(OWNER, &stored(201, "b"));
+    assert_eq!(decode_response(&resp), Some((OWNER, stored(201, "b"))));
+    for cut in 0..resp.len() {
+        assert_eq!(decode_response(&resp[..cut]), None);
+    }
+    assert_eq!(decode(&resp), None, "a response is not an index record");
+}
+
+#[test]
+fn key_parsing() {
+    assert_eq!(
+        parse_key(&["\"8e03978e-40d5-43e8-bc93-6894a57f9324\""]).unwrap(),
+        "8e03978e-40d5-43e8-bc93-6894a57f9324"
+    );
+    assert_eq!(parse_key(&["abc-123"]).unwrap(), "abc-123");
+    assert_eq!(
+        parse_key(&["\"with space and \\\"quote\\\"\""]).unwrap(),
+        "with space and \"quote\""
+    );
+    assert_eq!(parse_key(&[&"k".repeat(255)]).unwrap().len(), 255);
+    assert_eq!(parse_key::<&str>(&[]), Err(KeyError::Missing));
+    assert_eq!(parse_key(&["a", "b"]), Err(KeyError::Repeated));
+    for bad in [
+        "",
+        "\"\"",
+        "\"open",
+        "has space",
+        "\"bad\\escape\"",
+        "caf\u{e9}",
+        "\"a\"b\"",
+    ] {
+        assert!(
+            matches!(parse_key(&[bad]), Err(KeyError::Invalid(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(parse_key(&[&"k".repeat(256)]).is_err());
+}
+
+#[test]
+fn fingerprint_covers_method_path_and_digest_and_facts_compare_the_length() {
+    let base = fingerprint("POST", "/o?x=1", "");
+    assert_ne!(base, fingerprint("PATCH", "/o?x=1", ""));
+    assert_ne!(base, fingerprint("POST", "/o?x=2", ""));
+    assert_ne!(base, fingerprint("POST", "/o?x=1", "sha-256=:x:"));
+    assert_ne!(
+        fingerprint("POST", "/ab", ""),
+        fingerprint("POST", "/a", "b")
+    );
+    let facts = |body_len| Facts {
+        fingerprint: base,
+        body_len,
+    };
+    assert!(facts(Some(2)).same_as(&facts(Some(2))));
+    assert!(!facts(Some(2)).same_as(&facts(Some(3))));
+    assert!(
+        facts(None).same_as(&facts(Some(3))),
+        "chunked: length unknown"
+    );
+    assert!(!FP.same_as(&OTHER));
+}
+
+#[test]
+fn a_stale_owner_can_neither_complete_nor_release_a_newer_claim() {
+    let s = FakeShared::new(true);
+    create_slots(&s, 16);
+    let Claim::Claimed { slot, .. } = claim(&s, 16, "k", &FP, OWNER, 0, 1_000) else {
+        panic!()
+    };
+    // The lease runs out while the first holder is still busy; a second try claims.
+    let Claim::Claimed { slot: again, .. } = claim(&s, 16, "k", &FP, 2, 1_500, 1_000) else {
+        panic!()
+    };
+    assert_eq!(slot, again);
+    assert!(!settle(
+        &s,
+        slot,
+        "k",
+        OWNER,
+        &done(stored(201, "old"), 9_000)
+    ));
+    assert!(!settle(&s, slot, "k", OWNER, &Settle::Release));
+    assert!(!settle(
+        &s,
+        slot,
+        "k",
+        OWNER,
+        &Settle::Extend { expires_ms: 9_000 }
+    ));
+    assert!(matches!(
+        claim(&s, 16, "k", &FP, 3, 1_600, 1_000),
+        Claim::InFlight {
+            same: true,
+            retry_after_ms: 900
+        }
+    ));
+    // The newer owner extends and completes its own claim.
+    assert!(settle(
+        &s,
+        slot,
+        "k",
+        2,
+        &Settle::Extend { expires_ms: 5_000 }
+    ));
+    assert!(matches!(
+        claim(&s, 16, "k", &FP, 3, 2_600, 1_000),
+        Claim::InFlight {
+            retry_after_ms: 2_400,
+            ..
+        }
+    ));
+    assert!(settle(&s, slot, "k", 2, &done(stored(201, "new"), 9_000)));
+    assert_eq!(
+        claim(&s, 16, "k", &FP, 3, 3_000, 1_000),
+        Claim::Done {
+            same: true,
+            stored: stored(201, "new")
+        }
+    );
+}
+
+#[test]
+fn stored_statuses() {
+    let cfg: IdempotencyConfig = serde_json::from_str("{}").unwrap();
+    let p = Policy::compile(&cfg, "idempotency").unwrap();
+    for (status, stored) in [
+        (200, true),
+        (201, true),
+        (400, true),
+        (404, true),
+        (422, true),
+        (408, false),
+        (409, false),
+        (425, false),
+        (429, false),
+        (500, false),
+        (503, false),
+        (302, false),
+    ] {
+        assert_eq!(p.stores(status), stored, "{status}");
+    }
+    assert!(p.applies_to("POST") && p.applies_to("PATCH") && !p.applies_to("PUT"));
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    for (json, field) in [
+        (r#"{"scope":["cookie:x"]}"#, "idempotency.scope[0]"),
+        (
+            r#"{"store_statuses":["2x"]}"#,
+            "idempotency.store_statuses[0]",
+        ),
+        (r#"{"max_entries":1}"#, "idempotency.max_entries"),
+        (r#"{"lease_ms":1}"#, "idempotency.lease_ms"),
+        (r#"{"header":"bad header"}"#, "idempotency.header"),
+        (r#"{"store":"redis"}"#, "idempotency.redis"),
+        (r#"{"redis":{"target":"webdis"}}"#, "idempotency.store"),
+        (
+            r#"{"store":"redis","redis":{"target":""}}"#,
+            "idempotency.redis.target",
+        ),
+    ] {
+        let cfg: IdempotencyConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            Policy::compile(&cfg, "idempotency").unwrap_err().path,
+            field,
+            "{json}"
+        );
+    }
+}
