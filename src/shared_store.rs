@@ -367,7 +367,7 @@ mod tests {
         Record {
             key: "scope:k1".into(),
             facts: Facts {
-                fingerprint: crate::idempotency::fingerprint("POST", "/orders", ""),
+                fingerprint: crate::idempotency::fingerprint("POST", "/orders", "", b"{}"),
                 body_len: Some(2),
             },
             owner,

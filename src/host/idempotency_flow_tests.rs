@@ -1,7 +1,7 @@
 //! Keyed requests through the flow with a fake host, on both drivers: Kong's (every attempt
-//! dispatched) and Envoy's native one (attempt 1 is the route's own request, which starts the
-//! moment the request headers go on). "Reaches an upstream" means exactly that: headers that
-//! continue on Envoy, or a dispatch.
+//! dispatched) and Envoy's native one (attempt 1 is the route's own request, which starts when
+//! rollsafe lets the whole body go on to the buffer filter and the router). "Reaches an
+//! upstream" means exactly that: a body that continues on Envoy, or a dispatch.
 
 use super::fake::FakeHost;
 use super::flow::{configure, Request, Verdict};
@@ -55,10 +55,13 @@ fn keyed(
     ]);
     let dispatched = host.dispatches().len();
     let verdict = req.on_request_headers(host, false);
-    let mut upstream = plan.host == HostKind::Envoy && verdict == Verdict::Continue;
+    let mut upstream = false;
     if verdict == Verdict::Continue {
+        // The key is decided once the body is whole; on Envoy the body going on is what
+        // starts the route's request (the buffer filter after rollsafe holds it until then).
         host.set_body(body);
-        req.on_request_body(host, body.len(), true);
+        let body_verdict = req.on_request_body(host, body.len(), true);
+        upstream = plan.host == HostKind::Envoy && body_verdict == Verdict::Continue;
     }
     upstream |= host.dispatches().len() > dispatched;
     Sent { req, upstream }
@@ -82,7 +85,7 @@ fn upstream_answers(host: &FakeHost, sent: &mut Sent, status: &str, body: &str) 
 }
 
 #[test]
-fn a_completed_key_is_replayed_or_422_at_header_time_without_reaching_an_upstream() {
+fn a_completed_key_is_replayed_or_422_once_the_body_is_whole_without_reaching_an_upstream() {
     for (kind, cfg) in drivers(r#"{"max_response_bytes":64}"#) {
         let host = FakeHost::at(1_000);
         let plan = plan(&host, kind, &cfg);
@@ -100,7 +103,12 @@ fn a_completed_key_is_replayed_or_422_at_header_time_without_reaching_an_upstrea
         assert_eq!(replay.header("idempotent-replayed"), Some("true"));
         assert_eq!(replay.header("content-type"), Some("application/json"));
 
-        for (path, body) in [("/orders", &b"{\"x\":2}"[..]), ("/other", &b"{}"[..])] {
+        // Another body (of the same length too), another path: 422.
+        for (path, body) in [
+            ("/orders", &b"{\"x\":2}"[..]),
+            ("/orders", &b"[]"[..]),
+            ("/other", &b"{}"[..]),
+        ] {
             let other = keyed(&host, &plan, path, "\"k\"", body);
             assert!(!other.upstream, "{kind:?}: a 422 reaches no upstream");
             assert_eq!(
@@ -111,7 +119,7 @@ fn a_completed_key_is_replayed_or_422_at_header_time_without_reaching_an_upstrea
         }
         assert_eq!(host.dispatches().len(), dispatched, "{kind:?}");
         assert_eq!(host.counted(Metric::IdemReplayed), 1);
-        assert_eq!(host.counted(Metric::IdemMismatch), 2);
+        assert_eq!(host.counted(Metric::IdemMismatch), 3);
     }
 }
 
@@ -202,14 +210,18 @@ fn bad_keys_are_400_and_reach_no_upstream() {
             ("idempotency-key", "a"),
             ("Idempotency-Key", "b"),
         ]);
-        assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+        // Decided once the body is whole, so the answer keeps the client's connection.
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        host.set_body(b"{}");
+        assert_eq!(req.on_request_body(&host, 2, true), Verdict::Pause);
         let mut req = Request::new(plan);
         host.set_request(&[
             (":method", "PATCH"),
             (":path", "/o"),
             ("content-length", "2"),
         ]);
-        assert_eq!(req.on_request_headers(&host, false), Verdict::Pause);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        assert_eq!(req.on_request_body(&host, 2, true), Verdict::Pause);
         assert!(host.responses().iter().all(|r| r.status == 400));
         assert_eq!(host.responses().len(), 2);
         assert!(host.dispatches().is_empty());
@@ -273,7 +285,7 @@ fn a_lease_shorter_than_the_exchange_is_refused_at_configure_time() {
 }
 
 #[test]
-fn a_client_gone_before_its_body_was_whole_releases_the_key() {
+fn a_client_gone_before_its_body_was_whole_leaves_the_key_free() {
     let (kind, cfg) = drivers("{}")[1].clone();
     let host = FakeHost::at(1_000);
     let plan = plan(&host, kind, &cfg);
@@ -288,7 +300,8 @@ fn a_client_gone_before_its_body_was_whole_releases_the_key() {
     host.set_body(b"da");
     assert_eq!(req.on_request_body(&host, 2, false), Verdict::Pause);
     req.on_done(&host);
-    assert_eq!(host.counted(Metric::IdemReleased), 1);
+    // The key is decided once the body is whole: nothing was claimed, so nothing holds it.
+    assert_eq!(host.counted(Metric::IdemReleased), 0);
     // A request that reached the application keeps its key until the lease ends.
     let mut whole = keyed(&host, &plan, "/orders", "k", b"data");
     assert!(whole.upstream);

@@ -1,15 +1,18 @@
-//! The idempotency key's lifecycle for one request: decided at request-header time (400, 409,
-//! 422, replay, store full, or claimed), then extended, completed or released by the exchange.
+//! Carries out the key's lifecycle (`idempotency::lifecycle`) for one request: reads the key
+//! and the request's facts, asks the store, and does the writes and answers the lifecycle's
+//! transitions ask for. It decides nothing itself.
 //!
-//! Everything the key alone decides is decided before the request headers go on: on Envoy the
-//! route's upstream request starts as soon as they do, so a duplicate or a replay decided later
-//! would reach the application as an aborted request. With the shared store the claim is a
-//! call to Webdis ([`Gate::Ask`]): the exchange holds the request until [`claimed`] reads its
-//! answer, and holds the final answer until its completion is written ([`Key::settle`]).
+//! A keyed request with a body is decided once the body is whole (the fingerprint covers it);
+//! one without a body at its headers. With the shared store the claim is a call to Webdis
+//! ([`Gate::Ask`]): the exchange holds the request until [`claimed`] reads its answer, and
+//! holds the final answer until its completion is written ([`Key::settle`]).
 
 use super::headers::HeaderBlock;
 use super::reply::Reply;
 use super::{Host, HostKind, HostShared, Level, Metric};
+use crate::idempotency::lifecycle::{
+    self, ClaimAnswer, Effect, Event, Note, Phase, Refusal, Rules, Write,
+};
 use crate::idempotency::{self, Claim, Facts, KeyError, Record, Settle, State, Stored};
 use crate::shared_store::{self, Claimed, Redis, WhenUnavailable};
 
@@ -38,6 +41,8 @@ pub struct Key {
     facts: Facts,
     /// Where the claim is, while this request owns the key.
     held: Option<Held>,
+    /// Where the key stands in its lifecycle.
+    phase: Phase,
     /// When the claim's lease ends, as last written.
     lease_until: u64,
     /// A completion sent to the shared store and not yet acknowledged (cached on this node once
@@ -45,7 +50,7 @@ pub struct Key {
     completing: Option<(Stored, u64)>,
 }
 
-/// What the key decided at request-header time.
+/// What the key decided (at the body's end, or at the headers of a request without one).
 pub enum Gate {
     /// No key applies (or the store is full and `when_full: pass-through`): run unprotected.
     Unkeyed,
@@ -127,13 +132,14 @@ fn scope_id(
     idempotency::scope_id(&parts)
 }
 
-/// Checks the request's key against the store and claims it when it is new.
+/// Checks the request's key against the store and claims it when it is new. Called once the
+/// body is whole (`body`; empty for a request without one): the fingerprint covers it.
 pub fn gate(
     ip: &idempotency::Policy,
     kind: HostKind,
     host: &impl Host,
     headers: &HeaderBlock,
-    declared_len: Option<u64>,
+    body: &[u8],
     now: u64,
 ) -> Gate {
     let method = headers.get(":method").unwrap_or("GET");
@@ -170,28 +176,30 @@ pub fn gate(
         .or_else(|| headers.get("repr-digest"))
         .unwrap_or("");
     let facts = Facts {
-        fingerprint: idempotency::fingerprint(method, path, digest),
-        body_len: declared_len,
+        fingerprint: idempotency::fingerprint(method, path, digest, body),
+        body_len: Some(body.len() as u64),
     };
-    let store_key = format!("{scope}:{key}");
-    let owner = host.random();
-    let store = HostShared(host);
     let mut k = Key {
-        store_key,
-        owner,
+        store_key: format!("{scope}:{key}"),
+        owner: host.random(),
         facts,
         held: None,
+        phase: Phase::Absent,
         lease_until: now + ip.lease_ms,
         completing: None,
     };
+    let store = HostShared(host);
     if let Some(redis) = &ip.shared {
         if let Some((cached, stored)) = idempotency::cached(&store, ip.slots, &k.store_key, now) {
             host.count(Metric::IdemCacheHit);
             let same = cached.same_as(&k.facts);
-            return Gate::Answer(held_answer(Claim::Done { same, stored }, host, path));
+            let answer = ClaimAnswer::Held(Claim::Done { same, stored });
+            // (Already in this node's cache: not cached again.)
+            return k.decide(ip, host, Event::ClaimAnswered(answer), path, false);
         }
         let rec = k.record(now + ip.lease_ms);
         let command = redis.claim(&k.store_key, &rec, ip.lease_ms, now);
+        k.apply(ip, host, Event::Asked);
         return Gate::Ask(k, command);
     }
     let claim = idempotency::claim(
@@ -199,29 +207,20 @@ pub fn gate(
         ip.slots,
         &k.store_key,
         &k.facts,
-        owner,
+        k.owner,
         now,
         ip.lease_ms,
     );
-    match claim {
-        Claim::Claimed { slot, evicted } => {
-            if evicted {
-                host.count(Metric::IdemEvicted);
-            }
-            k.held = Some(Held::Slot(slot));
-            Gate::Claimed(k)
-        }
-        Claim::Full if ip.when_full == idempotency::WhenFull::PassThrough => {
-            host.count(Metric::IdemStoreFull);
-            host.log(
-                Level::Warn,
-                "rollsafe: idempotency store full; run unprotected",
-            );
-            // Unprotected: the request runs once, under the plain retry rules.
-            Gate::Unkeyed
-        }
-        other => Gate::Answer(held_answer(other, host, path)),
+    if let Claim::Claimed { slot, .. } = claim {
+        k.held = Some(Held::Slot(slot));
     }
+    k.decide(
+        ip,
+        host,
+        Event::ClaimAnswered(ClaimAnswer::Held(claim)),
+        path,
+        false,
+    )
 }
 
 /// The shared store's answer to a claim (`status: None`: no answer): `Ok(Some)` the key is
@@ -235,118 +234,81 @@ pub fn claimed(
     body: &[u8],
     path: &str,
 ) -> Result<Option<Key>, Reply> {
-    let Some(redis) = &ip.shared else {
-        return Ok(None);
-    };
-    match shared_store::read_claim(status, body, &k.store_key, &k.facts) {
+    let answer = match shared_store::read_claim(status, body, &k.store_key, &k.facts) {
         Ok(Claimed::Won) => {
             k.held = Some(Held::Shared);
-            Ok(Some(k))
+            ClaimAnswer::Won { evicted: false }
         }
-        Ok(Claimed::Held(claim)) => {
-            if let Claim::Done { same: true, stored } = &claim {
-                // Replays of this key on this node now need no call.
-                let now = host.now_ms();
-                let expires = now + ip.ttl_ms;
-                idempotency::cache(
-                    &HostShared(host),
-                    ip.slots,
-                    &k.store_key,
-                    &k.facts,
-                    k.owner,
-                    stored,
-                    now,
-                    expires,
-                );
-            }
-            Err(held_answer(claim, host, path))
-        }
+        Ok(Claimed::Held(claim)) => ClaimAnswer::Held(claim),
         Err(why) => {
-            host.count(Metric::IdemStoreUnavailable);
+            let open = ip
+                .shared
+                .as_ref()
+                .is_some_and(|r| r.when_unavailable == WhenUnavailable::FailOpen);
+            host.log(
+                Level::Warn,
+                &format!(
+                    "rollsafe: idempotency store unavailable ({}); {}",
+                    why.0,
+                    if open {
+                        "running the request unprotected (fail-open)"
+                    } else {
+                        "answered 503"
+                    }
+                ),
+            );
             // A claim without an answer (a timeout: Envoy's is a 504) may yet land, before its
             // deadline: released, should it. (Webdis's own errors mean it did not.)
-            if matches!(status, None | Some(504)) {
-                k.abandon(ip, host);
-            }
-            match redis.when_unavailable {
-                WhenUnavailable::FailClosed => {
-                    host.log(
-                        Level::Warn,
-                        &format!(
-                            "rollsafe: idempotency store unavailable ({}); answered 503",
-                            why.0
-                        ),
-                    );
-                    Err(Reply::problem(
-                        503,
-                        "idempotency-store-unavailable",
-                        "Idempotency store unavailable",
-                        "The idempotency store cannot be reached; the request was not run. Try again shortly.".into(),
-                        path,
-                        Some(1),
-                    ))
-                }
-                WhenUnavailable::FailOpen => {
-                    host.count(Metric::IdemFailOpen);
-                    host.log(
-                        Level::Warn,
-                        &format!(
-                            "rollsafe: idempotency store unavailable ({}); running the request unprotected (fail-open)",
-                            why.0
-                        ),
-                    );
-                    Ok(None)
-                }
+            ClaimAnswer::Unavailable {
+                may_land: matches!(status, None | Some(504)),
             }
         }
+    };
+    match k.decide(ip, host, Event::ClaimAnswered(answer), path, true) {
+        Gate::Claimed(k) => Ok(Some(k)),
+        Gate::Unkeyed => Ok(None),
+        Gate::Answer(reply) => Err(reply),
+        Gate::Ask(..) => Ok(None),
     }
 }
 
-/// The answer when another request holds the key (in flight or completed) or there is no room.
-fn held_answer(claim: Claim, host: &impl Host, path: &str) -> Reply {
-    match claim {
-        Claim::InFlight {
-            same: true,
-            retry_after_ms,
-        } => {
-            host.count(Metric::IdemInFlight);
-            Reply::problem(
-                409,
-                "idempotency-key-in-flight",
-                "Request in progress",
-                "A request with this idempotency key is still being processed.".into(),
-                path,
-                Some(retry_after_ms.div_ceil(1000).max(1)),
-            )
-        }
-        // 422 wins over 409 when both apply.
-        Claim::InFlight { same: false, .. } | Claim::Done { same: false, .. } => {
-            host.count(Metric::IdemMismatch);
-            Reply::problem(
-                422,
-                "idempotency-key-reused",
-                "Idempotency key reused",
-                "This idempotency key was used with a different request.".into(),
-                path,
-                None,
-            )
-        }
-        Claim::Done { same: true, stored } => {
-            host.count(Metric::IdemReplayed);
-            replay(stored)
-        }
-        Claim::Full | Claim::Claimed { .. } => {
-            host.count(Metric::IdemStoreFull);
-            host.log(Level::Warn, "rollsafe: idempotency store full");
-            Reply::problem(
-                503,
-                "idempotency-store-full",
-                "Idempotency store full",
-                "The idempotency store is full; try again shortly.".into(),
-                path,
-                Some(1),
-            )
-        }
+/// The answer a refusal gives.
+fn refusal_reply(refusal: Refusal, path: &str) -> Reply {
+    match refusal {
+        Refusal::InFlight { retry_after_s } => Reply::problem(
+            409,
+            "idempotency-key-in-flight",
+            "Request in progress",
+            "A request with this idempotency key is still being processed.".into(),
+            path,
+            Some(retry_after_s),
+        ),
+        Refusal::Mismatch => Reply::problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+            "This idempotency key was used with a different request.".into(),
+            path,
+            None,
+        ),
+        Refusal::Replay(stored) => replay(stored),
+        Refusal::StoreFull => Reply::problem(
+            503,
+            "idempotency-store-full",
+            "Idempotency store full",
+            "The idempotency store is full; try again shortly.".into(),
+            path,
+            Some(1),
+        ),
+        Refusal::StoreUnavailable => Reply::problem(
+            503,
+            "idempotency-store-unavailable",
+            "Idempotency store unavailable",
+            "The idempotency store cannot be reached; the request was not run. Try again shortly."
+                .into(),
+            path,
+            Some(1),
+        ),
     }
 }
 
@@ -364,15 +326,45 @@ fn replay(stored: Stored) -> Reply {
     }
 }
 
+fn note(host: &impl Host, n: Note) {
+    let metric = match n {
+        Note::Replayed => Metric::IdemReplayed,
+        Note::InFlight => Metric::IdemInFlight,
+        Note::Mismatch => Metric::IdemMismatch,
+        Note::StoreFull => {
+            host.log(Level::Warn, "rollsafe: idempotency store full");
+            Metric::IdemStoreFull
+        }
+        Note::Evicted => Metric::IdemEvicted,
+        Note::StoreUnavailable => Metric::IdemStoreUnavailable,
+        Note::FailOpen => Metric::IdemFailOpen,
+        Note::Stored => Metric::IdemStored,
+        Note::Released => Metric::IdemReleased,
+        Note::NotOwner => {
+            host.log(
+                Level::Warn,
+                "rollsafe: idempotency record no longer held by this request; left as it is",
+            );
+            return;
+        }
+    };
+    host.count(metric);
+}
+
 impl Key {
     /// Whether this request holds the key (and so may be retried as if idempotent).
     pub fn enforced(&self) -> bool {
-        self.held.is_some()
+        matches!(self.phase, Phase::Claimed | Phase::Sent) && self.held.is_some()
     }
 
     /// When the claim's lease ends, while this request holds the key.
     pub fn lease_until(&self) -> Option<u64> {
-        self.held.map(|_| self.lease_until)
+        self.enforced().then_some(self.lease_until)
+    }
+
+    /// Where the key stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
     }
 
     /// This request's in-flight record.
@@ -386,57 +378,183 @@ impl Key {
         }
     }
 
-    /// An attempt starts: the lease must last at least until `until` (the longest the exchange
-    /// can still take). Written only when the claim's lease would end earlier — a body that
-    /// took long to arrive.
-    pub fn cover(&mut self, ip: &idempotency::Policy, host: &impl Host, until: u64) {
-        let Some(held) = self.held else {
-            return;
-        };
-        if self.lease_until >= until {
-            return;
+    fn rules(ip: &idempotency::Policy) -> Rules {
+        Rules {
+            run_when_full: ip.when_full == idempotency::WhenFull::PassThrough,
+            run_when_unavailable: ip
+                .shared
+                .as_ref()
+                .is_some_and(|r| r.when_unavailable == WhenUnavailable::FailOpen),
         }
-        match (held, &ip.shared) {
-            (Held::Slot(slot), _) => {
-                let extend = Settle::Extend { expires_ms: until };
+    }
+
+    /// Feeds `event` to the lifecycle and carries out the effects that are writes and notes;
+    /// returns the rest for the caller.
+    fn apply(&mut self, ip: &idempotency::Policy, host: &impl Host, event: Event) -> Vec<Effect> {
+        let (phase, effects) = lifecycle::step(self.phase, event, Self::rules(ip));
+        self.phase = phase;
+        let mut rest = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Note(n) => note(host, n),
+                Effect::Write {
+                    write,
+                    awaited: false,
+                } => self.write_now(ip, host, write),
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    /// A claim's answer, decided: what the exchange does next. `cache`: a replay from the
+    /// shared store is kept on this node.
+    fn decide(
+        mut self,
+        ip: &idempotency::Policy,
+        host: &impl Host,
+        event: Event,
+        path: &str,
+        cache: bool,
+    ) -> Gate {
+        let mut reply = None;
+        let mut protected = false;
+        for effect in self.apply(ip, host, event) {
+            match effect {
+                Effect::Cache(stored) if cache && ip.shared.is_some() => {
+                    self.completing = Some((stored, host.now_ms() + ip.ttl_ms));
+                    self.keep_on_node(ip, host);
+                }
+                Effect::Answer(refusal) => reply = Some(refusal_reply(refusal, path)),
+                Effect::Run { protected: true } => protected = true,
+                Effect::Run { protected: false } => host.log(
+                    Level::Warn,
+                    "rollsafe: idempotency key not held; the request runs unprotected",
+                ),
+                _ => {}
+            }
+        }
+        match (reply, protected) {
+            (Some(reply), _) => Gate::Answer(reply),
+            (None, true) => Gate::Claimed(self),
+            (None, false) => Gate::Unkeyed,
+        }
+    }
+
+    /// Carries out a write nobody waits for: at once in the node-local store, from the root's
+    /// next tick in the shared one.
+    fn write_now(&mut self, ip: &idempotency::Policy, host: &impl Host, write: Write) {
+        match (self.held, &ip.shared) {
+            (Some(Held::Slot(slot)), _) => {
+                let (settle, completes) = match write {
+                    Write::Complete(stored) => (
+                        Settle::Complete {
+                            stored,
+                            expires_ms: host.now_ms() + ip.ttl_ms,
+                            body_len: self.facts.body_len,
+                        },
+                        Some(true),
+                    ),
+                    Write::Release | Write::Abandon => (Settle::Release, Some(false)),
+                    Write::Extend => (
+                        Settle::Extend {
+                            expires_ms: self.lease_until,
+                        },
+                        None,
+                    ),
+                };
                 let store = HostShared(host);
-                if idempotency::settle(&store, slot, &self.store_key, self.owner, &extend) {
-                    self.lease_until = until;
-                } else {
-                    // Someone else holds the key now: this request must not be retried as keyed.
-                    host.log(
-                        Level::Warn,
-                        "rollsafe: idempotency lease lost before the attempt started",
-                    );
-                    self.held = None;
+                let done = idempotency::settle(&store, slot, &self.store_key, self.owner, &settle);
+                match (done, completes) {
+                    (true, Some(true)) => note(host, Note::Stored),
+                    (true, Some(false)) => note(host, Note::Released),
+                    (true, None) => {}
+                    (false, Some(_)) => note(host, Note::NotOwner),
+                    (false, None) => {
+                        // Someone else holds the key now: not retried as keyed from here on.
+                        host.log(
+                            Level::Warn,
+                            "rollsafe: idempotency lease lost before the attempt started",
+                        );
+                        self.held = None;
+                    }
                 }
             }
-            (Held::Shared, Some(redis)) => {
-                // Unacknowledged (sent from the root): the claim's own lease already covers the
-                // longest exchange, this only adds what the body's arrival took.
-                let lease_ms = until.saturating_sub(host.now_ms());
-                let extend = shared_store::Settle::Extend { lease_ms };
-                let command = redis.settle(&self.store_key, &self.record(0), &extend);
+            (Some(Held::Shared), Some(redis)) | (None, Some(redis)) => {
+                let command = self.shared_command(ip, redis, host, &write);
                 send_later(redis, host, command);
-                self.lease_until = until;
+                self.keep_on_node(ip, host);
             }
-            (Held::Shared, None) => {}
+            (_, None) => {}
         }
+    }
+
+    /// The shared store's command for `write`; a completion is remembered, to be cached on this
+    /// node once written.
+    fn shared_command(
+        &mut self,
+        ip: &idempotency::Policy,
+        redis: &Redis,
+        host: &impl Host,
+        write: &Write,
+    ) -> Vec<u8> {
+        let rec = self.record(0);
+        match write {
+            Write::Complete(stored) => {
+                self.completing = Some((stored.clone(), host.now_ms() + ip.ttl_ms));
+                redis.settle(
+                    &self.store_key,
+                    &rec,
+                    &shared_store::Settle::Complete {
+                        stored,
+                        ttl_ms: ip.ttl_ms,
+                    },
+                )
+            }
+            Write::Release | Write::Abandon => {
+                redis.settle(&self.store_key, &rec, &shared_store::Settle::Release)
+            }
+            Write::Extend => {
+                let lease_ms = self.lease_until.saturating_sub(host.now_ms());
+                redis.settle(
+                    &self.store_key,
+                    &rec,
+                    &shared_store::Settle::Extend { lease_ms },
+                )
+            }
+        }
+    }
+
+    /// An attempt reached the upstream whole: from now on the application may be executing it.
+    pub fn sent(&mut self, ip: &idempotency::Policy, host: &impl Host) {
+        self.apply(ip, host, Event::AttemptSent);
+    }
+
+    /// An attempt starts: the lease must last at least until `until` (the longest the exchange
+    /// can still take). Written only when the claim's lease would end earlier — a body that
+    /// took long to arrive, or an attempt that outlives half the lease.
+    pub fn cover(&mut self, ip: &idempotency::Policy, host: &impl Host, until: u64) {
+        if !self.enforced() || self.lease_until >= until {
+            return;
+        }
+        self.lease_until = until;
+        self.apply(ip, host, Event::LeaseDue);
     }
 
     /// The exchange ended: a storable answer completes the record, anything else (5xx, no
     /// answer, a request that never reached the application) releases it. With the shared
     /// store and `hold`, the command is returned for the caller to send and wait for (its
-    /// answer goes to [`Key::settled`]); without `hold` it goes out from the root.
+    /// answer goes to [`Key::settled`]); otherwise the write is done (or sent from the root).
     pub fn settle(
         &mut self,
         ip: &idempotency::Policy,
         host: &impl Host,
         answer: Option<Final<'_>>,
-        body_len: Option<u64>,
         hold: bool,
     ) -> Option<Vec<u8>> {
-        let held = self.held.take()?;
+        if !self.enforced() {
+            return None;
+        }
         let stored = answer.filter(|a| ip.stores(a.status)).map(|a| {
             let body = a.body.filter(|b| b.len() <= ip.max_response_bytes);
             Stored {
@@ -451,68 +569,21 @@ impl Key {
                 body: body.map(<[u8]>::to_vec).unwrap_or_default(),
             }
         });
-        // The clock is read for a completion only: a release needs no time.
-        let expires_ms = || host.now_ms() + ip.ttl_ms;
-        let Some(redis) = ip.shared.as_ref().filter(|_| held == Held::Shared) else {
-            if let Held::Slot(slot) = held {
-                self.settle_slot(host, slot, stored, expires_ms, body_len);
-            }
-            return None;
-        };
-        if body_len.is_some() {
-            self.facts.body_len = body_len;
-        }
-        let rec = self.record(0);
-        let command = match &stored {
-            Some(stored) => redis.settle(
-                &self.store_key,
-                &rec,
-                &shared_store::Settle::Complete {
-                    stored,
-                    ttl_ms: ip.ttl_ms,
+        let awaited = hold && self.held == Some(Held::Shared);
+        let event = Event::Finished { stored, awaited };
+        for effect in self.apply(ip, host, event) {
+            if let (
+                Effect::Write {
+                    write,
+                    awaited: true,
                 },
-            ),
-            None => redis.settle(&self.store_key, &rec, &shared_store::Settle::Release),
-        };
-        self.completing = stored.map(|s| (s, expires_ms()));
-        if hold {
-            return Some(command);
+                Some(redis),
+            ) = (effect, &ip.shared)
+            {
+                return Some(self.shared_command(ip, redis, host, &write));
+            }
         }
-        send_later(redis, host, command);
-        self.keep_on_node(ip, host);
         None
-    }
-
-    fn settle_slot(
-        &mut self,
-        host: &impl Host,
-        slot: u32,
-        stored: Option<Stored>,
-        expires_ms: impl FnOnce() -> u64,
-        body_len: Option<u64>,
-    ) {
-        let completes = stored.is_some();
-        let settle = match stored {
-            Some(stored) => Settle::Complete {
-                stored,
-                expires_ms: expires_ms(),
-                body_len,
-            },
-            None => Settle::Release,
-        };
-        let store = HostShared(host);
-        if idempotency::settle(&store, slot, &self.store_key, self.owner, &settle) {
-            host.count(if completes {
-                Metric::IdemStored
-            } else {
-                Metric::IdemReleased
-            });
-        } else {
-            host.log(
-                Level::Warn,
-                "rollsafe: idempotency record no longer held by this request; left as it is",
-            );
-        }
     }
 
     /// The shared store's answer to the command [`Key::settle`] returned (`status: None`: none).
@@ -524,36 +595,28 @@ impl Key {
         status: Option<u16>,
         body: &[u8],
     ) {
-        let completes = self.completing.is_some();
-        match shared_store::read_settle(status, body) {
-            Ok(true) => host.count(if completes {
-                Metric::IdemStored
-            } else {
-                Metric::IdemReleased
-            }),
-            Ok(false) => {
-                self.completing = None;
-                host.log(
-                    Level::Warn,
-                    "rollsafe: idempotency record no longer held by this request; left as it is",
-                );
-            }
+        let word = match shared_store::read_settle(status, body) {
+            Ok(written) => Some(written),
             Err(why) => {
-                host.count(Metric::IdemStoreUnavailable);
                 host.log(
                     Level::Warn,
                     &format!(
                         "rollsafe: idempotency record not written to the shared store ({}); {}",
                         why.0,
-                        if completes {
+                        if self.completing.is_some() {
                             "kept on this node only"
                         } else {
                             "the key stays claimed until its lease ends"
                         }
                     ),
                 );
+                None
             }
+        };
+        if word == Some(false) {
+            self.completing = None;
         }
+        self.apply(ip, host, Event::Acknowledged(word));
         self.keep_on_node(ip, host);
     }
 
@@ -574,16 +637,10 @@ impl Key {
         );
     }
 
-    /// The client left while the claim was being asked for: release it, should it have landed
-    /// (only this request's own claim can be released).
-    pub fn abandon(&self, ip: &idempotency::Policy, host: &impl Host) {
-        if let Some(redis) = &ip.shared {
-            let command = redis.settle(
-                &self.store_key,
-                &self.record(0),
-                &shared_store::Settle::Release,
-            );
-            send_later(redis, host, command);
-        }
+    /// The client went away: a claim still being asked for is released should it land, one
+    /// whose attempt never reached the upstream whole is released (nothing ran), and one whose
+    /// attempt did is left to its lease (the application may still be executing it).
+    pub fn client_gone(&mut self, ip: &idempotency::Policy, host: &impl Host) {
+        self.apply(ip, host, Event::ClientGone);
     }
 }

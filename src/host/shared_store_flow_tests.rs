@@ -122,6 +122,20 @@ fn post(host: &FakeHost, key: &str, body: &[u8]) {
     host.set_body(body);
 }
 
+/// A keyed POST whose whole body arrived: its headers go on (the key waits for the body), and
+/// the body callback decides. Returns the request and that callback's verdict.
+fn arrive(host: &FakeHost, plan: &Rc<crate::plan::Plan>) -> (Request, Verdict) {
+    let mut req = Request::new(Rc::clone(plan));
+    assert_eq!(
+        req.on_request_headers(host, false),
+        Verdict::Continue,
+        "the key waits for the body"
+    );
+    let size = host.request_body.borrow().len();
+    let verdict = req.on_request_body(host, size, true);
+    (req, verdict)
+}
+
 /// Delivers Webdis's answer to the call the request waits for.
 fn webdis(host: &FakeHost, redis: &Redis, req: &mut Request) {
     let token = req.pending_call().expect("a call to Webdis");
@@ -143,16 +157,19 @@ fn webdis(host: &FakeHost, redis: &Redis, req: &mut Request) {
 /// One keyed POST on Envoy's native driver, answered 201 by the route.
 fn envoy_write(host: &FakeHost, redis: &Redis, plan: &Rc<crate::plan::Plan>, key: &str) -> Request {
     post(host, key, b"{}");
-    let mut req = Request::new(Rc::clone(plan));
+    let (mut req, verdict) = arrive(host, plan);
     assert_eq!(
-        req.on_request_headers(host, false),
+        verdict,
         Verdict::Pause,
-        "held for the claim"
+        "the whole body is held for the claim"
     );
     assert_eq!(host.resumed_requests.get(), 0);
     webdis(host, redis, &mut req);
-    assert_eq!(host.resumed_requests.get(), 1, "claimed: the headers go on");
-    assert_eq!(req.on_request_body(host, 2, true), Verdict::Continue);
+    assert_eq!(
+        host.resumed_requests.get(),
+        1,
+        "claimed: the body goes on to the route"
+    );
     host.set_response(&[(":status", "201"), ("content-type", "application/json")]);
     *host.response_body.borrow_mut() = b"{\"id\":1}".to_vec();
     assert_eq!(req.on_response_headers(host, false), Verdict::Continue);
@@ -177,8 +194,8 @@ fn a_key_completed_on_one_node_is_replayed_on_another_and_then_from_its_cache() 
     envoy_write(&a, &redis, &plan_a, "k");
 
     post(&b, "k", b"{}");
-    let mut req = Request::new(Rc::clone(&plan_b));
-    assert_eq!(req.on_request_headers(&b, false), Verdict::Pause);
+    let (mut req, verdict) = arrive(&b, &plan_b);
+    assert_eq!(verdict, Verdict::Pause);
     webdis(&b, &redis, &mut req);
     assert_eq!(b.resumed_requests.get(), 0, "never reaches the route");
     let replay = b.responses().last().cloned().unwrap();
@@ -187,15 +204,14 @@ fn a_key_completed_on_one_node_is_replayed_on_another_and_then_from_its_cache() 
 
     // Node B now holds the completed record itself: no call at all.
     let calls = b.dispatches().len();
-    let mut again = Request::new(Rc::clone(&plan_b));
-    assert_eq!(again.on_request_headers(&b, false), Verdict::Pause);
+    assert_eq!(arrive(&b, &plan_b).1, Verdict::Pause);
     assert_eq!(b.dispatches().len(), calls);
     assert_eq!(b.responses().last().unwrap().status, 201);
     assert_eq!(b.counted(Metric::IdemCacheHit), 1);
     // So does node A, from its own completion.
     post(&a, "k", b"{}");
     let calls = a.dispatches().len();
-    Request::new(Rc::clone(&plan_a)).on_request_headers(&a, false);
+    arrive(&a, &plan_a);
     assert_eq!(a.dispatches().len(), calls);
     assert_eq!(a.responses().last().unwrap().status, 201);
 }
@@ -208,12 +224,10 @@ fn a_key_in_flight_on_one_node_is_409_on_the_other() {
     let plan_a = plan(&a, HostKind::Envoy, "");
     let plan_b = plan(&b, HostKind::Envoy, "");
     post(&a, "k", b"{}");
-    let mut first = Request::new(Rc::clone(&plan_a));
-    first.on_request_headers(&a, false);
+    let (mut first, _) = arrive(&a, &plan_a);
     webdis(&a, &redis, &mut first);
     post(&b, "k", b"{}");
-    let mut second = Request::new(Rc::clone(&plan_b));
-    second.on_request_headers(&b, false);
+    let (mut second, _) = arrive(&b, &plan_b);
     webdis(&b, &redis, &mut second);
     let r = b.responses().last().cloned().unwrap();
     assert_eq!(r.status, 409);
@@ -224,9 +238,13 @@ fn a_key_in_flight_on_one_node_is_409_on_the_other() {
     );
     // A different body under the key: 422 wins.
     post(&b, "k", b"{\"x\":1}");
-    let mut third = Request::new(Rc::clone(&plan_b));
-    third.on_request_headers(&b, false);
+    let (mut third, _) = arrive(&b, &plan_b);
     webdis(&b, &redis, &mut third);
+    assert_eq!(b.responses().last().unwrap().status, 422);
+    // And a body of the same length with other content.
+    post(&b, "k", b"[]");
+    let (mut fourth, _) = arrive(&b, &plan_b);
+    webdis(&b, &redis, &mut fourth);
     assert_eq!(b.responses().last().unwrap().status, 422);
 }
 
@@ -304,8 +322,7 @@ fn a_claim_that_timed_out_is_refused_should_it_land_late_and_released_besides() 
     let host = FakeHost::at(1_000);
     let plan = plan(&host, HostKind::Envoy, "");
     post(&host, "k", b"{}");
-    let mut req = Request::new(Rc::clone(&plan));
-    req.on_request_headers(&host, false);
+    let (mut req, _) = arrive(&host, &plan);
     let claim = host.dispatches().last().cloned().unwrap();
     host.answer_call(&[(":dispatch_status", "timeout")], "");
     req.on_call_response(&host, claim.token, 0);
@@ -325,8 +342,7 @@ fn a_client_that_leaves_while_the_claim_is_asked_releases_it_from_the_root() {
     let host = FakeHost::at(1_000);
     let plan = plan(&host, HostKind::Envoy, "");
     post(&host, "k", b"{}");
-    let mut req = Request::new(Rc::clone(&plan));
-    req.on_request_headers(&host, false);
+    let (mut req, _) = arrive(&host, &plan);
     req.on_done(&host);
     let later = host.later.borrow();
     assert_eq!(later.len(), 1);

@@ -82,16 +82,15 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// What a record keeps of the request it answers, to tell a repeat from a different request
-/// with the same key. Everything here is known from the request headers, so a duplicate, a
-/// replay and a 422 are decided before any upstream is contacted (on Envoy the route's upstream
-/// request starts as soon as the headers go on, so a body-time decision would always reach it).
+/// with the same key. Known once the body is whole, which is when a keyed request is decided
+/// (before any upstream is contacted: HOSTS.md; on Envoy with the buffer filter after rollsafe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
-    /// SHA-256 over method, path and query, and the client's body digest (`Content-Digest` /
-    /// `Repr-Digest`, RFC 9530) when it sends one. (The caller scope is part of the record's
-    /// key, so it is not hashed again here.)
+    /// SHA-256 over method, path and query, the client's body digest (`Content-Digest` /
+    /// `Repr-Digest`, RFC 9530) when it sends one, and the whole body. (The caller scope is
+    /// part of the record's key, so it is not hashed again here.)
     pub fingerprint: [u8; 32],
-    /// The declared body length (`Content-Length`); `None` when the body is chunked.
+    /// The body's length; `None` in records that did not know it.
     pub body_len: Option<u64>,
 }
 
@@ -107,13 +106,15 @@ impl Facts {
     }
 }
 
-/// SHA-256 over method, path and query, scope and body digest (length-prefixed, so parts can't
-/// blur).
-pub fn fingerprint(method: &str, path: &str, digest: &str) -> [u8; 32] {
+/// SHA-256 over method, path and query, the client's body digest and the whole body
+/// (length-prefixed, so parts can't blur).
+pub fn fingerprint(method: &str, path: &str, digest: &str, body: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [method.as_bytes(), path.as_bytes(), digest.as_bytes()] {
         h.update((part.len() as u32).to_be_bytes());
         h.update(part);
     }
+    h.update((body.len() as u64).to_be_bytes());
+    h.update(body);
     h.finalize().into()
 }

@@ -378,13 +378,18 @@ fn key_parsing() {
 
 #[test]
 fn fingerprint_covers_method_path_and_digest_and_facts_compare_the_length() {
-    let base = fingerprint("POST", "/o?x=1", "");
-    assert_ne!(base, fingerprint("PATCH", "/o?x=1", ""));
-    assert_ne!(base, fingerprint("POST", "/o?x=2", ""));
-    assert_ne!(base, fingerprint("POST", "/o?x=1", "sha-256=:x:"));
+    let base = fingerprint("POST", "/o?x=1", "", b"{\"sku\":3}");
+    assert_ne!(base, fingerprint("PATCH", "/o?x=1", "", b"{\"sku\":3}"));
+    // A body of the same length with other content is another request.
+    assert_ne!(base, fingerprint("POST", "/o?x=1", "", b"{\"sku\":4}"));
+    assert_ne!(base, fingerprint("POST", "/o?x=2", "", b"{\"sku\":3}"));
     assert_ne!(
-        fingerprint("POST", "/ab", ""),
-        fingerprint("POST", "/a", "b")
+        base,
+        fingerprint("POST", "/o?x=1", "sha-256=:x:", b"{\"sku\":3}")
+    );
+    assert_ne!(
+        fingerprint("POST", "/ab", "", b""),
+        fingerprint("POST", "/a", "b", b"")
     );
     let facts = |body_len| Facts {
         fingerprint: base,

@@ -318,6 +318,11 @@ class SharedStore:
         return request(self.ip, self.port, "GET", path, timeout=5).json()
 
 
+# The buffer filter's bound: Envoy's default per-connection buffer limit, the most rollsafe's
+# retry.max_body_bytes may be on Envoy.
+BUFFER_MAX_REQUEST_BYTES = 1 << 20
+
+
 class Envoy:
     """An Envoy process with rollsafe in its HTTP filter chain."""
 
@@ -330,8 +335,12 @@ class Envoy:
                  default_cluster: str | None = None, routes: list[dict] | None = None,
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  direct_response: bool | str = False, retry_policy: dict | None = None,
-                 wrapper: list[str] | None = None):
+                 wrapper: list[str] | None = None, buffer: bool = True):
         self.harness = harness
+        # Envoy's buffer filter after rollsafe (the README's recommended chain): the router
+        # sees a request only once its whole body is there, so rollsafe decides a keyed
+        # request on its whole body before any upstream is contacted.
+        self.buffer = buffer
         self.filter_config = filter_config
         self.clusters = clusters
         self.default_cluster = default_cluster or next(iter(clusters))
@@ -439,7 +448,11 @@ class Envoy:
                                         },
                                     },
                                 },
-                            ] if self.wasm else []) + [
+                            ] if self.wasm else []) + ([
+                                {"name": "envoy.filters.http.buffer", "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                                    "max_request_bytes": BUFFER_MAX_REQUEST_BYTES}},
+                            ] if self.wasm and self.buffer else []) + [
                                 {"name": "envoy.filters.http.router", "typed_config": {
                                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
                             ],

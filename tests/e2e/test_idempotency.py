@@ -2,12 +2,13 @@
 
 import collections
 import concurrent.futures
+import http.client
 import json
 import time
 
 import pytest
 
-from tests.e2e.harness import rss_kib
+from tests.e2e.harness import rss_kib, wait_for
 
 DRIVERS = ["native", "dispatch"]
 
@@ -65,8 +66,8 @@ def test_fifty_concurrent_duplicates_write_once(harness, driver):
 
 
 def test_same_key_different_request_is_422(harness, driver):
-    """Decided from the request headers (no upstream is contacted): method, path and query,
-    caller scope, body length, and the client's Content-Digest when it sends one."""
+    """Decided once the body is whole (no upstream is contacted): method, path and query,
+    caller scope, the whole body, and the client's Content-Digest when it sends one."""
     pod = harness.pod("a1", "a")
     envoy = harness.envoy(config(driver), {"group-a": [pod]})
     digest = {"content-digest": "sha-256=:one:"}
@@ -79,6 +80,74 @@ def test_same_key_different_request_is_422(harness, driver):
         assert r.json()["type"] == "urn:problem-type:rollsafe:idempotency-key-reused"
     assert len(pod.ledger()) == 1
     assert len(pod.attempts()) == 1, "a 422 reaches no upstream"
+
+
+def test_same_key_with_another_body_of_the_same_length_is_422(harness, driver):
+    """A client bug, or two clients that made up the same key: a payment of 4 must not get the
+    receipt of a payment of 3. Compared on the whole body, not its length."""
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy(config(driver), {"group-a": [pod]})
+    first = post(gw, '"pay-1"', '{"sku":3}')
+    assert first.status == 201, first
+    ledger = pod.ledger()
+    r = post(gw, '"pay-1"', '{"sku":4}')
+    assert r.status == 422, r
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"] == "urn:problem-type:rollsafe:idempotency-key-reused"
+    assert "idempotent-replayed" not in r.headers
+    time.sleep(0.2)
+    assert pod.ledger() == ledger
+    assert len(pod.attempts()) == 1, "the 422 reached no upstream"
+    # The original body still replays.
+    again = post(gw, '"pay-1"', '{"sku":3}')
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.body == first.body
+
+
+def test_write_replay_422_409_and_a_get_share_one_keep_alive_connection(harness, driver):
+    """Answers given after the body was read keep the client's connection: no reconnect (and
+    no TLS handshake, in production) after a replay, a 422 or a 409. (A 400 for a bad key is
+    answered after the body too, but Envoy closes the connection after any 400 it answers
+    itself: README.)"""
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy(config(driver, {"required": True}), {"group-a": [pod]})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    conn.connect()
+    local = conn.sock.getsockname()
+    base = {"content-type": "application/json", "authorization": "Bearer alice"}
+
+    def send(method, path, body=None, **headers):
+        conn.request(method, path, body=body, headers={**base, **headers})
+        r = conn.getresponse()
+        data = r.read()
+        assert conn.sock is not None and conn.sock.getsockname() == local, \
+            f"{method} {path} {r.status}: the connection was closed"
+        assert not r.will_close, (method, path, r.status, r.getheaders())
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
+
+    status, _, first = send("POST", "/orders", '{"sku":3}', **{"idempotency-key": '"ka-1"'})
+    assert status == 201
+    status, headers, body = send("POST", "/orders", '{"sku":3}', **{"idempotency-key": '"ka-1"'})
+    assert (status, headers.get("idempotent-replayed"), body) == (201, "true", first)
+    status, headers, _ = send("POST", "/orders", '{"sku":4}', **{"idempotency-key": '"ka-1"'})
+    assert status == 422
+    # A key in flight: its first request is held by the pod on another connection.
+    pod.script({"delay_ms": 1500, "count": 1, "commit": True, "status": 201})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, gw, '"ka-2"', '{"sku":6}')
+        wait_for(lambda: len(pod.attempts()) >= 2, 5, "the slow write at the pod")
+        status, headers, _ = send("POST", "/orders", '{"sku":6}', **{"idempotency-key": '"ka-2"'})
+        assert status == 409
+        assert slow.result().status == 201
+    status, _, _ = send("GET", "/orders/1")
+    assert status == 200
+    # The 400 comes once the body was read, on both hosts.
+    conn.request("POST", "/orders", body='{"sku":5}', headers=base)
+    r = conn.getresponse()
+    assert r.status == 400
+    assert json.loads(r.read())["type"] == "urn:problem-type:rollsafe:idempotency-key-invalid"
+    conn.close()
+    assert len(pod.ledger()) == 2
 
 
 def test_same_key_other_caller_runs_separately(harness, driver):

@@ -1,6 +1,7 @@
 """Idempotency across gateway nodes: two gateways (two Envoy processes, or two Kong hosts under
 ROLLSAFE_GATEWAY=kong) share one Redis through Webdis (`idempotency.store: redis`)."""
 
+import collections
 import concurrent.futures
 import itertools
 import os
@@ -59,6 +60,27 @@ def test_a_key_used_on_one_node_replays_on_the_other(harness, cache):
     assert 86_000_000 < ttl <= 86_400_000, ttl
     if a.has_stats:
         assert a.stats().get("wasmcustom.rollsafe_idempotency_cache_hits", 0) == (2 if cache else 0)  # the replay, the 422
+
+
+def test_a_write_sent_again_to_the_other_node_right_after_its_answer_is_replayed(harness):
+    """The record is complete before the answer leaves: a client that re-sends at once to
+    another gateway node (its retry after a lost answer) gets the replay, never a 409."""
+    store, [pod], a, b = two_nodes(harness, shared())
+
+    def pair(i):
+        body = '{"sku": %d}' % i
+        first = post(a, f'"again-{i}"', body)
+        again = post(b, f'"again-{i}"', body)
+        return first, again
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        pairs = list(pool.map(pair, range(500)))
+    firsts = collections.Counter(f.status for f, _ in pairs)
+    agains = collections.Counter((r.status, r.headers.get("idempotent-replayed")) for _, r in pairs)
+    assert firsts == {201: 500}, firsts
+    assert agains == {(201, "true"): 500}, agains
+    assert all(r.body == f.body for f, r in pairs)
+    assert len(pod.ledger()) == 500
 
 
 def test_fifty_concurrent_duplicates_across_two_nodes_write_once(harness):

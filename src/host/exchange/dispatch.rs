@@ -27,6 +27,7 @@ impl Exchange {
                 self.pending = Some(token);
                 self.retry_at = None;
                 host.count(Metric::Attempts);
+                self.attempt_sent(host);
             }
             Err(e) => {
                 host.log(
@@ -114,6 +115,7 @@ impl Exchange {
         }
         self.attempt += 1;
         self.proxied = true;
+        self.attempt_sent(host);
         host.log(
             Level::Info,
             &format!(

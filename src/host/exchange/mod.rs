@@ -143,10 +143,9 @@ pub struct Exchange {
     renew_at: Option<u64>,
     /// The call to the shared store this exchange waits for, and its token.
     store_call: Option<(u32, StoreCall)>,
-    /// Kong's host, a request with a body: the shared store's claim, asked once the body is
-    /// whole (nothing reaches an upstream before then, and pausing the headers would starve the
-    /// filter of the body).
-    deferred_claim: Option<(Key, Vec<u8>)>,
+    /// A keyed request with a body: its key is decided once the body is whole (the
+    /// fingerprint covers the body; nothing reaches an upstream before then on either host).
+    key_at_body: bool,
 }
 
 impl Exchange {
@@ -226,14 +225,20 @@ impl Exchange {
             storing: None,
             renew_at: None,
             store_call: None,
-            deferred_claim: None,
+            key_at_body: false,
         };
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
         let mut ask = None;
-        if let (Some(ip), Some(block)) = (plan.idempotency.as_ref().filter(|_| keyed), &ex.block) {
-            match key::gate(ip, plan.host, host, block, declared_len, now) {
+        ex.key_at_body = keyed && has_body;
+        if let (Some(ip), Some(block), false) = (
+            plan.idempotency.as_ref().filter(|_| keyed),
+            &ex.block,
+            has_body,
+        ) {
+            // No body: the key is decided now.
+            match key::gate(ip, plan.host, host, block, &[], now) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.key = Some(k),
                 Gate::Answer(reply) => {
@@ -246,12 +251,7 @@ impl Exchange {
         policy.note_request(now);
         ex.name_group(host);
         if let Some((k, command)) = ask {
-            if plan.host == HostKind::Kong && has_body {
-                ex.deferred_claim = Some((k, command));
-                return (Some(ex), Step::Continue);
-            }
-            // Held at its headers until the claim is answered (on Envoy the route's request
-            // starts with them; its body waits with it).
+            // Held at its headers until the claim is answered.
             let step = ex.ask(policy, host, k, &command);
             return (Some(ex), step);
         }
@@ -264,7 +264,10 @@ impl Exchange {
             // (Kong's host: proxy_pass is not contacted while the filter holds the body.)
             Driver::Dispatch => (Some(ex), Step::Continue),
             Driver::Native => {
-                ex.begin_route_attempt(policy, host);
+                // A keyed body's attempt starts once its key is decided.
+                if !ex.key_at_body {
+                    ex.begin_route_attempt(policy, host);
+                }
                 (Some(ex), Step::Continue)
             }
         }
@@ -422,11 +425,10 @@ impl Exchange {
         let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
             return None;
         };
-        let received = self.body_done.then_some(self.body.len() as u64);
         // Kong's host, after a failed call: a dispatch with a body could share its buffer.
         let hold = hold && !self.buffers_unsafe;
         // `None`: written already (the node-local store), or sent from the root.
-        let command = k.settle(ip, host, answer, received.or(self.declared_len), hold)?;
+        let command = k.settle(ip, host, answer, hold)?;
         let redis = ip.shared.as_ref()?;
         let token = key::send(redis, host, &command);
         if token.is_none() {
@@ -524,13 +526,10 @@ impl Exchange {
         }
         self.body = body;
         self.body_done = true;
-        if self.store_call.is_some() {
-            // Still waiting for the claim, which then starts the attempt with this body.
-            return (Some(self), Step::Pause);
-        }
-        if let Some((k, command)) = self.deferred_claim.take() {
-            let step = self.ask(policy, host, k, &command);
-            return (Some(self), step);
+        if self.key_at_body {
+            if let Some(step) = self.decide_key(policy, host) {
+                return (Some(self), step);
+            }
         }
         match self.driver {
             Driver::Dispatch => {
@@ -665,22 +664,51 @@ impl Exchange {
         self.pending.or(self.store_call.as_ref().map(|(t, _)| *t))
     }
 
-    /// The client went away. A key whose request never reached an upstream whole is released
-    /// (nothing can have run); otherwise it stays claimed until its lease ends, since the
-    /// application may still be executing it.
+    /// The client went away: the key's lifecycle decides (a claim being asked is released
+    /// should it land, one whose request never reached an upstream whole is released, one whose
+    /// attempt did stays claimed until its lease ends: the application may be executing it).
     pub fn on_client_gone(&mut self, host: &impl Host) {
-        if let Some((_, StoreCall::Claim(k))) = self.store_call.take() {
-            if let Some(ip) = self.plan.idempotency.as_ref() {
-                k.abandon(ip, host);
+        let plan = Rc::clone(&self.plan);
+        let Some(ip) = plan.idempotency.as_ref() else {
+            return;
+        };
+        if let Some((_, StoreCall::Claim(mut k))) = self.store_call.take() {
+            k.client_gone(ip, host);
+            return;
+        }
+        if let Some(k) = self.key.as_mut() {
+            k.client_gone(ip, host);
+        }
+    }
+
+    /// An attempt reached the upstream whole: the key's lifecycle notes it.
+    pub(super) fn attempt_sent(&mut self, host: &impl Host) {
+        let plan = Rc::clone(&self.plan);
+        if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
+            k.sent(ip, host);
+        }
+    }
+
+    /// The body is whole: the key of a request with a body is decided now. `None`: no answer
+    /// and nothing asked, the exchange goes on; else what the stream does meanwhile.
+    fn decide_key(&mut self, policy: &Policy, host: &impl Host) -> Option<Step> {
+        self.key_at_body = false;
+        let plan = Rc::clone(&self.plan);
+        let (ip, block) = (plan.idempotency.as_ref()?, self.block.as_ref()?);
+        match key::gate(ip, plan.host, host, block, &self.body, host.now_ms()) {
+            Gate::Unkeyed => None,
+            Gate::Claimed(k) => {
+                self.key = Some(k);
+                None
             }
-            return;
-        }
-        if self.answered || self.storing.is_some() {
-            return;
-        }
-        let reached = self.route_complete || self.attempt > 0 && self.driver == Driver::Dispatch;
-        if !reached {
-            self.settle_key(host, None, false);
+            Gate::Answer(reply) => {
+                // Answered after the whole body was read: the client's connection stays open.
+                // (On Envoy without the buffer filter after rollsafe, the route's upstream got
+                // the headers and now sees a reset: README.)
+                self.send_reply(host, &reply);
+                Some(Step::Pause)
+            }
+            Gate::Ask(k, command) => Some(self.ask(policy, host, k, &command)),
         }
     }
 

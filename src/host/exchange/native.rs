@@ -27,6 +27,7 @@ impl Exchange {
         if self.body_done {
             self.route_complete = true;
             self.cover_lease(policy, host);
+            self.attempt_sent(host);
             if self.key_enforced() {
                 self.renew_lease(host);
             }
