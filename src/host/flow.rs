@@ -327,6 +327,12 @@ impl Request {
         self.exchange.as_mut().and_then(Exchange::take_wake)
     }
 
+    /// Where the request's key stands in its lifecycle (tests).
+    #[cfg(test)]
+    pub fn key_phase(&self) -> Option<crate::idempotency::lifecycle::Phase> {
+        self.exchange.as_ref().and_then(Exchange::key_phase)
+    }
+
     /// The token of the call this request waits for.
     pub fn pending_call(&self) -> Option<u32> {
         self.exchange.as_ref().and_then(Exchange::pending)

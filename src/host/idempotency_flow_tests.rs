@@ -404,3 +404,53 @@ fn with_keys_alone_a_request_without_a_key_is_left_alone_after_one_lookup() {
     upstream_answers(&host, &mut sent, "201", "{}");
     assert_eq!(host.counted(Metric::IdemStored), 1);
 }
+
+#[test]
+fn the_flow_drives_the_key_through_its_lifecycle_on_both_drivers() {
+    use crate::idempotency::lifecycle::Phase;
+    for (kind, cfg) in drivers("{}") {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        // Headers only: nothing is decided before the body is whole.
+        let mut req = Request::new(Rc::clone(&plan));
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("content-length", "2"),
+            ("idempotency-key", "\"life\""),
+            ("authorization", "Bearer a"),
+        ]);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        assert_eq!(req.key_phase(), None, "{kind:?}: no key before the body");
+        host.set_body(b"{}");
+        req.on_request_body(&host, 2, true);
+        assert_eq!(
+            req.key_phase(),
+            Some(Phase::Sent),
+            "{kind:?}: claimed, then sent whole"
+        );
+        let mut sent = Sent {
+            req,
+            upstream: true,
+        };
+        upstream_answers(&host, &mut sent, "201", "{}");
+        assert_eq!(sent.req.key_phase(), Some(Phase::Completed), "{kind:?}");
+
+        // The same again: refused with the replay, its own key never held.
+        let again = keyed(&host, &plan, "/orders", "\"life\"", b"{}");
+        assert_eq!(
+            again.req.key_phase(),
+            None,
+            "{kind:?}: a replay holds no key"
+        );
+        assert_eq!(host.responses().last().unwrap().status, 201);
+
+        // A 5xx releases; a client gone after its attempt was sent leaves the key to its lease.
+        let mut failing = keyed(&host, &plan, "/orders", "\"life-2\"", b"{}");
+        upstream_answers(&host, &mut failing, "500", "no");
+        assert_eq!(failing.req.key_phase(), Some(Phase::Released), "{kind:?}");
+        let mut gone = keyed(&host, &plan, "/orders", "\"life-3\"", b"{}");
+        gone.req.on_done(&host);
+        assert_eq!(gone.req.key_phase(), Some(Phase::LeftToLease), "{kind:?}");
+    }
+}

@@ -2,7 +2,7 @@
 //! and the retries of the native one. An attempt carries the whole held body; its answer (or
 //! the host's word that there was none) becomes an [`Outcome`].
 
-use super::{is_hop_by_hop, Answer, Exchange};
+use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase};
 use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
 use crate::retry::{self, Outcome, Policy};
 
@@ -24,8 +24,7 @@ impl Exchange {
         match host.dispatch(&target, &headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
-                self.pending = Some(token);
-                self.retry_at = None;
+                self.phase = Phase::Attempt(Carrier::Call(token));
                 host.count(Metric::Attempts);
                 self.attempt_sent(host);
             }
@@ -51,10 +50,9 @@ impl Exchange {
         if self.on_store_answer(policy, host, token, body_size) {
             return;
         }
-        if self.pending != Some(token) || self.answered {
+        if !matches!(self.phase, Phase::Attempt(Carrier::Call(t)) if t == token) {
             return;
         }
-        self.pending = None;
         let (outcome, answer) = classify_call(host.call_response(body_size));
         host.log(
             Level::Debug,
@@ -114,7 +112,7 @@ impl Exchange {
             (None, None) => {}
         }
         self.attempt += 1;
-        self.proxied = true;
+        self.phase = Phase::Attempt(Carrier::ProxyPass);
         self.attempt_sent(host);
         host.log(
             Level::Info,

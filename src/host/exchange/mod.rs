@@ -37,12 +37,35 @@ pub enum Step {
     Pause,
 }
 
-/// A call to the shared store the exchange waits for.
-enum StoreCall {
-    /// The key's claim: the request is held until it is answered.
-    Claim(Key),
-    /// The key's completion or release: then this.
-    Settle(Then),
+/// Where the exchange is: what it waits for, or that it is over. One at a time.
+enum Phase {
+    /// The request is arriving: its body is held in the filter until whole.
+    Receiving,
+    /// The shared store was asked for the key's claim (the call's token); the request is held.
+    Claiming(u32, Key),
+    /// An attempt is out.
+    Attempt(Carrier),
+    /// Waiting out a backoff (Envoy's root tick) until the next attempt is due.
+    Backoff { at: u64 },
+    /// The route's final answer is buffered on its way to the client, to complete the key's
+    /// record (native driver).
+    Storing(native::Storing),
+    /// The key's record was sent to the shared store (the call's token); then this.
+    Settling(u32, Then),
+    /// Over: rollsafe answered (its reply passes back through the response callbacks and must
+    /// be left alone), or the upstream's answer is on its way through.
+    Done,
+}
+
+/// What carries an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// rollsafe's own `dispatch_http_call` (the call's token).
+    Call(u32),
+    /// The route's own request (native attempt 1).
+    Route,
+    /// Kong's `proxy_pass` (see `hand_to_proxy_pass`): its answer is final.
+    ProxyPass,
 }
 
 /// What comes after the key's record is written.
@@ -113,36 +136,24 @@ pub struct Exchange {
     started_ms: u64,
     /// Attempts so far (the route's own attempt 1 included).
     attempt: u32,
-    pending: Option<u32>,
+    phase: Phase,
     /// A wake-up for the scheduler to file, taken once.
     wake_at: Option<u64>,
-    /// The next attempt is due at this time (backoff).
-    retry_at: Option<u64>,
     /// Backoffs are real waits (Envoy's root tick); false where the host cannot wait (Kong).
     can_wait: bool,
     next_timeout_ms: u64,
     last: Option<Answer>,
     last_outcome: Option<Outcome>,
-    /// rollsafe answered the request itself; its reply passes back through the response
-    /// callbacks and must be left alone.
-    pub answered: bool,
     /// Envoy: the request headers went on, so the route's upstream request has started.
     route_started: bool,
     /// The route's request has its whole body (native attempt 1).
     route_complete: bool,
-    /// Kong's host: the last attempt is carried by `proxy_pass` (see `hand_to_proxy_pass`);
-    /// its answer is final.
-    proxied: bool,
     /// Kong's host, inside the callback of a failed call: nothing may take a buffer (see
     /// `on_call_response`), so a local answer goes out without a body.
     buffers_unsafe: bool,
-    /// Native: the route's final answer, buffered to complete the key's record.
-    storing: Option<native::Storing>,
     /// Native: when to renew the key's lease while the route's attempt is still out (its
     /// bound is the route's timeout, which rollsafe cannot see).
     renew_at: Option<u64>,
-    /// The call to the shared store this exchange waits for, and its token.
-    store_call: Option<(u32, StoreCall)>,
     /// A keyed request with a body: its key is decided once the body is whole (the
     /// fingerprint covers the body; nothing reaches an upstream before then on either host).
     key_at_body: bool,
@@ -210,21 +221,16 @@ impl Exchange {
             body_done: !has_body,
             started_ms: now,
             attempt: 0,
-            pending: None,
+            phase: Phase::Receiving,
             wake_at: None,
-            retry_at: None,
             can_wait: driver == Driver::Native,
             next_timeout_ms: policy.first_timeout_ms(),
             last: None,
             last_outcome: None,
-            answered: false,
             route_started: false,
             route_complete: false,
-            proxied: false,
             buffers_unsafe: false,
-            storing: None,
             renew_at: None,
-            store_call: None,
             key_at_body: false,
         };
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
@@ -285,7 +291,7 @@ impl Exchange {
         };
         match key::send(redis, host, command) {
             Some(token) => {
-                self.store_call = Some((token, StoreCall::Claim(k)));
+                self.phase = Phase::Claiming(token, k);
                 Step::Pause
             }
             None => self.claim_answered(policy, host, k, None, &[]),
@@ -339,9 +345,12 @@ impl Exchange {
         token: u32,
         body_size: usize,
     ) -> bool {
-        let Some((_, call)) = self.store_call.take_if(|(t, _)| *t == token) else {
+        let waits =
+            matches!(&self.phase, Phase::Claiming(t, _) | Phase::Settling(t, _) if *t == token);
+        if !waits {
             return false;
-        };
+        }
+        let phase = std::mem::replace(&mut self.phase, Phase::Receiving);
         let resp = host.call_response(body_size);
         let status = key::status_of(&resp);
         // Kong's host: after a failed call nothing may take a buffer (see `on_call_response`),
@@ -350,17 +359,18 @@ impl Exchange {
         // zero-size buffer and the client's connection closed unanswered.
         self.buffers_unsafe =
             self.plan.host == HostKind::Kong && (status.is_none() || resp.body.is_empty());
-        match call {
-            StoreCall::Claim(k) => {
+        match phase {
+            Phase::Claiming(_, k) => {
                 self.claim_answered(policy, host, k, status, &resp.body);
             }
-            StoreCall::Settle(then) => {
+            Phase::Settling(_, then) => {
                 let plan = Rc::clone(&self.plan);
                 if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
                     k.settled(ip, host, status, &resp.body);
                 }
                 self.then(host, then);
             }
+            other => self.phase = other,
         }
         self.buffers_unsafe = false;
         true
@@ -369,7 +379,10 @@ impl Exchange {
     fn then(&mut self, host: &impl Host, then: Then) {
         match then {
             Then::Reply(reply) => self.send_reply(host, &reply),
-            Then::Resume => host.resume_response(),
+            Then::Resume => {
+                self.phase = Phase::Done;
+                host.resume_response();
+            }
         }
     }
 
@@ -440,7 +453,7 @@ impl Exchange {
     /// `then` now, or once the shared store acknowledged the record (`waiting`: its call).
     fn then_after(&mut self, host: &impl Host, waiting: Option<u32>, then: Then) {
         match waiting {
-            Some(token) => self.store_call = Some((token, StoreCall::Settle(then))),
+            Some(token) => self.phase = Phase::Settling(token, then),
             None => self.then(host, then),
         }
     }
@@ -502,7 +515,7 @@ impl Exchange {
         size: usize,
         end_of_stream: bool,
     ) -> (Option<Exchange>, Step) {
-        if self.answered {
+        if matches!(self.phase, Phase::Done) {
             return (Some(self), Step::Pause);
         }
         if self.body_done {
@@ -613,24 +626,23 @@ impl Exchange {
     fn schedule(&mut self, policy: &Policy, host: &impl Host, wait_ms: u64, timeout_ms: u64) {
         let now = host.now_ms();
         self.next_timeout_ms = timeout_ms;
-        self.retry_at = Some(now + wait_ms);
         if wait_ms == 0 {
             self.send_attempt(policy, host);
         } else {
-            self.wake_at = self.retry_at;
+            self.phase = Phase::Backoff { at: now + wait_ms };
+            self.wake_at = Some(now + wait_ms);
         }
     }
 
     /// The backoff wait is over (root tick): send the next attempt.
     pub fn on_wake(&mut self, policy: &Policy, host: &impl Host) {
-        if self.answered || self.pending.is_some() {
-            return;
-        }
         let now = host.now_ms();
-        if self.retry_at.is_some_and(|at| now >= at) {
-            self.send_attempt(policy, host);
-        } else if self.renew_at.is_some_and(|at| now >= at) {
-            self.renew_lease(host);
+        match self.phase {
+            Phase::Backoff { at } if now >= at => self.send_attempt(policy, host),
+            Phase::Attempt(Carrier::Route) if self.renew_at.is_some_and(|at| now >= at) => {
+                self.renew_lease(host)
+            }
+            _ => {}
         }
     }
 
@@ -659,9 +671,23 @@ impl Exchange {
         self.wake_at.take()
     }
 
+    /// Where the request's key stands (tests: the lifecycle as the flow drives it).
+    #[cfg(test)]
+    pub fn key_phase(&self) -> Option<crate::idempotency::lifecycle::Phase> {
+        match &self.phase {
+            Phase::Claiming(_, k) => Some(k.phase()),
+            _ => self.key.as_ref().map(Key::phase),
+        }
+    }
+
     /// The call this exchange waits for: an attempt, or the shared store.
     pub fn pending(&self) -> Option<u32> {
-        self.pending.or(self.store_call.as_ref().map(|(t, _)| *t))
+        match self.phase {
+            Phase::Attempt(Carrier::Call(t)) | Phase::Claiming(t, _) | Phase::Settling(t, _) => {
+                Some(t)
+            }
+            _ => None,
+        }
     }
 
     /// The client went away: the key's lifecycle decides (a claim being asked is released
@@ -672,7 +698,7 @@ impl Exchange {
         let Some(ip) = plan.idempotency.as_ref() else {
             return;
         };
-        if let Some((_, StoreCall::Claim(mut k))) = self.store_call.take() {
+        if let Phase::Claiming(_, k) = &mut self.phase {
             k.client_gone(ip, host);
             return;
         }
@@ -833,7 +859,7 @@ impl Exchange {
 
     /// Answers locally (the client gets this; no upstream is contacted by it).
     fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
-        self.answered = true;
+        self.phase = Phase::Done;
         let status = reply.status;
         if self.attempt > 0 {
             // (Header-time answers — replays, 409, 422 — are counted, not logged: they are

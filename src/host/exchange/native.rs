@@ -6,7 +6,7 @@
 //! exchange — streamed to the client, buffered first when it completes an idempotency record —
 //! or, when it is a retryable failure, is held while the next attempt is dispatched.
 
-use super::{Exchange, Step, StoreCall, Then};
+use super::{Carrier, Exchange, Phase, Step, Then};
 use crate::host::key::Final;
 use crate::host::{Host, HostKind, Level, Metric};
 use crate::retry::{self, Outcome, Policy};
@@ -24,6 +24,7 @@ impl Exchange {
     pub(super) fn begin_route_attempt(&mut self, policy: &Policy, host: &impl Host) {
         self.route_started = true;
         self.attempt = 1;
+        self.phase = Phase::Attempt(Carrier::Route);
         if self.body_done {
             self.route_complete = true;
             self.cover_lease(policy, host);
@@ -41,11 +42,12 @@ impl Exchange {
         host: &impl Host,
         end_of_stream: bool,
     ) -> Step {
-        if self.answered {
-            return Step::Continue;
-        }
-        if self.proxied {
-            return self.proxied_answered(policy, host, end_of_stream);
+        match self.phase {
+            Phase::Done => return Step::Continue,
+            Phase::Attempt(Carrier::ProxyPass) => {
+                return self.proxied_answered(policy, host, end_of_stream)
+            }
+            _ => {}
         }
         // The route answered; a retry, if any, is rollsafe's own (bounded by its timeouts).
         self.renew_at = None;
@@ -53,7 +55,7 @@ impl Exchange {
             // The route answered before the request body was whole (Envoy's router gave up on
             // the route, say every pod refused), and no more of the body will come: nothing can
             // be replayed and nothing ran, so the key is released and the answer passes.
-            self.answered = true;
+            self.phase = Phase::Done;
             self.settle_key(host, None, false);
             host.count(Metric::RetryGaveUp);
             host.log(
@@ -130,6 +132,7 @@ impl Exchange {
     /// The route's answer is final. Under a key, a storable answer completes the record (its
     /// body buffered on the way through), any other releases it.
     fn keep_route_answer(&mut self, host: &impl Host, status: u16, end_of_stream: bool) -> Step {
+        self.phase = Phase::Done;
         if !self.key_enforced() {
             return Step::Continue;
         }
@@ -153,7 +156,7 @@ impl Exchange {
             };
             self.settle_in_response(host, Some(done))
         } else {
-            self.storing = Some(Storing { status, headers });
+            self.phase = Phase::Storing(Storing { status, headers });
             Step::Continue
         }
     }
@@ -165,7 +168,7 @@ impl Exchange {
         let hold = self.plan.host == HostKind::Envoy;
         match self.settle_key(host, answer, hold) {
             Some(token) => {
-                self.store_call = Some((token, StoreCall::Settle(Then::Resume)));
+                self.phase = Phase::Settling(token, Then::Resume);
                 Step::Pause
             }
             None => Step::Continue,
@@ -174,14 +177,17 @@ impl Exchange {
 
     /// Response body: buffered while it completes a record (up to `max_response_bytes`).
     pub fn on_response_body(&mut self, host: &impl Host, size: usize, end_of_stream: bool) -> Step {
-        if let Some(storing) = self.storing.take() {
+        if !matches!(self.phase, Phase::Storing(_)) {
+            return Step::Continue;
+        }
+        if let Phase::Storing(storing) = std::mem::replace(&mut self.phase, Phase::Done) {
             let max = self
                 .plan
                 .idempotency
                 .as_ref()
                 .map_or(0, |ip| ip.max_response_bytes);
             if !end_of_stream && size <= max {
-                self.storing = Some(storing);
+                self.phase = Phase::Storing(storing);
                 return Step::Pause;
             }
             // Too large to keep: the record completes without its body, the rest streams.
