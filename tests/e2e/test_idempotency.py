@@ -312,3 +312,26 @@ def test_a_store_full_of_requests_in_flight_answers_when_full_and_recovers(harne
     pod.clear_script()
     requests_ok = [post(envoy, f'"after-{i}"', "{}").status for i in range(20)]
     assert requests_ok == [201] * 20
+
+
+@pytest.mark.envoy_only("the buffer filter is Envoy's; Kong's host never proxies before the "
+                        "filter has the whole body")
+def test_without_the_buffer_filter_a_refusal_aborts_the_routes_request_and_runs_nothing(harness):
+    """The README's "what changes" without Envoy's buffer filter after rollsafe: keys are still
+    decided on the whole body, but the route's upstream got the headers, so each refusal of a
+    request with a body leaves it a request that never completes — never a second execution."""
+    harness.allow_aborted = True
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy(config("native"), {"group-a": [pod]}, buffer=False)
+    first = post(gw, '"nb-1"', '{"sku":3}')
+    assert first.status == 201
+    replay = post(gw, '"nb-1"', '{"sku":3}')
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert post(gw, '"nb-1"', '{"sku":4}').status == 422
+    time.sleep(0.3)
+    assert len(pod.ledger()) == 1
+    # Each refusal may leave the pod a request cut off after its headers (unless Envoy reset it
+    # before its connection was up): seen, never executed.
+    aborted = pod.aborted()
+    assert 1 <= len(aborted) <= 2, aborted
+    assert all(a["body_len"] < a["declared_len"] for a in aborted), aborted

@@ -17,13 +17,16 @@
 //! The key is decided before either driver runs ([`super::key`]). Both hosts' failure signals
 //! become one [`Outcome`]; whether to retry is `retry::Policy`'s decision.
 
+mod answer;
 mod dispatch;
+mod keyed;
 mod native;
+mod routed;
 
 pub use native::classify_native;
 
 use super::headers::HeaderBlock;
-use super::key::{self, Final, Gate, Key};
+use super::key::{self, Gate, Key};
 use super::reply::Reply;
 use super::{header as find, Host, Level, Metric};
 use crate::plan::{Driver, HostKind, Plan};
@@ -279,114 +282,11 @@ impl Exchange {
         }
     }
 
-    fn method(&self) -> &str {
+    pub(super) fn method(&self) -> &str {
         &self.method
     }
 
-    /// Sends the shared store the key's claim; the request stays held until its answer.
-    fn ask(&mut self, policy: &Policy, host: &impl Host, k: Key, command: &[u8]) -> Step {
-        let plan = Rc::clone(&self.plan);
-        let Some(redis) = plan.idempotency.as_ref().and_then(|ip| ip.shared.as_ref()) else {
-            return Step::Continue;
-        };
-        match key::send(redis, host, command) {
-            Some(token) => {
-                self.phase = Phase::Claiming(token, k);
-                Step::Pause
-            }
-            None => self.claim_answered(policy, host, k, None, &[]),
-        }
-    }
-
-    /// The shared store answered the claim (`status: None`: it did not): run the request, or
-    /// answer it.
-    fn claim_answered(
-        &mut self,
-        policy: &Policy,
-        host: &impl Host,
-        k: Key,
-        status: Option<u16>,
-        body: &[u8],
-    ) -> Step {
-        let plan = Rc::clone(&self.plan);
-        let Some(ip) = plan.idempotency.as_ref() else {
-            return Step::Continue;
-        };
-        match key::claimed(k, ip, host, status, body, self.path()) {
-            Ok(k) => self.key = k,
-            Err(reply) => {
-                self.send_reply(host, &reply);
-                return Step::Pause;
-            }
-        }
-        match self.driver {
-            Driver::Native => {
-                // Only now do the headers (and then the body) go on to the route.
-                self.begin_route_attempt(policy, host);
-                host.resume_request();
-                Step::Continue
-            }
-            Driver::Dispatch if self.buffers_unsafe && !self.body.is_empty() => {
-                self.hand_to_proxy_pass(host, "the idempotency store's failed call");
-                Step::Continue
-            }
-            Driver::Dispatch => {
-                self.send_attempt(policy, host);
-                Step::Pause
-            }
-        }
-    }
-
-    /// An answer from the shared store: `true` when it was one this exchange waits for.
-    fn on_store_answer(
-        &mut self,
-        policy: &Policy,
-        host: &impl Host,
-        token: u32,
-        body_size: usize,
-    ) -> bool {
-        let waits =
-            matches!(&self.phase, Phase::Claiming(t, _) | Phase::Settling(t, _) if *t == token);
-        if !waits {
-            return false;
-        }
-        let phase = std::mem::replace(&mut self.phase, Phase::Receiving);
-        let resp = host.call_response(body_size);
-        let status = key::status_of(&resp);
-        // Kong's host: after a failed call nothing may take a buffer (see `on_call_response`),
-        // and the same holds after an answer without a body (Webdis's 503 while Redis is
-        // down): a local answer with a body sent from this callback left nginx writing a
-        // zero-size buffer and the client's connection closed unanswered.
-        self.buffers_unsafe =
-            self.plan.host == HostKind::Kong && (status.is_none() || resp.body.is_empty());
-        match phase {
-            Phase::Claiming(_, k) => {
-                self.claim_answered(policy, host, k, status, &resp.body);
-            }
-            Phase::Settling(_, then) => {
-                let plan = Rc::clone(&self.plan);
-                if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
-                    k.settled(ip, host, status, &resp.body);
-                }
-                self.then(host, then);
-            }
-            other => self.phase = other,
-        }
-        self.buffers_unsafe = false;
-        true
-    }
-
-    fn then(&mut self, host: &impl Host, then: Then) {
-        match then {
-            Then::Reply(reply) => self.send_reply(host, &reply),
-            Then::Resume => {
-                self.phase = Phase::Done;
-                host.resume_response();
-            }
-        }
-    }
-
-    fn path(&self) -> &str {
+    pub(super) fn path(&self) -> &str {
         self.block
             .as_ref()
             .and_then(|b| b.get(":path"))
@@ -396,7 +296,7 @@ impl Exchange {
 
     /// The request's headers as a dispatched attempt replays them, built from the block the
     /// first time: the client's own group header never passes (only rollsafe names groups).
-    fn replay_headers(&mut self) -> &mut Vec<(String, String)> {
+    pub(super) fn replay_headers(&mut self) -> &mut Vec<(String, String)> {
         if let Some(block) = self.block.take() {
             let plan = Rc::clone(&self.plan);
             let group = plan.routing.as_ref().map(|rp| rp.group_header.as_str());
@@ -411,56 +311,9 @@ impl Exchange {
         &mut self.headers
     }
 
-    fn key_enforced(&self) -> bool {
-        self.key.as_ref().is_some_and(Key::enforced)
-    }
-
-    /// The first attempt starts: the key's lease must outlast anything the exchange can still
-    /// do (written only when the body took long enough to eat into it).
-    fn cover_lease(&mut self, policy: &Policy, host: &impl Host) {
-        let plan = Rc::clone(&self.plan);
-        if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
-            k.cover(ip, host, host.now_ms() + policy.longest_exchange_ms());
-        }
-    }
-
-    /// Completes or releases the key with the exchange's final answer (`None`: no answer that
-    /// may be stored). With `hold` and the shared store, what follows waits for the store's
-    /// acknowledgement (so that a retry on any node finds the record): the call's token is
-    /// returned, for [`Exchange::then_after`]. Without, the write goes out from the root.
-    fn settle_key(
-        &mut self,
-        host: &impl Host,
-        answer: Option<Final<'_>>,
-        hold: bool,
-    ) -> Option<u32> {
-        let plan = Rc::clone(&self.plan);
-        let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
-            return None;
-        };
-        // Kong's host, after a failed call: a dispatch with a body could share its buffer.
-        let hold = hold && !self.buffers_unsafe;
-        // `None`: written already (the node-local store), or sent from the root.
-        let command = k.settle(ip, host, answer, hold)?;
-        let redis = ip.shared.as_ref()?;
-        let token = key::send(redis, host, &command);
-        if token.is_none() {
-            k.settled(ip, host, None, &[]);
-        }
-        token
-    }
-
-    /// `then` now, or once the shared store acknowledged the record (`waiting`: its call).
-    fn then_after(&mut self, host: &impl Host, waiting: Option<u32>, then: Then) {
-        match waiting {
-            Some(token) => self.phase = Phase::Settling(token, then),
-            None => self.then(host, then),
-        }
-    }
-
     /// The body is too large to hold (or the host did not hand it over): the configured
     /// behaviour, logged and counted. A key already claimed is released: nothing ran.
-    fn body_too_large(
+    pub(super) fn body_too_large(
         mut self,
         policy: &Policy,
         host: &impl Host,
@@ -559,7 +412,7 @@ impl Exchange {
     /// An attempt ended (a dispatched attempt's answer, or the route's own attempt's response
     /// headers): note it, and ask the policy. Returns the wait and the next attempt's timeout
     /// when retrying.
-    fn after_attempt(
+    pub(super) fn after_attempt(
         &mut self,
         policy: &Policy,
         host: &impl Host,
@@ -623,7 +476,13 @@ impl Exchange {
         }
     }
 
-    fn schedule(&mut self, policy: &Policy, host: &impl Host, wait_ms: u64, timeout_ms: u64) {
+    pub(super) fn schedule(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        wait_ms: u64,
+        timeout_ms: u64,
+    ) {
         let now = host.now_ms();
         self.next_timeout_ms = timeout_ms;
         if wait_ms == 0 {
@@ -646,38 +505,9 @@ impl Exchange {
         }
     }
 
-    /// The route's attempt (or the buffering of its answer) is still going: a key's lease must
-    /// not run out under it. Renewed when half of it is left, as long as the attempt lasts.
-    fn renew_lease(&mut self, host: &impl Host) {
-        self.renew_at = None;
-        let plan = Rc::clone(&self.plan);
-        let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
-            return;
-        };
-        let now = host.now_ms();
-        if k.lease_until()
-            .is_some_and(|until| until <= now + ip.lease_ms / 2)
-        {
-            k.cover(ip, host, now + ip.lease_ms);
-        }
-        if let Some(until) = k.lease_until() {
-            self.renew_at = Some(until.saturating_sub(ip.lease_ms / 2).max(now + 1));
-            self.wake_at = self.renew_at;
-        }
-    }
-
     /// When the exchange wants to be woken (native driver backoff), taken once.
     pub fn take_wake(&mut self) -> Option<u64> {
         self.wake_at.take()
-    }
-
-    /// Where the request's key stands (tests: the lifecycle as the flow drives it).
-    #[cfg(test)]
-    pub fn key_phase(&self) -> Option<crate::idempotency::lifecycle::Phase> {
-        match &self.phase {
-            Phase::Claiming(_, k) => Some(k.phase()),
-            _ => self.key.as_ref().map(Key::phase),
-        }
     }
 
     /// The call this exchange waits for: an attempt, or the shared store.
@@ -688,216 +518,5 @@ impl Exchange {
             }
             _ => None,
         }
-    }
-
-    /// The client went away: the key's lifecycle decides (a claim being asked is released
-    /// should it land, one whose request never reached an upstream whole is released, one whose
-    /// attempt did stays claimed until its lease ends: the application may be executing it).
-    pub fn on_client_gone(&mut self, host: &impl Host) {
-        let plan = Rc::clone(&self.plan);
-        let Some(ip) = plan.idempotency.as_ref() else {
-            return;
-        };
-        if let Phase::Claiming(_, k) = &mut self.phase {
-            k.client_gone(ip, host);
-            return;
-        }
-        if let Some(k) = self.key.as_mut() {
-            k.client_gone(ip, host);
-        }
-    }
-
-    /// An attempt reached the upstream whole: the key's lifecycle notes it.
-    pub(super) fn attempt_sent(&mut self, host: &impl Host) {
-        let plan = Rc::clone(&self.plan);
-        if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
-            k.sent(ip, host);
-        }
-    }
-
-    /// The body is whole: the key of a request with a body is decided now. `None`: no answer
-    /// and nothing asked, the exchange goes on; else what the stream does meanwhile.
-    fn decide_key(&mut self, policy: &Policy, host: &impl Host) -> Option<Step> {
-        self.key_at_body = false;
-        let plan = Rc::clone(&self.plan);
-        let (ip, block) = (plan.idempotency.as_ref()?, self.block.as_ref()?);
-        match key::gate(ip, plan.host, host, block, &self.body, host.now_ms()) {
-            Gate::Unkeyed => None,
-            Gate::Claimed(k) => {
-                self.key = Some(k);
-                None
-            }
-            Gate::Answer(reply) => {
-                // Answered after the whole body was read: the client's connection stays open.
-                // (On Envoy without the buffer filter after rollsafe, the route's upstream got
-                // the headers and now sees a reset: README.)
-                self.send_reply(host, &reply);
-                Some(Step::Pause)
-            }
-            Gate::Ask(k, command) => Some(self.ask(policy, host, k, &command)),
-        }
-    }
-
-    /// Names the routed group. The native driver's attempt 1 is the route's own request, so it
-    /// is pointed at the group (header, and `kong.service.target` on Kong); dispatched attempts
-    /// carry the header in any case (a retry replays these headers).
-    fn name_group(&mut self, host: &impl Host) {
-        let plan = Rc::clone(&self.plan);
-        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_ref()) else {
-            return;
-        };
-        let Some(g) = rp.groups.get(r.group) else {
-            return;
-        };
-        self.headers.push((rp.group_header.clone(), g.name.clone()));
-        if self.driver == Driver::Native {
-            super::name_group(host, plan.host, &rp.group_header, &g.name, &g.target);
-        }
-    }
-
-    /// Group health: a failed attempt counts against its group; a good one clears it.
-    fn note_outcome(&mut self, host: &impl Host, outcome: Outcome) {
-        let plan = Rc::clone(&self.plan);
-        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_mut()) else {
-            return;
-        };
-        let failed = match outcome {
-            Outcome::Status(s) => s >= 500,
-            Outcome::ConnectFailure | Outcome::Reset | Outcome::Timeout => true,
-        };
-        if failed {
-            if rp.failed(r.group, host.now_ms()) {
-                host.count(Metric::RoutingGroupDown);
-                let name = rp.groups.get(r.group).map_or("?", |g| g.name.as_str());
-                host.log(Level::Warn, &format!("rollsafe: group {name} marked down"));
-            }
-            r.tried.push(r.group);
-        } else {
-            rp.succeeded(r.group);
-        }
-    }
-
-    /// A retry of a routed request goes to the key's next group that is up and untried.
-    fn reroute(&mut self, host: &impl Host) {
-        let plan = Rc::clone(&self.plan);
-        let (Some(rp), Some(r)) = (plan.routing.as_ref(), self.routed.as_mut()) else {
-            return;
-        };
-        if r.fixed || r.tried.is_empty() {
-            return;
-        }
-        let next = rp.pick(r.key_hash, host.now_ms(), &r.tried);
-        if next == r.group {
-            return;
-        }
-        host.count(Metric::RoutingFailover);
-        r.group = next;
-        if let Some(g) = rp.groups.get(next) {
-            self.target = Some(g.target.clone());
-            for (k, v) in self.replay_headers().iter_mut() {
-                if k.eq_ignore_ascii_case(&rp.group_header) {
-                    *v = g.name.clone();
-                }
-            }
-        }
-    }
-
-    /// Sends the final answer: the last upstream answer, or a problem when there is none.
-    fn answer(&mut self, policy: &Policy, host: &impl Host) {
-        let last = self.last.take();
-        let done = last.as_ref().map(|a| Final {
-            status: a.status,
-            headers: &a.headers,
-            body: Some(&a.body),
-        });
-        // The answer goes out once its record is written.
-        let waiting = self.settle_key(host, done, true);
-        let reply = self.final_reply(policy, last);
-        self.then_after(host, waiting, Then::Reply(reply));
-    }
-
-    fn final_reply(&self, policy: &Policy, last: Option<Answer>) -> Reply {
-        match last {
-            Some(a) => {
-                let mut headers: Vec<(String, String)> = a
-                    .headers
-                    .into_iter()
-                    .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k))
-                    .collect();
-                if let Some(h) = &policy.attempt_count_header {
-                    headers.push((h.clone(), self.attempt.to_string()));
-                }
-                Reply {
-                    status: u32::from(a.status),
-                    headers,
-                    body: a.body,
-                }
-            }
-            None => self.no_answer_problem(policy),
-        }
-    }
-
-    /// 504 (timeouts, deadline) or 502 (connection failures) when no upstream ever answered.
-    fn no_answer_problem(&self, policy: &Policy) -> Reply {
-        let (status, kind, title) = match self.last_outcome {
-            Some(Outcome::Timeout) | None => (504, "upstream-timeout", "Upstream timed out"),
-            Some(_) => (502, "upstream-unreachable", "Upstream unreachable"),
-        };
-        let detail = format!(
-            "No answer from the upstream after {} attempt(s); last failure: {}.",
-            self.attempt,
-            self.last_outcome.map_or("none", |o| o.reason())
-        );
-        let mut ext = serde_json::Map::new();
-        ext.insert("attempts".into(), self.attempt.into());
-        let mut reply = Reply::problem_with(status, kind, title, detail, self.path(), None, ext);
-        if let Some(h) = &policy.attempt_count_header {
-            reply.headers.push((h.clone(), self.attempt.to_string()));
-        }
-        reply
-    }
-
-    /// Answers locally (the client gets this; no upstream is contacted by it).
-    fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
-        self.phase = Phase::Done;
-        let status = reply.status;
-        if self.attempt > 0 {
-            // (Header-time answers — replays, 409, 422 — are counted, not logged: they are
-            // the hot path of a retrying client.)
-            host.log(
-                Level::Debug,
-                &format!(
-                    "rollsafe: {} {}: answer {status} after {} attempt(s)",
-                    self.method(),
-                    self.path(),
-                    self.attempt,
-                ),
-            );
-        }
-        if self.route_started && self.has_body && !self.route_complete {
-            // Envoy's router sent the route's upstream the headers of a request whose body
-            // rollsafe never released: that stream is reset now.
-            host.count(Metric::RouteRequestAborted);
-        }
-        if self.buffers_unsafe && !reply.body.is_empty() {
-            // The body would share a buffer the failed call frees after this callback: the
-            // problem travels in a header instead (a stored answer is replayed whole later).
-            let mut headers = reply.header_refs();
-            let problem = String::from_utf8_lossy(&reply.body).into_owned();
-            let is_problem = headers
-                .iter()
-                .any(|(k, v)| *k == "content-type" && *v == crate::problem::CONTENT_TYPE);
-            headers.push(if is_problem {
-                ("x-rollsafe-problem", problem.as_str())
-            } else {
-                (
-                    "x-rollsafe-body",
-                    "omitted: Kong's host cannot send it from here",
-                )
-            });
-            host.send_response(status, &headers, &[]);
-            return;
-        }
-        host.send_response(status, &reply.header_refs(), &reply.body);
     }
 }

@@ -1,0 +1,109 @@
+//! The final answer: the last upstream answer (hop-by-hop headers dropped), or a problem when no
+//! upstream answered; sent once the key's record is written.
+
+use super::{is_hop_by_hop, Answer, Exchange, Phase, Then};
+use crate::host::key::Final;
+use crate::host::reply::Reply;
+use crate::host::{Host, Level, Metric};
+use crate::retry::{Outcome, Policy};
+
+impl Exchange {
+    /// Sends the final answer: the last upstream answer, or a problem when there is none.
+    pub(super) fn answer(&mut self, policy: &Policy, host: &impl Host) {
+        let last = self.last.take();
+        let done = last.as_ref().map(|a| Final {
+            status: a.status,
+            headers: &a.headers,
+            body: Some(&a.body),
+        });
+        // The answer goes out once its record is written.
+        let waiting = self.settle_key(host, done, true);
+        let reply = self.final_reply(policy, last);
+        self.then_after(host, waiting, Then::Reply(reply));
+    }
+
+    pub(super) fn final_reply(&self, policy: &Policy, last: Option<Answer>) -> Reply {
+        match last {
+            Some(a) => {
+                let mut headers: Vec<(String, String)> = a
+                    .headers
+                    .into_iter()
+                    .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k))
+                    .collect();
+                if let Some(h) = &policy.attempt_count_header {
+                    headers.push((h.clone(), self.attempt.to_string()));
+                }
+                Reply {
+                    status: u32::from(a.status),
+                    headers,
+                    body: a.body,
+                }
+            }
+            None => self.no_answer_problem(policy),
+        }
+    }
+
+    /// 504 (timeouts, deadline) or 502 (connection failures) when no upstream ever answered.
+    pub(super) fn no_answer_problem(&self, policy: &Policy) -> Reply {
+        let (status, kind, title) = match self.last_outcome {
+            Some(Outcome::Timeout) | None => (504, "upstream-timeout", "Upstream timed out"),
+            Some(_) => (502, "upstream-unreachable", "Upstream unreachable"),
+        };
+        let detail = format!(
+            "No answer from the upstream after {} attempt(s); last failure: {}.",
+            self.attempt,
+            self.last_outcome.map_or("none", |o| o.reason())
+        );
+        let mut ext = serde_json::Map::new();
+        ext.insert("attempts".into(), self.attempt.into());
+        let mut reply = Reply::problem_with(status, kind, title, detail, self.path(), None, ext);
+        if let Some(h) = &policy.attempt_count_header {
+            reply.headers.push((h.clone(), self.attempt.to_string()));
+        }
+        reply
+    }
+
+    /// Answers locally (the client gets this; no upstream is contacted by it).
+    pub(super) fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
+        self.phase = Phase::Done;
+        let status = reply.status;
+        if self.attempt > 0 {
+            // (Header-time answers — replays, 409, 422 — are counted, not logged: they are
+            // the hot path of a retrying client.)
+            host.log(
+                Level::Debug,
+                &format!(
+                    "rollsafe: {} {}: answer {status} after {} attempt(s)",
+                    self.method(),
+                    self.path(),
+                    self.attempt,
+                ),
+            );
+        }
+        if self.route_started && self.has_body && !self.route_complete {
+            // Envoy's router sent the route's upstream the headers of a request whose body
+            // rollsafe never released: that stream is reset now.
+            host.count(Metric::RouteRequestAborted);
+        }
+        if self.buffers_unsafe && !reply.body.is_empty() {
+            // The body would share a buffer the failed call frees after this callback: the
+            // problem travels in a header instead (a stored answer is replayed whole later).
+            let mut headers = reply.header_refs();
+            let problem = String::from_utf8_lossy(&reply.body).into_owned();
+            let is_problem = headers
+                .iter()
+                .any(|(k, v)| *k == "content-type" && *v == crate::problem::CONTENT_TYPE);
+            headers.push(if is_problem {
+                ("x-rollsafe-problem", problem.as_str())
+            } else {
+                (
+                    "x-rollsafe-body",
+                    "omitted: Kong's host cannot send it from here",
+                )
+            });
+            host.send_response(status, &headers, &[]);
+            return;
+        }
+        host.send_response(status, &reply.header_refs(), &reply.body);
+    }
+}
