@@ -99,14 +99,24 @@ impl Plan {
         if let (Some(ip), Some((policy, _))) = (&idem, &retry) {
             // A lease that ends while its exchange can still produce an answer lets a second
             // execution start beside the first.
-            let longest = policy.longest_exchange_ms();
+            // A keyed write's attempt waits for its answer up to the deadline.
+            let (longest, why) = if ip.keys_writes() {
+                (
+                    policy.deadline_ms,
+                    "a keyed write's attempts wait for their answer up to retry.deadline_ms",
+                )
+            } else {
+                (
+                    policy.longest_exchange_ms(),
+                    "retry.attempts × per_try_timeout_ms plus the waits between them, at most \
+                     retry.deadline_ms",
+                )
+            };
             if ip.lease_ms < longest {
                 return Err(ConfigError::new(
                     "idempotency.lease_ms",
                     format!(
-                        "must cover the longest exchange ({longest} ms: retry.attempts × \
-                         per_try_timeout_ms plus the waits between them, at most \
-                         retry.deadline_ms), got {}",
+                        "must cover the longest exchange ({longest} ms: {why}), got {}",
                         ip.lease_ms
                     ),
                 ));

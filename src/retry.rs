@@ -71,7 +71,9 @@ impl RetryConfig {
             attempts: 1,
             on: default_conditions(),
             per_try_timeout_ms: default_per_try_timeout(),
-            deadline_ms: default_deadline(),
+            // One attempt: a keyed write waits for its answer this long (as for one attempt
+            // before keyed writes waited to the deadline).
+            deadline_ms: default_per_try_timeout(),
             backoff: BackoffConfig::default(),
             respect_retry_after: true,
             max_retry_after_ms: default_max_retry_after(),
@@ -270,6 +272,9 @@ impl Outcome {
 pub enum GiveUp {
     /// POST/PATCH that may have reached the application, without an enforced idempotency key.
     Unsafe,
+    /// A keyed write that was sent and got no answer (a reset, or no answer before the
+    /// deadline): the application may still be executing it, so it is not sent again.
+    MayBeExecuting,
     Attempts,
     Budget,
     Deadline,
@@ -458,6 +463,19 @@ impl Policy {
         unbounded.min(self.first_timeout_ms().max(self.deadline_ms))
     }
 
+    /// How long an attempt may take with `remaining` ms left to the deadline. A keyed write's
+    /// attempt is not cut at the per-try timeout: once sent, "no answer yet" is no reason for
+    /// another attempt while the application may still be executing it, so it waits up to the
+    /// deadline. Idempotent requests (and unkeyed ones, which are not retried after sending
+    /// anyway) keep the per-try bound.
+    pub fn attempt_timeout_ms(&self, method: &str, key_enforced: bool, remaining: u64) -> u64 {
+        if key_enforced && !is_idempotent(method) {
+            remaining
+        } else {
+            self.per_try_timeout_ms.min(remaining)
+        }
+    }
+
     /// Timeout of the first attempt.
     pub fn first_timeout_ms(&self) -> u64 {
         self.per_try_timeout_ms.min(self.deadline_ms)
@@ -495,8 +513,21 @@ impl Policy {
         if !self.retries(r.outcome) {
             return Decision::Done;
         }
-        if !(is_idempotent(method) || key_enforced || r.outcome == Outcome::ConnectFailure) {
-            return Decision::GiveUp(GiveUp::Unsafe);
+        // Only an outcome that shows the application is done with the attempt, or never had
+        // it, lets a write go again: a refused connection, or an answer (a keyed write's 5xx).
+        // A reset or no answer after a keyed write was sent says neither.
+        let safe = match r.outcome {
+            Outcome::ConnectFailure => true,
+            _ if is_idempotent(method) => true,
+            Outcome::Status(_) => key_enforced,
+            Outcome::Reset | Outcome::Timeout => false,
+        };
+        if !safe {
+            return Decision::GiveUp(if key_enforced {
+                GiveUp::MayBeExecuting
+            } else {
+                GiveUp::Unsafe
+            });
         }
         if r.attempt >= self.attempts {
             return Decision::GiveUp(GiveUp::Attempts);
@@ -514,7 +545,7 @@ impl Policy {
         if wait_ms >= remaining {
             return Decision::GiveUp(GiveUp::Deadline);
         }
-        let timeout_ms = self.per_try_timeout_ms.min(remaining - wait_ms);
+        let timeout_ms = self.attempt_timeout_ms(method, key_enforced, remaining - wait_ms);
         let allowed = match self.budget.try_borrow_mut() {
             Ok(mut b) => b.try_withdraw(now_ms),
             Err(_) => false,
@@ -656,13 +687,22 @@ mod tests {
             for outcome in outcomes {
                 for key in [false, true] {
                     let d = p.decide(method, key, &report(1, outcome), false, 0, 0);
-                    let safe = matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE")
-                        || key
-                        || outcome == Outcome::ConnectFailure;
+                    let idempotent =
+                        matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE");
+                    let answered = matches!(outcome, Outcome::Status(_));
+                    let safe =
+                        idempotent || outcome == Outcome::ConnectFailure || (key && answered);
                     if safe {
                         assert!(
                             matches!(d, Decision::Retry { .. }),
                             "{method} {outcome:?} key={key}: {d:?}"
+                        );
+                    } else if key {
+                        // A keyed write sent and unanswered may still be executing.
+                        assert_eq!(
+                            d,
+                            Decision::GiveUp(GiveUp::MayBeExecuting),
+                            "{method} {outcome:?}"
                         );
                     } else {
                         assert_eq!(
@@ -674,6 +714,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_keyed_writes_attempt_waits_to_the_deadline_an_idempotent_one_to_the_per_try_timeout() {
+        let p = policy(r#"{"target":"t","per_try_timeout_ms":1000,"deadline_ms":6000}"#);
+        assert_eq!(p.attempt_timeout_ms("POST", true, 5_000), 5_000);
+        assert_eq!(p.attempt_timeout_ms("PATCH", true, 6_000), 6_000);
+        assert_eq!(p.attempt_timeout_ms("GET", true, 5_000), 1_000);
+        assert_eq!(p.attempt_timeout_ms("POST", false, 5_000), 1_000);
+        assert_eq!(p.attempt_timeout_ms("PUT", false, 400), 400);
+        // The retry after a keyed write's 503 gets what is left of the deadline.
+        let d = p.decide("POST", true, &report(1, Outcome::Status(503)), false, 0, 0);
+        assert!(
+            matches!(d, Decision::Retry { timeout_ms, .. } if timeout_ms > 1_000),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -24,12 +24,18 @@ use crate::idempotency::store::Claim;
 use serde::Deserialize;
 
 /// Claim. KEYS[1]: the record; ARGV[1]: the in-flight value; ARGV[2]: the lease, ms; ARGV[3]:
-/// the claim's deadline (Unix ms). Returns `C` (claimed), `H<pttl> <value>` (held) or `T` (the
-/// claim reached Redis after its deadline: its sender has given up on it, so it must not land).
+/// the claim's deadline (Unix ms); ARGV[4]: how long a claim is remembered, ms. Returns `C`
+/// (claimed), `D` (claimed, in doubt: the key's earlier claim ran out of lease without being
+/// completed or released), `H<pttl> <value>` (held) or `T` (the claim reached Redis after its
+/// deadline: its sender has given up on it, so it must not land). The memory of a claim is a
+/// second key, KEYS[1] with `~` appended, deleted when the claim is completed or released (so
+/// one Redis, not a cluster).
 pub const CLAIM_SCRIPT: &str = "local t=redis.call('TIME') \
 if t[1]*1000+math.floor(t[2]/1000)>tonumber(ARGV[3]) then return 'T' end \
 if redis.call('SET',KEYS[1],ARGV[1],'NX','PX',ARGV[2]) then \
-return 'C' end return 'H'..redis.call('PTTL',KEYS[1])..' '..(redis.call('GET',KEYS[1]) or '')";
+local d=redis.call('EXISTS',KEYS[1]..'~') redis.call('SET',KEYS[1]..'~','1','PX',ARGV[4]) \
+if d==1 then return 'D' end return 'C' end \
+return 'H'..redis.call('PTTL',KEYS[1])..' '..(redis.call('GET',KEYS[1]) or '')";
 
 /// How far a gateway node's clock may be from Redis's for a claim's deadline: a claim that
 /// reaches Redis later than `timeout_ms` plus this after it was sent is refused. (A call that
@@ -38,10 +44,12 @@ return 'C' end return 'H'..redis.call('PTTL',KEYS[1])..' '..(redis.call('GET',KE
 pub const CLOCK_SKEW_MS: u64 = 1000;
 
 /// Settle. KEYS[1]: the record; ARGV[1]: the in-flight tag it must still start with; ARGV[2]:
-/// `S` (set ARGV[4] for ARGV[3] ms), `D` (delete), `E` (lease at least ARGV[3] ms).
-/// Returns `K` (done) or `L` (the claim is no longer this request's).
+/// `S` (set ARGV[4] for ARGV[3] ms), `D` (delete), `E` (lease at least ARGV[3] ms). `S` and
+/// `D` settle the claim, so its memory goes too. Returns `K` (done) or `L` (the claim is no
+/// longer this request's).
 pub const SETTLE_SCRIPT: &str = "local v=redis.call('GET',KEYS[1]) \
 if not v or string.sub(v,1,17)~=ARGV[1] then return 'L' end \
+if ARGV[2]~='E' then redis.call('DEL',KEYS[1]..'~') end \
 if ARGV[2]=='D' then redis.call('DEL',KEYS[1]) \
 elseif ARGV[2]=='E' then if redis.call('PTTL',KEYS[1])<tonumber(ARGV[3]) then \
 redis.call('PEXPIRE',KEYS[1],ARGV[3]) end \
@@ -140,15 +148,29 @@ impl Redis {
     }
 
     /// The Webdis command (the body of a `POST /`) that claims `store_key` for `rec`'s owner,
-    /// sent at `now`.
-    pub fn claim(&self, store_key: &str, rec: &Record, lease_ms: u64, now: u64) -> Vec<u8> {
+    /// sent at `now`; an unsettled claim is remembered `memory_ms` (a later claim is then in
+    /// doubt).
+    pub fn claim(
+        &self,
+        store_key: &str,
+        rec: &Record,
+        lease_ms: u64,
+        memory_ms: u64,
+        now: u64,
+    ) -> Vec<u8> {
         let value = value(rec, None);
         let lease = lease_ms.to_string();
         let deadline = (now + self.timeout_ms + CLOCK_SKEW_MS).to_string();
+        let memory = memory_ms.max(lease_ms).to_string();
         self.eval(
             CLAIM_SCRIPT,
             store_key,
-            &[&value, lease.as_bytes(), deadline.as_bytes()],
+            &[
+                &value,
+                lease.as_bytes(),
+                deadline.as_bytes(),
+                memory.as_bytes(),
+            ],
         )
     }
 
@@ -296,8 +318,8 @@ fn bulk(status: Option<u16>, body: &[u8]) -> Result<&[u8], Unavailable> {
 /// What a claim did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
-    /// This request owns the key now.
-    Won,
+    /// This request owns the key now (`in_doubt`: its earlier claim ran out of lease unsettled).
+    Won { in_doubt: bool },
     /// Another request holds it: [`Claim::InFlight`] or [`Claim::Done`], as the node-local
     /// store reports them.
     Held(Claim),
@@ -313,7 +335,8 @@ pub fn read_claim(
     let data = bulk(status, body)?;
     let bad = || Unavailable("unreadable record in Redis".into());
     match data.split_first() {
-        Some((b'C', [])) => Ok(Claimed::Won),
+        Some((b'C', [])) => Ok(Claimed::Won { in_doubt: false }),
+        Some((b'D', [])) => Ok(Claimed::Won { in_doubt: true }),
         Some((b'T', [])) => Err(Unavailable(
             "the claim reached Redis after its deadline (Webdis slow, or this node's clock \
              more than a second from Redis's)"
@@ -428,7 +451,7 @@ mod tests {
         assert_eq!(done.state, State::Done);
         assert_eq!(back, Some(stored));
         assert_eq!(p[8], b"0");
-        let claim = parts(&r.claim("scope:k1", &rec(7), 30_000, 1_000));
+        let claim = parts(&r.claim("scope:k1", &rec(7), 30_000, 86_400_000, 1_000));
         assert_eq!(claim[1], CLAIM_SCRIPT.as_bytes());
         assert_eq!(read_value(&claim[4]).unwrap(), (rec(7), None));
         assert_eq!(claim[5], b"30000");
@@ -448,7 +471,12 @@ mod tests {
         let ok = Some(200);
         assert_eq!(
             read_claim(ok, &raw(b"C"), "scope:k1", &facts),
-            Ok(Claimed::Won)
+            Ok(Claimed::Won { in_doubt: false })
+        );
+        assert_eq!(
+            read_claim(ok, &raw(b"D"), "scope:k1", &facts),
+            Ok(Claimed::Won { in_doubt: true }),
+            "the key's earlier claim ran out of lease unsettled"
         );
         let mut held = b"H1500 ".to_vec();
         held.extend(value(&rec(9), None));

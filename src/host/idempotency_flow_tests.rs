@@ -232,8 +232,7 @@ fn bad_keys_are_400_and_reach_no_upstream() {
 #[test]
 fn a_stale_owners_completion_is_refused() {
     // lease 2 s covers the exchange (one attempt of at most 1 s).
-    let cfg =
-        r#"{"retry":{"attempts":1,"per_try_timeout_ms":1000},"idempotency":{"lease_ms":2000}}"#;
+    let cfg = r#"{"retry":{"attempts":1,"per_try_timeout_ms":1000,"deadline_ms":1000},"idempotency":{"lease_ms":2000}}"#;
     let host = FakeHost::at(1_000);
     let plan = plan(&host, HostKind::Envoy, cfg);
     host.rng.set(1); // each request draws its owner token
@@ -452,5 +451,52 @@ fn the_flow_drives_the_key_through_its_lifecycle_on_both_drivers() {
         let mut gone = keyed(&host, &plan, "/orders", "\"life-3\"", b"{}");
         gone.req.on_done(&host);
         assert_eq!(gone.req.key_phase(), Some(Phase::LeftToLease), "{kind:?}");
+    }
+}
+
+/// The in-doubt header on the attempt that `sent` started: a dispatched attempt's header, or
+/// one set on the route's own request.
+fn carries_in_doubt(host: &FakeHost, kind: HostKind) -> bool {
+    match kind {
+        HostKind::Kong => host
+            .dispatches()
+            .last()
+            .is_some_and(|d| d.header("idempotency-in-doubt") == Some("true")),
+        HostKind::Envoy => host
+            .set_request_headers
+            .borrow()
+            .iter()
+            .any(|(k, v)| k == "idempotency-in-doubt" && v == "true"),
+    }
+}
+
+#[test]
+fn a_key_left_to_its_lease_is_in_doubt_on_the_next_try_and_says_so() {
+    for (kind, cfg) in drivers(r#"{"lease_ms":30000}"#) {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, &cfg);
+        // Sent whole, then the client went away: the application may be executing it.
+        let mut gone = keyed(&host, &plan, "/orders", "\"doubt\"", b"{}");
+        assert!(gone.upstream);
+        gone.req.on_done(&host);
+        // Within the lease: 409.
+        host.now.set(20_000);
+        let held = keyed(&host, &plan, "/orders", "\"doubt\"", b"{}");
+        assert!(!held.upstream, "{kind:?}");
+        assert_eq!(host.responses().last().unwrap().status, 409);
+        // After it: the next try runs, and tells the application it is in doubt.
+        host.now.set(1_000 + 30_000 + 15_000 + 1);
+        *host.set_request_headers.borrow_mut() = vec![];
+        let next = keyed(&host, &plan, "/orders", "\"doubt\"", b"{}");
+        assert!(next.upstream, "{kind:?}");
+        assert!(carries_in_doubt(&host, kind), "{kind:?}");
+        assert_eq!(host.counted(Metric::IdemInDoubt), 1, "{kind:?}");
+        // A key that was released (a 5xx: nothing ran) is not in doubt.
+        let mut failed = keyed(&host, &plan, "/orders", "\"plain\"", b"{}");
+        upstream_answers(&host, &mut failed, "500", "no");
+        *host.set_request_headers.borrow_mut() = vec![];
+        keyed(&host, &plan, "/orders", "\"plain\"", b"{}");
+        assert!(!carries_in_doubt(&host, kind), "{kind:?}");
+        assert_eq!(host.counted(Metric::IdemInDoubt), 1, "{kind:?}");
     }
 }

@@ -43,6 +43,8 @@ pub struct Key {
     held: Option<Held>,
     /// Where the key stands in its lifecycle.
     phase: Phase,
+    /// An earlier claim of this key ran out of lease unsettled: the attempt says so.
+    in_doubt: bool,
     /// When the claim's lease ends, as last written.
     lease_until: u64,
     /// A completion sent to the shared store and not yet acknowledged (cached on this node once
@@ -185,6 +187,7 @@ pub fn gate(
         facts,
         held: None,
         phase: Phase::Absent,
+        in_doubt: false,
         lease_until: now + ip.lease_ms,
         completing: None,
     };
@@ -198,7 +201,7 @@ pub fn gate(
             return k.decide(ip, host, Event::ClaimAnswered(answer), path, false);
         }
         let rec = k.record(now + ip.lease_ms);
-        let command = redis.claim(&k.store_key, &rec, ip.lease_ms, now);
+        let command = redis.claim(&k.store_key, &rec, ip.lease_ms, ip.ttl_ms, now);
         k.apply(ip, host, Event::Asked);
         return Gate::Ask(k, command);
     }
@@ -235,9 +238,12 @@ pub fn claimed(
     path: &str,
 ) -> Result<Option<Key>, Reply> {
     let answer = match shared_store::read_claim(status, body, &k.store_key, &k.facts) {
-        Ok(Claimed::Won) => {
+        Ok(Claimed::Won { in_doubt }) => {
             k.held = Some(Held::Shared);
-            ClaimAnswer::Won { evicted: false }
+            ClaimAnswer::Won {
+                evicted: false,
+                in_doubt,
+            }
         }
         Ok(Claimed::Held(claim)) => ClaimAnswer::Held(claim),
         Err(why) => {
@@ -340,6 +346,14 @@ fn note(host: &impl Host, n: Note) {
         Note::FailOpen => Metric::IdemFailOpen,
         Note::Stored => Metric::IdemStored,
         Note::Released => Metric::IdemReleased,
+        Note::OutcomeUnknown => Metric::IdemOutcomeUnknown,
+        Note::InDoubt => {
+            host.log(
+                Level::Warn,
+                "rollsafe: idempotency key in doubt: its earlier claim ran out of lease with the outcome unknown; the attempt carries Idempotency-In-Doubt",
+            );
+            Metric::IdemInDoubt
+        }
         Note::NotOwner => {
             host.log(
                 Level::Warn,
@@ -365,6 +379,12 @@ impl Key {
     /// Where the key stands.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Whether an earlier attempt of this key may have executed (its claim ran out of lease
+    /// with the outcome unknown): the attempt tells the application so.
+    pub fn in_doubt(&self) -> bool {
+        self.in_doubt
     }
 
     /// This request's in-flight record.
@@ -427,6 +447,7 @@ impl Key {
                 }
                 Effect::Answer(refusal) => reply = Some(refusal_reply(refusal, path)),
                 Effect::Run { protected: true } => protected = true,
+                Effect::InDoubt => self.in_doubt = true,
                 Effect::Run { protected: false } => host.log(
                     Level::Warn,
                     "rollsafe: idempotency key not held; the request runs unprotected",
@@ -539,6 +560,17 @@ impl Key {
         }
         self.lease_until = until;
         self.apply(ip, host, Event::LeaseDue);
+    }
+
+    /// The exchange ended with the write's outcome unknown (sent, and no answer): the key stays
+    /// held for a lease from now, so no other try runs while the application may still be
+    /// executing it.
+    pub fn unknown(&mut self, ip: &idempotency::Policy, host: &impl Host) {
+        if !self.enforced() {
+            return;
+        }
+        self.lease_until = self.lease_until.max(host.now_ms() + ip.lease_ms);
+        self.apply(ip, host, Event::OutcomeUnknown);
     }
 
     /// The exchange ended: a storable answer completes the record, anything else (5xx, no

@@ -69,13 +69,17 @@ pub enum Metric {
     /// A keyed request answered (replay or 422) from this node's cache of the shared store's
     /// completed records, with no call to Redis.
     IdemCacheHit,
+    /// A keyed write ended with its outcome unknown (sent, no answer): the key is held.
+    IdemOutcomeUnknown,
+    /// A keyed request claimed a key whose earlier claim ran out of lease unsettled.
+    IdemInDoubt,
     RoutingMissingKey,
     RoutingFailover,
     RoutingGroupDown,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 28] = [
+    pub const ALL: [Metric; 30] = [
         Metric::MaintenanceRejected,
         Metric::MaintenanceBypassed,
         Metric::Attempts,
@@ -101,6 +105,8 @@ impl Metric {
         Metric::IdemStoreUnavailable,
         Metric::IdemFailOpen,
         Metric::IdemCacheHit,
+        Metric::IdemOutcomeUnknown,
+        Metric::IdemInDoubt,
         Metric::RoutingMissingKey,
         Metric::RoutingFailover,
         Metric::RoutingGroupDown,
@@ -133,6 +139,8 @@ impl Metric {
             Metric::IdemStoreUnavailable => "rollsafe_idempotency_store_unavailable",
             Metric::IdemFailOpen => "rollsafe_idempotency_fail_open",
             Metric::IdemCacheHit => "rollsafe_idempotency_cache_hits",
+            Metric::IdemOutcomeUnknown => "rollsafe_idempotency_outcome_unknown",
+            Metric::IdemInDoubt => "rollsafe_idempotency_in_doubt",
             Metric::RoutingMissingKey => "rollsafe_routing_missing_key",
             Metric::RoutingFailover => "rollsafe_routing_failover",
             Metric::RoutingGroupDown => "rollsafe_routing_group_down",

@@ -451,9 +451,10 @@ fn a_routed_native_request_goes_to_its_group_and_its_retry_to_the_next_group() {
     host.set_body(b"{}");
     assert_eq!(req.on_request_body(&host, 2, true), Verdict::Continue);
     host.set_response(&[(":status", "503")]);
+    // A refused connection: the write never reached the group, so it fails over.
     host.set_property(
         "response.code_details",
-        "upstream_reset_before_response_started{connection_termination}",
+        "upstream_reset_before_response_started{remote_connection_failure}",
     );
     assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
     if let Some(wake) = req.take_wake() {
@@ -489,18 +490,20 @@ fn kong_after_a_failed_call_or_an_empty_answer_takes_no_buffer_a_body_retry_goes
     // ngx_wasm_module frees a failed call's buffers only after its callback: a dispatch with
     // a body from there spun the worker, a local answer with a body lost the client. An answer
     // without a body (a draining pod's empty 503) spun it the same way.
-    for answer in [
-        [(":dispatch_status", "broken connection")],
-        [(":status", "503")],
+    // (A keyed write whose connection broke is not sent again at all: see
+    // `a_keyed_write_sent_and_unanswered_is_never_sent_again`.)
+    for (method, answer) in [
+        ("PUT", [(":dispatch_status", "broken connection")]),
+        ("POST", [(":status", "503")]),
     ] {
         let host = FakeHost::at(1_000);
-        let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{}}"#;
+        let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{"methods":["POST","PUT"]}}"#;
         let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
         let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
         crate::idempotency::create_slots(&super::HostShared(&host), slots);
         let mut req = Request::new(Rc::new(plan));
         host.set_request(&[
-            (":method", "POST"),
+            (":method", method),
             (":path", "/orders"),
             ("content-length", "2"),
             ("idempotency-key", "k"),
@@ -626,4 +629,96 @@ fn a_body_limit_over_envoys_buffer_is_refused_on_envoy_only() {
         .starts_with("rollsafe: retry.max_body_bytes: at most 1048576 on Envoy"));
     // Kong's host holds what client_body_buffer_size allows (the operator sizes it).
     assert!(configure(&host, cfg, HostKind::Kong).is_some());
+}
+
+#[test]
+fn a_keyed_write_sent_and_unanswered_is_never_sent_again() {
+    // Kong: a broken connection or a timeout after the write was dispatched; Envoy: the route's
+    // attempt reset after sending, or no answer before the deadline. The application may still
+    // be executing it: 502/504 "outcome unknown", the key held for a lease, no second attempt.
+    let kong: [&[(&str, &str)]; 2] = [
+        &[(":dispatch_status", "broken connection")],
+        &[(":dispatch_status", "timeout")],
+    ];
+    for (failure, status) in kong.into_iter().zip([502, 504]) {
+        let host = FakeHost::at(1_000);
+        let cfg = r#"{"retry":{"target":"orders:80","per_try_timeout_ms":1000,"deadline_ms":6000},"idempotency":{"lease_ms":6000}}"#;
+        let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
+        let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
+        crate::idempotency::create_slots(&super::HostShared(&host), slots);
+        let plan = Rc::new(plan);
+        let mut req = Request::new(Rc::clone(&plan));
+        host.set_request(&[
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("content-length", "2"),
+            ("idempotency-key", "k"),
+        ]);
+        req.on_request_headers(&host, false);
+        host.set_body(b"{}");
+        req.on_request_body(&host, 2, true);
+        assert_eq!(
+            host.dispatches()[0].timeout_ms,
+            6_000,
+            "a keyed write waits up to the deadline, not the per-try timeout"
+        );
+        host.now.set(7_000);
+        host.answer_call(failure, "");
+        req.on_call_response(&host, host.last_token(), 0);
+        assert_eq!(host.dispatches().len(), 1, "{failure:?}: never sent again");
+        let r = host.responses().last().cloned().unwrap();
+        assert_eq!(r.status, status);
+        let problem: serde_json::Value =
+            serde_json::from_str(r.header("x-rollsafe-problem").unwrap()).unwrap();
+        assert_eq!(
+            problem["type"],
+            "urn:problem-type:rollsafe:upstream-outcome-unknown"
+        );
+        assert_eq!(r.header("retry-after"), Some("6"));
+        assert_eq!(host.counted(Metric::IdemOutcomeUnknown), 1);
+        assert_eq!(host.counted(Metric::IdemReleased), 0, "the key is held");
+        // The client's retry within the lease: 409, nothing sent.
+        host.now.set(9_000);
+        let mut again = Request::new(Rc::clone(&plan));
+        again.on_request_headers(&host, false);
+        again.on_request_body(&host, 2, true);
+        assert_eq!(host.responses().last().unwrap().status, 409);
+        assert_eq!(host.dispatches().len(), 1);
+    }
+    // Envoy's native driver: the route's attempt reset after the write was sent.
+    let host = FakeHost::at(1_000);
+    let cfg =
+        r#"{"retry":{"exchange":"native","backoff":{"base_ms":1,"max_ms":1}},"idempotency":{}}"#;
+    let plan = configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap();
+    let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
+    crate::idempotency::create_slots(&super::HostShared(&host), slots);
+    let mut req = Request::new(Rc::new(plan));
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/o"),
+        ("content-length", "2"),
+        ("idempotency-key", "k"),
+    ]);
+    req.on_request_headers(&host, false);
+    host.set_body(b"{}");
+    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Continue);
+    assert!(
+        host.set_request_headers
+            .borrow()
+            .iter()
+            .any(|(k, v)| k == "x-envoy-upstream-rq-timeout-ms" && v == "15000"),
+        "the route's attempt waits up to the deadline"
+    );
+    host.set_response(&[(":status", "503")]);
+    host.set_property(
+        "response.code_details",
+        "upstream_reset_before_response_started{connection_termination}",
+    );
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Pause);
+    let wake = req.take_wake().expect("the answer is due from the root");
+    host.now.set(wake);
+    req.on_wake(&host);
+    assert!(host.dispatches().is_empty(), "never sent again");
+    assert_eq!(host.responses().last().unwrap().status, 502);
+    assert_eq!(host.counted(Metric::IdemOutcomeUnknown), 1);
 }

@@ -56,8 +56,17 @@ impl Redis {
                 _ if now > deadline => b"T".to_vec(),
                 None => {
                     let lease: u64 = std::str::from_utf8(&p[5]).unwrap().parse().unwrap();
+                    let memory: u64 = std::str::from_utf8(&p[7]).unwrap().parse().unwrap();
+                    let mut marker = key.clone();
+                    marker.push(b'~');
+                    let doubt = data.contains_key(&marker);
+                    data.insert(marker, (b"1".to_vec(), now + memory));
                     data.insert(key, (p[4].clone(), now + lease));
-                    b"C".to_vec()
+                    if doubt {
+                        b"D".to_vec()
+                    } else {
+                        b"C".to_vec()
+                    }
                 }
                 Some((v, exp)) => {
                     let mut r = format!("H{} ", exp - now).into_bytes();
@@ -69,6 +78,11 @@ impl Redis {
             match data.get(&key) {
                 Some((v, _)) if v.get(..17) == Some(&p[4][..]) => {
                     let ms: u64 = std::str::from_utf8(&p[6]).unwrap().parse().unwrap();
+                    if &p[5][..] != b"E" {
+                        let mut marker = key.clone();
+                        marker.push(b'~');
+                        data.remove(&marker);
+                    }
                     match &p[5][..] {
                         b"D" => {
                             data.remove(&key);
@@ -352,4 +366,37 @@ fn a_client_that_leaves_while_the_claim_is_asked_releases_it_from_the_root() {
         release.contains("/D/0//0.raw"),
         "a release by this owner: {release}"
     );
+}
+
+#[test]
+fn a_gateway_that_died_with_a_write_in_flight_leaves_the_key_held_then_in_doubt() {
+    let redis = Redis::default();
+    let a = FakeHost::at(1_000);
+    let b = FakeHost::at(1_000);
+    let plan_a = plan(&a, HostKind::Envoy, "");
+    let plan_b = plan(&b, HostKind::Envoy, "");
+    // Node A claims and sends the write, then dies: nothing of it is settled.
+    post(&a, "k", b"{}");
+    let (mut first, _) = arrive(&a, &plan_a);
+    webdis(&a, &redis, &mut first);
+    assert_eq!(a.resumed_requests.get(), 1);
+    drop(first);
+    // The client's retry on node B within the lease: 409.
+    b.now.set(10_000);
+    post(&b, "k", b"{}");
+    let (mut second, _) = arrive(&b, &plan_b);
+    webdis(&b, &redis, &mut second);
+    assert_eq!(b.responses().last().unwrap().status, 409);
+    // After the lease: it runs, in doubt, and says so to the application.
+    b.now.set(1_000 + 30_000 + 1);
+    post(&b, "k", b"{}");
+    let (mut third, _) = arrive(&b, &plan_b);
+    webdis(&b, &redis, &mut third);
+    assert_eq!(b.resumed_requests.get(), 1, "the route's request goes on");
+    assert!(b
+        .set_request_headers
+        .borrow()
+        .iter()
+        .any(|(k, v)| k == "idempotency-in-doubt" && v == "true"));
+    assert_eq!(b.counted(Metric::IdemInDoubt), 1);
 }

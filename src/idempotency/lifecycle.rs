@@ -43,8 +43,9 @@ pub enum Phase {
 /// What the store said to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimAnswer {
-    /// The key is this request's (`evicted`: the oldest completion made room).
-    Won { evicted: bool },
+    /// The key is this request's (`evicted`: the oldest completion made room; `in_doubt`: the
+    /// key's earlier claim ran out of lease unsettled, so an earlier attempt may have run).
+    Won { evicted: bool, in_doubt: bool },
     /// Another request holds the key, it is completed, or there is no room.
     Held(Claim),
     /// No usable answer. `may_land`: the claim may still reach the store (a timeout), so it
@@ -71,6 +72,9 @@ pub enum Event {
     Acknowledged(Option<bool>),
     /// The lease must be extended to cover what the exchange can still do.
     LeaseDue,
+    /// The exchange ended without knowing whether the application executed the write (a keyed
+    /// write was sent and got no answer): the key stays held, for a lease from now.
+    OutcomeUnknown,
     /// The client went away.
     ClientGone,
 }
@@ -107,6 +111,9 @@ pub enum Effect {
     Hold,
     /// Start the exchange (`protected`: the key is this request's, so keyed retries are safe).
     Run { protected: bool },
+    /// Tell the application, with the attempt, that an earlier attempt of this key may have
+    /// executed (the `Idempotency-In-Doubt` header).
+    InDoubt,
     /// Answer the client with this; no upstream is contacted.
     Answer(Refusal),
     /// Write the record: and wait for the store's word before answering (`awaited`), or not.
@@ -131,6 +138,10 @@ pub enum Note {
     Released,
     /// The record was no longer this request's: left as it is.
     NotOwner,
+    /// The exchange ended with the write's outcome unknown; the key is left to its lease.
+    OutcomeUnknown,
+    /// A claim took over a key whose earlier claim ran out of lease unsettled.
+    InDoubt,
 }
 
 /// The configuration the lifecycle decides with.
@@ -150,6 +161,16 @@ pub fn step(phase: Phase, event: Event, rules: Rules) -> (Phase, Vec<Effect>) {
         (P::Absent, Event::Asked) => (P::Claiming, vec![E::Hold]),
         (P::Absent | P::Claiming, Event::ClaimAnswered(answer)) => claim_answered(answer, rules),
         (P::Claimed, Event::AttemptSent) => (P::Sent, vec![]),
+        (P::Claimed | P::Sent, Event::OutcomeUnknown) => (
+            P::LeftToLease,
+            vec![
+                E::Note(Note::OutcomeUnknown),
+                E::Write {
+                    write: Write::Extend,
+                    awaited: false,
+                },
+            ],
+        ),
         (P::Claimed | P::Sent, Event::LeaseDue) => (
             phase,
             vec![E::Write {
@@ -204,10 +225,14 @@ pub fn step(phase: Phase, event: Event, rules: Rules) -> (Phase, Vec<Effect>) {
 fn claim_answered(answer: ClaimAnswer, rules: Rules) -> (Phase, Vec<Effect>) {
     use Effect as E;
     match answer {
-        ClaimAnswer::Won { evicted } => {
-            let mut effects = Vec::with_capacity(2);
+        ClaimAnswer::Won { evicted, in_doubt } => {
+            let mut effects = Vec::with_capacity(3);
             if evicted {
                 effects.push(E::Note(Note::Evicted));
+            }
+            if in_doubt {
+                effects.push(E::Note(Note::InDoubt));
+                effects.push(E::InDoubt);
             }
             effects.push(E::Run { protected: true });
             (Phase::Claimed, effects)
@@ -238,7 +263,9 @@ fn claim_answered(answer: ClaimAnswer, rules: Rules) -> (Phase, Vec<Effect>) {
                     E::Answer(Refusal::Replay(stored)),
                 ],
             ),
-            Claim::Claimed { evicted, .. } => claim_answered(ClaimAnswer::Won { evicted }, rules),
+            Claim::Claimed {
+                evicted, in_doubt, ..
+            } => claim_answered(ClaimAnswer::Won { evicted, in_doubt }, rules),
             Claim::Full if rules.run_when_full => (
                 Phase::Unprotected,
                 vec![E::Note(Note::StoreFull), E::Run { protected: false }],
@@ -311,12 +338,16 @@ mod tests {
         #[rustfmt::skip]
         let table: Vec<(Phase, Event, Rules, Phase, Vec<Effect>)> = vec![
             (P::Absent, Event::Asked, STRICT, P::Claiming, vec![E::Hold]),
-            (P::Absent, Event::ClaimAnswered(ClaimAnswer::Won { evicted: false }), STRICT,
+            (P::Absent, Event::ClaimAnswered(ClaimAnswer::Won { evicted: false, in_doubt: false }), STRICT,
              P::Claimed, vec![E::Run { protected: true }]),
-            (P::Absent, held(Claim::Claimed { slot: 3, evicted: true }), STRICT,
+            (P::Absent, held(Claim::Claimed { slot: 3, evicted: true, in_doubt: false }), STRICT,
              P::Claimed, vec![E::Note(Note::Evicted), E::Run { protected: true }]),
-            (P::Claiming, Event::ClaimAnswered(ClaimAnswer::Won { evicted: false }), STRICT,
+            (P::Absent, held(Claim::Claimed { slot: 3, evicted: false, in_doubt: true }), STRICT,
+             P::Claimed, vec![E::Note(Note::InDoubt), E::InDoubt, E::Run { protected: true }]),
+            (P::Claiming, Event::ClaimAnswered(ClaimAnswer::Won { evicted: false, in_doubt: false }), STRICT,
              P::Claimed, vec![E::Run { protected: true }]),
+            (P::Claiming, Event::ClaimAnswered(ClaimAnswer::Won { evicted: false, in_doubt: true }), STRICT,
+             P::Claimed, vec![E::Note(Note::InDoubt), E::InDoubt, E::Run { protected: true }]),
             (P::Absent, held(in_flight(true)), STRICT, P::Refused,
              vec![E::Note(Note::InFlight), E::Answer(Refusal::InFlight { retry_after_s: 2 })]),
             (P::Absent, held(in_flight(false)), STRICT, P::Refused,
@@ -360,6 +391,9 @@ mod tests {
             (P::Claiming, Event::ClientGone, STRICT, P::Released, vec![write(Write::Abandon, false)]),
             (P::Claimed, Event::ClientGone, STRICT, P::Released, vec![write(Write::Release, false)]),
             (P::Sent, Event::ClientGone, STRICT, P::LeftToLease, vec![]),
+            (P::Sent, Event::OutcomeUnknown, STRICT, P::LeftToLease,
+             vec![E::Note(Note::OutcomeUnknown), write(Write::Extend, false)]),
+            (P::Completed, Event::OutcomeUnknown, STRICT, P::Completed, vec![]),
             // Terminal phases ignore what comes late.
             (P::Completed, Event::ClientGone, STRICT, P::Completed, vec![]),
             (P::Refused, finished(Some(stored()), true), STRICT, P::Refused, vec![]),

@@ -275,6 +275,14 @@ impl Policy {
         crate::method::mask(method) & self.methods != 0
     }
 
+    /// Whether keys apply to a method that is not idempotent (RFC 9110 §9.2.2): its attempts
+    /// are then never cut short while the application may be executing them.
+    pub fn keys_writes(&self) -> bool {
+        ["POST", "PATCH"]
+            .iter()
+            .any(|m| self.applies_to(m) && !crate::retry::is_idempotent(m))
+    }
+
     /// Whether a final answer with this status completes the record (else it is released).
     pub fn stores(&self, status: u16) -> bool {
         !self.skip.contains(&status)

@@ -29,8 +29,13 @@ pub enum SetError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This request owns the key; run it. `evicted`: the slot held the oldest completed record
-    /// of the probe window, which made room.
-    Claimed { slot: u32, evicted: bool },
+    /// of the probe window, which made room. `in_doubt`: the key's earlier claim ran out of
+    /// lease unsettled, so an earlier attempt may have executed.
+    Claimed {
+        slot: u32,
+        evicted: bool,
+        in_doubt: bool,
+    },
     /// Another request with this key is running; `same` says whether it has this fingerprint.
     InFlight { same: bool, retry_after_ms: u64 },
     /// A completed result exists.
@@ -87,6 +92,9 @@ pub fn claim(
         // The completed record that expires first: the oldest completion (one TTL for all).
         let mut oldest: Option<(u32, u32, u64)> = None;
         let mut found = None;
+        // This key's in-flight record whose lease ran out: its holder never settled it (the
+        // outcome was unknown, or the gateway died), so the next try is in doubt.
+        let mut doubt: Option<(u32, u32)> = None;
         for i in 0..PROBE.min(slots as usize) as u32 {
             let slot = (start + i) % slots;
             let Some((value, cas)) = store.get(&slot_key(slot)) else {
@@ -102,6 +110,9 @@ pub fn claim(
                     {
                         oldest = Some((slot, cas, rec.expires_ms));
                     }
+                }
+                Some(rec) if rec.key == key && rec.state == State::InFlight => {
+                    doubt = Some((slot, cas));
                 }
                 // Empty, expired, or unreadable (not ours): free.
                 _ => {
@@ -128,10 +139,10 @@ pub fn claim(
                 },
             };
         }
-        let (slot, cas, evicted) = match (free, oldest) {
-            (Some((slot, cas)), _) => (slot, cas, false),
-            (None, Some((slot, cas, _))) => (slot, cas, true),
-            (None, None) => return Claim::Full,
+        let (slot, cas, evicted) = match (doubt, free, oldest) {
+            (Some((slot, cas)), _, _) | (None, Some((slot, cas)), _) => (slot, cas, false),
+            (None, None, Some((slot, cas, _))) => (slot, cas, true),
+            (None, None, None) => return Claim::Full,
         };
         let rec = Record {
             key: key.to_string(),
@@ -141,7 +152,13 @@ pub fn claim(
             state: State::InFlight,
         };
         match store.set(&slot_key(slot), &encode(&rec), cas) {
-            Ok(()) => return Claim::Claimed { slot, evicted },
+            Ok(()) => {
+                return Claim::Claimed {
+                    slot,
+                    evicted,
+                    in_doubt: doubt.is_some(),
+                }
+            }
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => return Claim::Full,
         }

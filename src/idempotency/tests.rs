@@ -193,7 +193,7 @@ fn a_window_of_requests_in_flight_is_full_and_completed_records_are_evicted_olde
     // Requests in flight are never evicted: once every slot holds one, new keys are full.
     let mut held = Vec::new();
     for i in 0..200 {
-        if let Claim::Claimed { slot, evicted } =
+        if let Claim::Claimed { slot, evicted, .. } =
             claim(&s, 16, &format!("k{i}"), &FP, OWNER, 0, 60_000)
         {
             assert!(!evicted);
@@ -247,7 +247,10 @@ fn a_million_keys_through_ten_thousand_slots_are_never_refused_and_memory_stays_
     let (mut evicted, mut sizes) = (0u64, Vec::new());
     for i in 0..n {
         let key = format!("key-{i}");
-        let Claim::Claimed { slot, evicted: e } = claim(&s, slots, &key, &FP, i, i, 30_000) else {
+        let Claim::Claimed {
+            slot, evicted: e, ..
+        } = claim(&s, slots, &key, &FP, i, i, 30_000)
+        else {
             panic!("key {i} refused")
         };
         evicted += u64::from(e);

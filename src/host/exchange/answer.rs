@@ -10,6 +10,12 @@ use crate::retry::{Outcome, Policy};
 impl Exchange {
     /// Sends the final answer: the last upstream answer, or a problem when there is none.
     pub(super) fn answer(&mut self, policy: &Policy, host: &impl Host) {
+        if self.outcome_unknown() {
+            self.hold_key_unknown(host);
+            let reply = self.unknown_problem(policy);
+            self.send_reply(host, &reply);
+            return;
+        }
         let last = self.last.take();
         let done = last.as_ref().map(|a| Final {
             status: a.status,
@@ -41,6 +47,41 @@ impl Exchange {
             }
             None => self.no_answer_problem(policy),
         }
+    }
+
+    /// A keyed write sent and unanswered: 504 (no answer before the deadline) or 502 (the
+    /// connection broke), saying the outcome is unknown and when the same key may be retried.
+    fn unknown_problem(&self, policy: &Policy) -> Reply {
+        let (status, how) = match self.last_outcome {
+            Some(Outcome::Reset) => (502, "the connection to the upstream broke"),
+            _ => (504, "no answer came before the deadline"),
+        };
+        let lease_s = self
+            .plan
+            .idempotency
+            .as_ref()
+            .map_or(1, |ip| ip.lease_ms.div_ceil(1000).max(1));
+        let detail = format!(
+            "The request was sent to the upstream and {how}: it may have been executed. It was \
+             not sent again. Retry with the same Idempotency-Key after {lease_s} s: the key is \
+             held until then, and the retry is marked as in doubt."
+        );
+        let mut ext = serde_json::Map::new();
+        ext.insert("attempts".into(), self.attempt.into());
+        ext.insert("outcome".into(), "unknown".into());
+        let mut reply = Reply::problem_with(
+            status,
+            "upstream-outcome-unknown",
+            "Outcome unknown",
+            detail,
+            self.path(),
+            Some(lease_s),
+            ext,
+        );
+        if let Some(h) = &policy.attempt_count_header {
+            reply.headers.push((h.clone(), self.attempt.to_string()));
+        }
+        reply
     }
 
     /// 504 (timeouts, deadline) or 502 (connection failures) when no upstream ever answered.

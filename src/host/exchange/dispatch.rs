@@ -10,6 +10,10 @@ impl Exchange {
     pub(super) fn send_attempt(&mut self, policy: &Policy, host: &impl Host) {
         if self.attempt == 0 {
             self.cover_lease(policy, host);
+            let elapsed = host.now_ms().saturating_sub(self.started_ms);
+            let remaining = policy.deadline_ms.saturating_sub(elapsed).max(1);
+            self.next_timeout_ms =
+                policy.attempt_timeout_ms(self.method(), self.key_enforced(), remaining);
         }
         self.reroute(host);
         if self.target.is_none() {

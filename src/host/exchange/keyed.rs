@@ -46,7 +46,7 @@ impl Exchange {
             return Step::Continue;
         };
         match key::claimed(k, ip, host, status, body, self.path()) {
-            Ok(k) => self.key = k,
+            Ok(k) => self.took_key(host, k),
             Err(reply) => {
                 self.send_reply(host, &reply);
                 return Step::Pause;
@@ -119,16 +119,66 @@ impl Exchange {
         }
     }
 
+    /// The key is this request's (or it runs unprotected: `None`). A try in doubt says so to the
+    /// application, on the route's own request and on every dispatched attempt; a client's own
+    /// `Idempotency-In-Doubt` never passes.
+    pub(super) fn took_key(&mut self, host: &impl Host, k: Option<Key>) {
+        let in_doubt = k.as_ref().is_some_and(Key::in_doubt);
+        self.key = k;
+        let sent_by_client = self
+            .block
+            .as_ref()
+            .is_some_and(|b| b.get(super::IN_DOUBT_HEADER).is_some());
+        if in_doubt {
+            self.headers
+                .push((super::IN_DOUBT_HEADER.to_string(), "true".to_string()));
+            if self.driver == Driver::Native {
+                host.set_request_header(super::IN_DOUBT_HEADER, "true");
+            }
+        } else if sent_by_client && self.driver == Driver::Native {
+            host.remove_request_header(super::IN_DOUBT_HEADER);
+        }
+    }
+
     pub(super) fn key_enforced(&self) -> bool {
         self.key.as_ref().is_some_and(Key::enforced)
+    }
+
+    /// A write (not idempotent) whose key this request holds: its attempts wait for their
+    /// answer up to the deadline, and one sent and unanswered is never sent again.
+    pub(super) fn keyed_write(&self) -> bool {
+        self.key_enforced() && !crate::retry::is_idempotent(self.method())
+    }
+
+    /// The last attempt of a keyed write was sent and got no answer (a reset, or none before
+    /// the deadline): whether the application executed it is unknown.
+    pub(super) fn outcome_unknown(&self) -> bool {
+        self.keyed_write()
+            && matches!(
+                self.last_outcome,
+                Some(crate::retry::Outcome::Reset | crate::retry::Outcome::Timeout)
+            )
+    }
+
+    /// The key stays held for a lease from now: the application may still be executing it.
+    pub(super) fn hold_key_unknown(&mut self, host: &impl Host) {
+        let plan = Rc::clone(&self.plan);
+        if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
+            k.unknown(ip, host);
+        }
     }
 
     /// The first attempt starts: the key's lease must outlast anything the exchange can still
     /// do (written only when the body took long enough to eat into it).
     pub(super) fn cover_lease(&mut self, policy: &Policy, host: &impl Host) {
         let plan = Rc::clone(&self.plan);
+        let mut until = host.now_ms() + policy.longest_exchange_ms();
+        if self.keyed_write() {
+            // Its attempts wait for their answer up to the deadline.
+            until = until.max(self.started_ms + policy.deadline_ms);
+        }
         if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
-            k.cover(ip, host, host.now_ms() + policy.longest_exchange_ms());
+            k.cover(ip, host, until);
         }
     }
 
@@ -229,7 +279,7 @@ impl Exchange {
         match key::gate(ip, plan.host, host, block, &self.body, host.now_ms()) {
             Gate::Unkeyed => None,
             Gate::Claimed(k) => {
-                self.key = Some(k);
+                self.took_key(host, Some(k));
                 None
             }
             Gate::Answer(reply) => {

@@ -33,6 +33,10 @@ use crate::plan::{Driver, HostKind, Plan};
 use crate::retry::{BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
 use std::rc::Rc;
 
+/// Tells the application that an earlier attempt of this request's key may have executed (its
+/// claim ran out of lease with the outcome unknown).
+pub const IN_DOUBT_HEADER: &str = "idempotency-in-doubt";
+
 /// What the exchange wants the host to do with the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -50,6 +54,9 @@ enum Phase {
     Attempt(Carrier),
     /// Waiting out a backoff (Envoy's root tick) until the next attempt is due.
     Backoff { at: u64 },
+    /// The final answer is due from the root's next tick (Envoy: the route's answer is held at
+    /// its headers and replaced).
+    Answering,
     /// The route's final answer is buffered on its way to the client, to complete the key's
     /// record (native driver).
     Storing(native::Storing),
@@ -249,7 +256,7 @@ impl Exchange {
             // No body: the key is decided now.
             match key::gate(ip, plan.host, host, block, &[], now) {
                 Gate::Unkeyed => {}
-                Gate::Claimed(k) => ex.key = Some(k),
+                Gate::Claimed(k) => ex.took_key(host, Some(k)),
                 Gate::Answer(reply) => {
                     ex.send_reply(host, &reply);
                     return (Some(ex), Step::Pause);
@@ -303,6 +310,8 @@ impl Exchange {
             let mut all: Vec<(String, String)> = block
                 .iter()
                 .filter(|(k, _)| group.is_none_or(|g| !k.eq_ignore_ascii_case(g)))
+                // Only rollsafe says a try is in doubt.
+                .filter(|(k, _)| !k.eq_ignore_ascii_case(IN_DOUBT_HEADER))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             all.append(&mut self.headers);
@@ -458,8 +467,21 @@ impl Exchange {
                 host.count(match why {
                     GiveUp::Budget => Metric::RetryBudgetExhausted,
                     GiveUp::Deadline => Metric::RetryDeadlineExceeded,
-                    GiveUp::Unsafe | GiveUp::Attempts => Metric::RetryGaveUp,
+                    GiveUp::Unsafe | GiveUp::Attempts | GiveUp::MayBeExecuting => {
+                        Metric::RetryGaveUp
+                    }
                 });
+                if why == GiveUp::MayBeExecuting {
+                    host.log(
+                        Level::Info,
+                        &format!(
+                            "rollsafe: {} {}: {} after the write was sent: it may still be executing, so it is not sent again",
+                            self.method(),
+                            self.path(),
+                            outcome.reason()
+                        ),
+                    );
+                }
                 if why == GiveUp::Unsafe {
                     host.log(
                         Level::Info,
@@ -498,6 +520,7 @@ impl Exchange {
         let now = host.now_ms();
         match self.phase {
             Phase::Backoff { at } if now >= at => self.send_attempt(policy, host),
+            Phase::Answering => self.answer(policy, host),
             Phase::Attempt(Carrier::Route) if self.renew_at.is_some_and(|at| now >= at) => {
                 self.renew_lease(host)
             }

@@ -27,6 +27,14 @@ impl Exchange {
         self.phase = Phase::Attempt(Carrier::Route);
         if self.body_done {
             self.route_complete = true;
+            if self.keyed_write() {
+                // Not cut at the route's per-try timeout: a keyed write waits for its answer up
+                // to the deadline (the router honours this header set by a filter).
+                let remaining = policy
+                    .deadline_ms
+                    .saturating_sub(host.now_ms().saturating_sub(self.started_ms));
+                host.set_request_header("x-envoy-upstream-rq-timeout-ms", &remaining.to_string());
+            }
             self.cover_lease(policy, host);
             self.attempt_sent(host);
             if self.key_enforced() {
@@ -118,6 +126,13 @@ impl Exchange {
         match self.after_attempt(policy, host, outcome, retry_after) {
             Some((wait_ms, timeout_ms)) => {
                 self.schedule(policy, host, wait_ms, timeout_ms);
+                Step::Pause
+            }
+            None if self.outcome_unknown() => {
+                // Envoy's made-up answer is held and replaced by rollsafe's, from the root's
+                // next tick: the key stays held, and the client is told the outcome is unknown.
+                self.phase = Phase::Answering;
+                self.wake_at = Some(host.now_ms());
                 Step::Pause
             }
             None => {

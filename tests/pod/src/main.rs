@@ -71,6 +71,8 @@ struct Pod {
     connections: AtomicUsize,
     /// Requests being worked on (read whole, not yet answered).
     in_flight: AtomicUsize,
+    /// The directory every pod of a run shares: logs, ledgers, and the keys being executed.
+    dir: PathBuf,
 }
 
 struct Req {
@@ -154,6 +156,7 @@ fn main() {
         terminating: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         in_flight: AtomicUsize::new(0),
+        dir: dir.clone(),
     });
     let term = Arc::new(AtomicBool::new(false));
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&term)) {
@@ -474,6 +477,70 @@ fn append(file: &Mutex<File>, value: &serde_json::Value) {
     }
 }
 
+/// A write with a key being executed: a file named for the key and this process, removed when
+/// the request ends. A pod killed mid-request leaves it behind, with a pid that is gone.
+struct Running(PathBuf);
+
+impl Running {
+    fn start(pod: &Pod, key: &str, seq: u64) -> Running {
+        let dir = pod.dir.join("running");
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!(
+            "{}.{}.{seq}",
+            hex_sha256(key.as_bytes()),
+            std::process::id()
+        ));
+        let _ = File::create(&path);
+        Running(path)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// An in-doubt request: as an application with a unique constraint on the key would, wait for
+/// an execution of the key still running (on any pod, in a live process), then look the key up
+/// in every pod's ledger. The earlier commit, if there is one.
+fn already_done(pod: &Pod, key: &str) -> Option<serde_json::Value> {
+    let prefix = format!("{}.", hex_sha256(key.as_bytes()));
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running = std::fs::read_dir(pod.dir.join("running"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix))
+            .any(|n| {
+                let pid = n.split('.').nth(1).unwrap_or("");
+                PathBuf::from(format!("/proc/{pid}")).exists()
+            });
+        if !running || Instant::now() > until {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    for entry in std::fs::read_dir(&pod.dir).ok()?.flatten() {
+        let name = entry.file_name().into_string().unwrap_or_default();
+        if !name.ends_with(".ledger.jsonl") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v.get("idempotency_key").and_then(|k| k.as_str()) == Some(key) {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
 fn is_write(method: &str) -> bool {
     matches!(method, "POST" | "PUT" | "PATCH" | "DELETE")
 }
@@ -498,6 +565,32 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
             "body_len": req.body.len(), "body_sha256": body_sha,
         }),
     );
+    let key = req.header("idempotency-key").map(str::to_string);
+    if let (Some(key), true) = (&key, is_write(&req.method)) {
+        if req.header("idempotency-in-doubt") == Some("true") {
+            if let Some(original) = already_done(pod, key) {
+                // Answered from the app's own records: an earlier attempt ran.
+                let body = serde_json::json!({
+                    "pod": pod.name, "seq": seq, "committed": false, "duplicate_of": original,
+                })
+                .to_string();
+                respond(
+                    out,
+                    200,
+                    &[("content-type".into(), "application/json".into())],
+                    body.as_bytes(),
+                    false,
+                    req.keep_alive,
+                )?;
+                return Ok(true);
+            }
+        }
+    }
+    // Like a transaction holding the key's row: visible to an in-doubt retry until it ends.
+    let _running = key
+        .as_deref()
+        .filter(|_| is_write(&req.method))
+        .map(|k| Running::start(pod, k, seq));
     let act = next_act(pod, &req.path);
     if let Some(act) = &act {
         if act.delay_ms > 0 {
