@@ -504,6 +504,12 @@ class Envoy:
                 self.proc.kill()
                 self.proc.wait(10)
 
+    def kill(self) -> None:
+        """The node dies (SIGKILL to its whole process group): nothing it held is settled."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
     def cpu_ns(self) -> int:
         """CPU time Envoy has used so far, all threads, from the scheduler's accounting."""
         total = 0
@@ -716,6 +722,12 @@ http {{
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+    def kill(self) -> None:
+        """The node dies (SIGKILL to master and workers): nothing it held is settled."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

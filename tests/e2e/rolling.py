@@ -35,6 +35,11 @@ class Write:
     # replay of the same answer.
     resent: bool = False
     replayed: bool = False
+    # 5xx answers that said the write's outcome is unknown (sent, no answer: rollsafe does not
+    # send it again; the key is held, then the next try goes marked in doubt).
+    unknown: int = 0
+    # Answered from the application's own records after a try marked in doubt.
+    from_records: bool = False
 
 
 @dataclass
@@ -61,7 +66,12 @@ class Verdict:
 
     @property
     def saw_5xx(self) -> list[Write]:
-        return [w for w in self.writes if any(s >= 500 for s in w.statuses)]
+        """Writes that saw a 5xx other than "outcome unknown"."""
+        return [w for w in self.writes if sum(s >= 500 for s in w.statuses) > w.unknown]
+
+    @property
+    def unknown(self) -> list[Write]:
+        return [w for w in self.writes if w.unknown]
 
     @property
     def lost(self) -> list[str]:
@@ -79,7 +89,8 @@ class Verdict:
                    if k.startswith("wasmcustom.rollsafe_retries_") and v}
         return "\n".join([
             f"logical writes      {len(self.writes)} ({len(self.failed)} not 2xx, "
-            f"{len(self.saw_5xx)} saw a 5xx)",
+            f"{len(self.saw_5xx)} saw another 5xx, {len(self.unknown)} saw 'outcome unknown', "
+            f"{sum(w.from_records for w in self.writes)} answered from the app's records)",
             f"ledger              {sum(1 for w in self.writes if self.ledger_counts[w.key] == 1)} "
             f"exactly once, {len(self.lost)} lost, {len(self.doubled)} doubled, "
             f"{len(self.crash_window)} doubled in the app's crash window",
@@ -102,8 +113,16 @@ def _send(port: int, path: str, w: Write, body: bytes, timeout: float = 30) -> t
             "content-type": "application/json", "idempotency-key": f'"{w.key}"',
             "user-id": w.user})
         r = conn.getresponse()
-        r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}
+        data = r.read()
+        headers = {k.lower(): v for k, v in r.getheaders()}
+        # (Kong's host, answering from a failed call's callback, carries the problem in a
+        # header.)
+        problem = data + headers.get("x-rollsafe-problem", "").encode()
+        if r.status >= 500 and b"upstream-outcome-unknown" in problem:
+            w.unknown += 1
+        if r.status == 200 and b'"duplicate_of"' in data:
+            w.from_records = True
+        return r.status, headers
     finally:
         conn.close()
 

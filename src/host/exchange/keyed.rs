@@ -120,23 +120,21 @@ impl Exchange {
     }
 
     /// The key is this request's (or it runs unprotected: `None`). A try in doubt says so to the
-    /// application, on the route's own request and on every dispatched attempt; a client's own
-    /// `Idempotency-In-Doubt` never passes.
+    /// application, on the route's own request and on every dispatched attempt.
     pub(super) fn took_key(&mut self, host: &impl Host, k: Option<Key>) {
         let in_doubt = k.as_ref().is_some_and(Key::in_doubt);
         self.key = k;
-        let sent_by_client = self
-            .block
-            .as_ref()
-            .is_some_and(|b| b.get(super::IN_DOUBT_HEADER).is_some());
         if in_doubt {
             self.headers
                 .push((super::IN_DOUBT_HEADER.to_string(), "true".to_string()));
-            if self.driver == Driver::Native {
+            if self.driver == Driver::Native && self.has_body {
+                // Envoy takes no header change once the headers went on, and a keyed body is
+                // decided after that: this try is rollsafe's own attempt instead, its body
+                // held from the route (which, behind the buffer filter, has seen nothing).
+                self.driver = Driver::Dispatch;
+            } else if self.driver == Driver::Native {
                 host.set_request_header(super::IN_DOUBT_HEADER, "true");
             }
-        } else if sent_by_client && self.driver == Driver::Native {
-            host.remove_request_header(super::IN_DOUBT_HEADER);
         }
     }
 

@@ -246,6 +246,15 @@ impl Exchange {
         if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
             return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
         }
+        if keyed
+            && ex
+                .block
+                .as_ref()
+                .is_some_and(|b| b.get(IN_DOUBT_HEADER).is_some())
+        {
+            // Only rollsafe says a try is in doubt (dispatched attempts drop it too).
+            host.remove_request_header(IN_DOUBT_HEADER);
+        }
         let mut ask = None;
         ex.key_at_body = keyed && has_body;
         if let (Some(ip), Some(block), false) = (
@@ -280,8 +289,16 @@ impl Exchange {
             // (Kong's host: proxy_pass is not contacted while the filter holds the body.)
             Driver::Dispatch => (Some(ex), Step::Continue),
             Driver::Native => {
-                // A keyed body's attempt starts once its key is decided.
-                if !ex.key_at_body {
+                if ex.key_at_body {
+                    // A keyed write's attempt is not cut at the route's per-try timeout: it
+                    // waits for its answer up to the deadline. The router reads this header
+                    // with the request's headers, so it is set now, before the key is decided
+                    // (a write that then runs unkeyed is not retried after sending anyway).
+                    if !crate::retry::is_idempotent(&ex.method) {
+                        let deadline = policy.deadline_ms.to_string();
+                        host.set_request_header("x-envoy-upstream-rq-timeout-ms", &deadline);
+                    }
+                } else {
                     ex.begin_route_attempt(policy, host);
                 }
                 (Some(ex), Step::Continue)

@@ -27,14 +27,6 @@ impl Exchange {
         self.phase = Phase::Attempt(Carrier::Route);
         if self.body_done {
             self.route_complete = true;
-            if self.keyed_write() {
-                // Not cut at the route's per-try timeout: a keyed write waits for its answer up
-                // to the deadline (the router honours this header set by a filter).
-                let remaining = policy
-                    .deadline_ms
-                    .saturating_sub(host.now_ms().saturating_sub(self.started_ms));
-                host.set_request_header("x-envoy-upstream-rq-timeout-ms", &remaining.to_string());
-            }
             self.cover_lease(policy, host);
             self.attempt_sent(host);
             if self.key_enforced() {

@@ -597,6 +597,19 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
             thread::sleep(Duration::from_millis(act.delay_ms));
         }
         if act.reset {
+            if act.commit && is_write(&req.method) {
+                // The write ran, then the connection broke before the answer (a pod whose
+                // node died just after the commit).
+                append(
+                    &pod.ledger,
+                    &serde_json::json!({
+                        "ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq,
+                        "method": req.method, "path": req.path,
+                        "idempotency_key": req.header("idempotency-key"),
+                        "body": String::from_utf8_lossy(&req.body), "body_sha256": body_sha,
+                    }),
+                );
+            }
             // No FIN first: the connection is dropped with linger 0, so the peer gets a RST.
             let _ = socket_linger_zero(out);
             return Err(io::Error::other("reset by script"));
