@@ -47,8 +47,9 @@ pub struct RetryConfig {
     #[cfg_attr(test, schemars(range(min = 0, max = 16777216)))]
     pub max_body_bytes: u64,
     /// A body over `max_body_bytes`, or one the host did not hand over (Kong spills bodies
-    /// larger than `client_body_buffer_size` to a file): `reject` answers 413 problem+json,
-    /// `pass-through` forwards it once without retries. Both are logged and counted.
+    /// larger than `client_body_buffer_size` to a file): `stream` sends it to the application
+    /// once, never retried, with its idempotency key still protecting it; `pass-through` the
+    /// same without the key; `reject` answers 413 problem+json. All are logged and counted.
     #[serde(default)]
     pub body_too_large: BodyTooLarge,
     /// Where attempts rollsafe sends itself go: on Kong `host:port` (e.g. a Kubernetes Service
@@ -214,8 +215,9 @@ impl Default for BudgetConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum BodyTooLarge {
     #[default]
-    Reject,
+    Stream,
     PassThrough,
+    Reject,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

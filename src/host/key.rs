@@ -134,14 +134,23 @@ fn scope_id(
     idempotency::scope_id(&parts)
 }
 
+/// The body a key is decided on.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// Held whole (empty for a request without one): the fingerprint covers it.
+    Whole(&'a [u8]),
+    /// Too large to hold, streamed to the application once: compared on its declared length.
+    Streamed(Option<u64>),
+}
+
 /// Checks the request's key against the store and claims it when it is new. Called once the
-/// body is whole (`body`; empty for a request without one): the fingerprint covers it.
+/// body is whole, or when it turns out too large to hold.
 pub fn gate(
     ip: &idempotency::Policy,
     kind: HostKind,
     host: &impl Host,
     headers: &HeaderBlock,
-    body: &[u8],
+    body: Body<'_>,
     now: u64,
 ) -> Gate {
     let method = headers.get(":method").unwrap_or("GET");
@@ -177,9 +186,15 @@ pub fn gate(
         .get("content-digest")
         .or_else(|| headers.get("repr-digest"))
         .unwrap_or("");
-    let facts = Facts {
-        fingerprint: idempotency::fingerprint(method, path, digest, body),
-        body_len: Some(body.len() as u64),
+    let facts = match body {
+        Body::Whole(body) => Facts {
+            fingerprint: idempotency::fingerprint(method, path, digest, body),
+            body_len: Some(body.len() as u64),
+        },
+        Body::Streamed(len) => Facts {
+            fingerprint: idempotency::fingerprint_streamed(method, path, digest),
+            body_len: len,
+        },
     };
     let mut k = Key {
         store_key: format!("{scope}:{key}"),

@@ -165,7 +165,8 @@ fn native_post_is_retried_with_its_body_when_the_connection_was_refused() {
 #[test]
 fn kong_body_not_handed_over_is_never_treated_as_empty() {
     let host = FakeHost::at(1_000);
-    let mut req = request(&host, HostKind::Kong, r#"{"target":"orders:8080"}"#);
+    let cfg = r#"{"target":"orders:8080","body_too_large":"reject"}"#;
+    let mut req = request(&host, HostKind::Kong, cfg);
     host.set_request(&[
         (":method", "PUT"),
         (":path", "/orders/1"),
@@ -721,4 +722,67 @@ fn a_keyed_write_sent_and_unanswered_is_never_sent_again() {
     assert!(host.dispatches().is_empty(), "never sent again");
     assert_eq!(host.responses().last().unwrap().status, 502);
     assert_eq!(host.counted(Metric::IdemOutcomeUnknown), 1);
+}
+
+#[test]
+fn a_keyed_body_too_large_to_hold_streams_once_with_its_key_on_both_hosts() {
+    // Kong: nginx spilled it (the filter gets nothing), proxy_pass carries it. Envoy: its
+    // declared length is over max_body_bytes, the route's own request carries it, unheld.
+    for kind in [HostKind::Kong, HostKind::Envoy] {
+        let host = FakeHost::at(1_000);
+        let cfg = r#"{"retry":{"target":"orders:8080","max_body_bytes":1000},"idempotency":{}}"#;
+        let plan = configure(&host, cfg.as_bytes(), kind).unwrap();
+        let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
+        crate::idempotency::create_slots(&super::HostShared(&host), slots);
+        let plan = Rc::new(plan);
+        let upload = |host: &FakeHost| {
+            let mut req = Request::new(Rc::clone(&plan));
+            host.set_request(&[
+                (":method", "POST"),
+                (":path", "/uploads"),
+                ("content-length", "20000"),
+                ("idempotency-key", "up-1"),
+            ]);
+            let at_headers = req.on_request_headers(host, false);
+            let verdict = match kind {
+                HostKind::Kong => {
+                    assert_eq!(at_headers, Verdict::Continue);
+                    req.on_request_body(host, 0, true)
+                }
+                HostKind::Envoy => at_headers,
+            };
+            (req, verdict)
+        };
+        let (mut req, verdict) = upload(&host);
+        assert_eq!(verdict, Verdict::Continue, "{kind:?}: it goes on, once");
+        assert!(
+            host.dispatches().is_empty(),
+            "{kind:?}: no copy of it is held"
+        );
+        assert!(host.responses().is_empty());
+        if kind == HostKind::Kong {
+            assert!(host
+                .properties
+                .borrow()
+                .iter()
+                .any(|(k, v)| k == "kong.service.target" && v == b"orders:8080"));
+        } else {
+            // The body streams: every chunk goes on as it comes.
+            assert_eq!(req.on_request_body(&host, 4096, false), Verdict::Continue);
+        }
+        // The same key meanwhile: 409.
+        upload(&host);
+        assert_eq!(host.responses().last().unwrap().status, 409, "{kind:?}");
+        // Its answer completes the key; a re-send is replayed.
+        host.set_response(&[(":status", "201"), ("content-type", "application/json")]);
+        *host.response_body.borrow_mut() = b"{\"id\":7}".to_vec();
+        assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+        req.on_response_body(&host, 8, true);
+        assert_eq!(host.counted(Metric::IdemStored), 1, "{kind:?}");
+        upload(&host);
+        let replay = host.responses().last().cloned().unwrap();
+        assert_eq!((replay.status, &replay.body[..]), (201, &b"{\"id\":7}"[..]));
+        assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+        assert!(host.dispatches().is_empty());
+    }
 }

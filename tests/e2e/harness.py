@@ -335,12 +335,16 @@ class Envoy:
                  default_cluster: str | None = None, routes: list[dict] | None = None,
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  direct_response: bool | str = False, retry_policy: dict | None = None,
-                 wrapper: list[str] | None = None, buffer: bool = True):
+                 wrapper: list[str] | None = None, buffer: bool = True,
+                 unbuffered: list[str] | None = None):
         self.harness = harness
         # Envoy's buffer filter after rollsafe (the README's recommended chain): the router
         # sees a request only once its whole body is there, so rollsafe decides a keyed
         # request on its whole body before any upstream is contacted.
         self.buffer = buffer
+        # Path prefixes whose routes leave the buffer filter off (BufferPerRoute disabled):
+        # uploads larger than it holds stream through (README, "Large uploads").
+        self.unbuffered = unbuffered or []
         self.filter_config = filter_config
         self.clusters = clusters
         self.default_cluster = default_cluster or next(iter(clusters))
@@ -381,6 +385,12 @@ class Envoy:
         routes = [
             {"match": {"prefix": prefix}, "route": self.route_action(cluster)}
             for prefix, cluster in self.routes
+        ] + [
+            {"match": {"prefix": prefix}, "route": self.route_action(self.default_cluster),
+             "typed_per_filter_config": {"envoy.filters.http.buffer": {
+                 "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+                 "disabled": True}}}
+            for prefix in self.unbuffered
         ] + [{"match": {"prefix": "/"}, "route": self.route_action(self.default_cluster)}]
         cfg = self.filter_config if isinstance(self.filter_config, dict) else {}
         routing = cfg.get("routing") if isinstance(cfg.get("routing"), dict) else None
@@ -672,7 +682,7 @@ http {{
   client_body_temp_path {self.dir}/body;
   proxy_temp_path {self.dir}/proxy;
   client_body_buffer_size {self.body_buffer};
-  client_max_body_size 32m;
+  client_max_body_size 128m;
   {self.http_extra}
 {upstreams}
 {stores}

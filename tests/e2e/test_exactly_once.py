@@ -140,3 +140,54 @@ def test_a_gateway_killed_mid_write_leaves_the_key_held_then_in_doubt(harness):
     assert "duplicate_of" in later.json()
     assert len(in_doubt_attempts(pod)) == 1
     assert len(pod.ledger()) == 1
+
+
+def curl_post(gw, path, key, body_path, timeout=120):
+    """An upload as a client sends one: curl, which stops sending and reads an answer that comes
+    early (and sends `Expect: 100-continue` for large bodies)."""
+    import json
+    import subprocess
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", str(timeout), "-o", "-",
+         "-w", "\n@@status@@%{http_code}@@headers@@%{header_json}",
+         "-H", f"idempotency-key: {key}", "-H", "content-type: application/octet-stream",
+         "-H", "authorization: Bearer alice",
+         "--data-binary", f"@{body_path}", f"http://127.0.0.1:{gw.port}{path}"],
+        capture_output=True, check=False)
+    assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+    text = out.stdout.decode(errors="replace")
+    body, rest = text.rsplit("\n@@status@@", 1)
+    status, headers = rest.split("@@headers@@", 1)
+    headers = {k.lower(): v[0] for k, v in json.loads(headers).items()}
+    return int(status), headers, body
+
+
+@pytest.mark.parametrize("size", [8 << 20, 50_000_000], ids=["8MiB", "50MB"])
+def test_a_large_keyed_upload_reaches_the_pod_whole_once_and_a_resend_is_replayed(harness, size,
+                                                                                  tmp_path):
+    """Over retry.max_body_bytes (1 MiB by default) a keyed upload is streamed to the application
+    once (`body_too_large: stream`, the default), its key claimed before it goes: the pod gets
+    it whole, once; a re-send is replayed, never run again, and never reset. Kong's host spills
+    it to a file and proxy_pass carries it; on Envoy its route leaves the buffer filter off
+    (README, "Large uploads")."""
+    import hashlib
+    import json
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy({"retry": {"backoff": {"base_ms": 10, "max_ms": 20}}, "idempotency": {}},
+                       {"svc": [pod]}, unbuffered=["/uploads"])
+    body = (b"rollsafe-upload-" * (size // 16 + 1))[:size]
+    path = tmp_path / "upload.bin"
+    path.write_bytes(body)
+    sha = hashlib.sha256(body).hexdigest()
+    status, headers, text = curl_post(gw, "/uploads/1", '"upload-1"', path)
+    assert status == 201, (status, text[:300])
+    answer = json.loads(text)
+    assert answer["body_sha256"] == sha and answer["committed"] is True
+    [attempt] = pod.attempts()
+    assert attempt["body_len"] == size, "whole"
+    status, headers, again = curl_post(gw, "/uploads/1", '"upload-1"', path)
+    assert status == 201, (status, again[:300])
+    assert headers.get("idempotent-replayed") == "true"
+    assert json.loads(again) == answer
+    assert len(pod.ledger()) == 1, "once"
+    assert len(pod.attempts()) == 1

@@ -124,11 +124,13 @@ def test_a_body_over_the_hosts_buffer_is_refused_whole_never_cut(harness):
     length before the route's upstream is contacted. Either way: 413, no pod sees any of it."""
     pod = harness.pod("a1", "a")
     if harness_kind(harness) == "kong":
-        cfg = {"retry": {"max_body_bytes": 8 * 1024 * 1024}, "idempotency": {}}
+        cfg = {"retry": {"max_body_bytes": 8 * 1024 * 1024, "body_too_large": "reject"},
+               "idempotency": {}}
         gw = harness.envoy(cfg, {"group-a": [pod]}, body_buffer="8k")
         size = 20_000
     else:
-        gw = harness.envoy(KEYED, {"group-a": [pod]})
+        cfg = {**KEYED, "retry": {**KEYED["retry"], "body_too_large": "reject"}}
+        gw = harness.envoy(cfg, {"group-a": [pod]})
         size = 2 * 1024 * 1024
     body = b"x" * size
     for _ in range(2):

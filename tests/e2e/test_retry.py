@@ -154,7 +154,8 @@ def test_retry_budget_caps_retries_per_worker(harness):
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_body_over_the_limit_is_rejected_before_any_upstream_contact(harness, driver):
     pod = harness.pod("a1", "a")
-    envoy = harness.envoy(retry_config(driver, max_body_bytes=1000), {"group-a": [pod]})
+    envoy = harness.envoy(retry_config(driver, max_body_bytes=1000, body_too_large="reject"),
+                          {"group-a": [pod]})
     r = envoy.request("POST", "/upload", b"x" * 5000)
     assert r.status == 413
     assert r.headers["content-type"] == "application/problem+json"

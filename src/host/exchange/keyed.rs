@@ -52,6 +52,9 @@ impl Exchange {
                 return Step::Pause;
             }
         }
+        if self.streaming {
+            return self.carry_streamed(policy, host, true);
+        }
         match self.driver {
             Driver::Native => {
                 // Only now do the headers (and then the body) go on to the route.
@@ -274,7 +277,8 @@ impl Exchange {
         self.key_at_body = false;
         let plan = Rc::clone(&self.plan);
         let (ip, block) = (plan.idempotency.as_ref()?, self.block.as_ref()?);
-        match key::gate(ip, plan.host, host, block, &self.body, host.now_ms()) {
+        let body = key::Body::Whole(&self.body);
+        match key::gate(ip, plan.host, host, block, body, host.now_ms()) {
             Gate::Unkeyed => None,
             Gate::Claimed(k) => {
                 self.took_key(host, Some(k));

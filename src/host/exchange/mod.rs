@@ -22,6 +22,7 @@ mod dispatch;
 mod keyed;
 mod native;
 mod routed;
+mod streamed;
 
 pub use native::classify_native;
 
@@ -167,6 +168,9 @@ pub struct Exchange {
     /// A keyed request with a body: its key is decided once the body is whole (the
     /// fingerprint covers the body; nothing reaches an upstream before then on either host).
     key_at_body: bool,
+    /// The body is too large to hold: it streams to the application once and is never
+    /// replayed (`retry.body_too_large: stream`).
+    streaming: bool,
 }
 
 impl Exchange {
@@ -242,10 +246,8 @@ impl Exchange {
             buffers_unsafe: false,
             renew_at: None,
             key_at_body: false,
+            streaming: false,
         };
-        if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
-            return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
-        }
         if keyed
             && ex
                 .block
@@ -263,7 +265,7 @@ impl Exchange {
             has_body,
         ) {
             // No body: the key is decided now.
-            match key::gate(ip, plan.host, host, block, &[], now) {
+            match key::gate(ip, plan.host, host, block, key::Body::Whole(&[]), now) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.took_key(host, Some(k)),
                 Gate::Answer(reply) => {
@@ -275,6 +277,13 @@ impl Exchange {
         }
         policy.note_request(now);
         ex.name_group(host);
+        // (Kong's host streams from the body callback, which comes once nginx has the body,
+        // spilled or not: its headers cannot be held for a claim.)
+        let streams_later =
+            plan.host == HostKind::Kong && policy.body_too_large == BodyTooLarge::Stream;
+        if declared_len.is_some_and(|n| n > policy.max_body_bytes) && !streams_later {
+            return ex.body_too_large(policy, host, "larger than retry.max_body_bytes");
+        }
         if let Some((k, command)) = ask {
             // Held at its headers until the claim is answered.
             let step = ex.ask(policy, host, k, &command);
@@ -372,6 +381,7 @@ impl Exchange {
                 self.send_reply(host, &reply);
                 (Some(self), Step::Pause)
             }
+            BodyTooLarge::Stream => self.stream_once(policy, host, why),
             BodyTooLarge::PassThrough => {
                 host.log(
                     Level::Warn,
@@ -411,7 +421,9 @@ impl Exchange {
             return (Some(self), Step::Pause);
         }
         let body = host.request_body(size).unwrap_or_default();
-        if self.declared_len.is_some_and(|n| n != body.len() as u64) {
+        // (A chunked body Kong spilled arrives as nothing at all.)
+        let spilled = body.is_empty() && self.has_body && self.plan.host == HostKind::Kong;
+        if spilled || self.declared_len.is_some_and(|n| n != body.len() as u64) {
             // Kong spills bodies over client_body_buffer_size to a file and hands the filter
             // nothing: never treat that as an empty body.
             return self.body_too_large(policy, host, "was not handed over by the host");
@@ -447,7 +459,8 @@ impl Exchange {
     ) -> Option<(u64, u64)> {
         self.last_outcome = Some(outcome);
         self.note_outcome(host, outcome);
-        if !policy.retries(outcome) {
+        if !policy.retries(outcome) || self.streaming {
+            // (A streamed body was never held: nothing to send again.)
             return None;
         }
         let now = host.now_ms();

@@ -92,8 +92,18 @@ impl Exchange {
             .response_header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        // Only a 5xx can be one Envoy made up after a failure: read details then only.
+        // Only a 5xx can be one Envoy made up after a failure: read details then only. (And
+        // for a streamed body: the buffer filter's own 413 for a body over its bound.)
         let failed = status >= 500 || status == 0;
+        if self.streaming && !failed {
+            let details = host.property(&["response", "code_details"]);
+            if details.is_some_and(|d| d != b"via_upstream") {
+                // Envoy answered itself: the application never had it, so the key is freed.
+                self.phase = super::Phase::Done;
+                self.settle_key(host, None, false);
+                return Step::Continue;
+            }
+        }
         let details = failed
             .then(|| host.property(&["response", "code_details"]))
             .flatten()
