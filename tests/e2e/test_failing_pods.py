@@ -3,7 +3,8 @@
 A keyed POST, a keyed PATCH and a GET, each against a pod that closes the connection without
 answering, resets it, refuses it (the pod is gone) or stalls past the per-try timeout: every
 one ends in an answer to the client within the deadline — a retried success where a retry is
-safe, the documented problem otherwise — with no log flood and no worker or proxy exit. On
+safe, the application's answer where a keyed write is waited for, "outcome unknown" where it
+was sent and not answered, the documented problem otherwise — with no log flood and no worker or proxy exit. On
 Kong's host a dispatch with a body after a failed call used to spin the worker
 (`send() returned zero`, gigabytes of log) and a final answer from there lost the client.
 """
@@ -56,7 +57,19 @@ def test_a_failing_pod_ends_in_an_answer_within_the_deadline(harness, failure, m
     r, elapsed = send(gw, method)
     assert elapsed < DEADLINE_MS + 1000, elapsed
     ok = 201 if method == "POST" else 200
-    if attempts > 1 or failure == "refuse":
+    keyed_write = method != "GET"
+    # (A refused connection never reached the app: Envoy's router, and on Kong's host the
+    # Service in front of the pods, retry it on the live pod.)
+    unknown = failure in ("close", "reset")
+    if keyed_write and unknown:
+        # Sent and unanswered: it may be executing, so it is not sent again (README, "Exactly
+        # once"): the outcome is unknown, and the key is held.
+        assert r.status == 502, r
+        assert r.problem()["type"] == "urn:problem-type:rollsafe:upstream-outcome-unknown", r
+    elif keyed_write and failure == "stall":
+        # Not cut at the per-try timeout: the application's answer, within the deadline.
+        assert r.status == 201, r
+    elif attempts > 1 or failure == "refuse":
         # Retried (a keyed write is safe to repeat; a refused connection never reached the
         # app, and the router or the Service picks the live pod).
         assert r.status == ok, r
@@ -69,7 +82,9 @@ def test_a_failing_pod_ends_in_an_answer_within_the_deadline(harness, failure, m
         assert r.status == (504 if failure == "stall" else 503), r
         assert r.headers["server"] == "envoy"
     written = [w for p in (live, dying) for w in p.ledger()]
-    assert len(written) == (1 if r.status == ok and method != "GET" else 0), written
+    # (The stalling pod answers without committing: its script says so.)
+    committed = r.status == ok and method != "GET" and failure != "stall"
+    assert len(written) == (1 if committed else 0), written
     time.sleep(0.3)
     log = gw.log()
     assert len(log) < 2_000_000, f"log flood: {len(log)} bytes"

@@ -210,7 +210,9 @@ def test_a_key_stays_in_flight_while_its_exchange_can_still_answer(harness, driv
 
 
 def test_a_lease_shorter_than_the_exchange_is_refused(harness, driver):
-    cfg = config(driver, {"lease_ms": 1000}, per_try_timeout_ms=2500, attempts=1)
+    # A keyed write's attempt waits up to the deadline: the lease must cover it.
+    cfg = config(driver, {"lease_ms": 1000}, per_try_timeout_ms=1000, attempts=1,
+                 deadline_ms=2500)
     envoy = harness.envoy(cfg, {"group-a": [harness.pod("a1", "a")]}, start=False)
     envoy.start(wait_ready=False)
     log = envoy.wait_refused()
