@@ -8,7 +8,8 @@
 
 use std::io::{self, BufRead, Read, Write};
 
-/// `ROLLSAFE_HOST=kong` checks as Kong's host would (e.g. refuses `retry.exchange: native`).
+/// `ROLLSAFE_HOST=kong` checks as Kong's host would (e.g. refuses `retry.exchange: native`; a
+/// missing `retry.target` is fine there: attempts then go to the route's Service).
 fn host_kind() -> rollsafe::plan::HostKind {
     match std::env::var("ROLLSAFE_HOST").as_deref() {
         Ok("kong") => rollsafe::plan::HostKind::Kong,

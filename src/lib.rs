@@ -22,6 +22,7 @@ pub mod plan;
 pub mod problem;
 pub mod retry;
 pub mod routing;
+pub mod service;
 pub mod shared_store;
 
 #[cfg(target_arch = "wasm32")]

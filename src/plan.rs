@@ -4,6 +4,7 @@
 use crate::config::{self, Config, ConfigError};
 use crate::retry::ExchangeMode;
 use crate::{idempotency, maintenance, retry, routing};
+use std::cell::RefCell;
 
 /// Which proxy-wasm host runs the filter; detected once at configure time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +38,22 @@ pub struct Plan {
     /// The exchange exists only for idempotency (no `retry` section): requests whose method
     /// takes no key pass without one.
     pub exchange_for_keys_only: bool,
+    /// Kong's host with neither `retry.target` nor `routing`: attempts go to the route's
+    /// Service (`kong.router.service`, Kong 3.6+), read at the first request and kept.
+    pub target_from_service: bool,
+    pub service: RefCell<ServiceTarget>,
+}
+
+/// The route's Service as the attempt target (`Plan::target_from_service`). A filter instance
+/// belongs to one route or Service, and Kong makes a new one when its configuration changes,
+/// so what is read once holds.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum ServiceTarget {
+    #[default]
+    Unread,
+    Ready(String),
+    /// Logged once; the route's requests go to Kong's own proxying, unowned.
+    Unusable,
 }
 
 impl Plan {
@@ -53,18 +70,6 @@ impl Plan {
             None => None,
             Some(r) => {
                 let policy = retry::Policy::compile(r, "retry")?;
-                // Kong's dispatch takes host:port, and Kong shows a filter neither the Service's
-                // address nor its upstream's targets: where routing names every destination
-                // (its groups' targets) no target is needed; requests it does not hash then
-                // pass to Kong's own proxying, unowned.
-                if host == HostKind::Kong && policy.target.is_none() && cfg.routing.is_none() {
-                    return Err(ConfigError::new(
-                        "retry.target",
-                        "required on Kong's host unless routing names the targets (also with \
-                         idempotency alone): the host:port attempts are sent to, e.g. the \
-                         Service's orders.shop.svc.cluster.local:8080",
-                    ));
-                }
                 // Envoy holds at most its buffer limit of a paused body (per_connection_buffer_
                 // limit_bytes, 1 MiB by default) and then answers 413 itself — after the
                 // route's upstream got the headers: a cut-off request at the application.
@@ -142,6 +147,10 @@ impl Plan {
                 .map(|m| maintenance::Policy::compile(m, "maintenance"))
                 .transpose()?,
             exchange_for_keys_only: cfg.retry.is_none() && retry.is_some(),
+            target_from_service: host == HostKind::Kong
+                && cfg.routing.is_none()
+                && retry.as_ref().is_some_and(|(p, _)| p.target.is_none()),
+            service: RefCell::default(),
             retry,
             idempotency: idem,
             routing: cfg

@@ -5,10 +5,11 @@ use super::exchange::{classify_native, Exchange, Routed, Step};
 use super::headers::HeaderBlock;
 use super::{Host, HostKind, Level, Metric};
 use crate::maintenance::{self, Decision, RequestFacts, RetryAfterFormat};
-use crate::plan::{self, Plan};
+use crate::plan::{self, Plan, ServiceTarget};
 use crate::problem::{self, Problem};
 use crate::retry::Outcome;
 use crate::routing::{self, KeySource, Missing};
+use crate::service;
 use std::rc::Rc;
 
 /// What the filter does with a callback: let the stream go on, or hold it.
@@ -137,9 +138,14 @@ impl Request {
                 .as_ref()
                 .is_some_and(|ip| ip.applies_to(method))
         };
-        // On Kong an exchange needs somewhere to send attempts: `retry.target` or the group.
+        // On Kong an exchange needs somewhere to send attempts: `retry.target`, the group, or
+        // the route's Service.
+        let service_target = (plan.target_from_service && routed.is_none())
+            .then(|| self.service_target(host))
+            .flatten();
         let has_target = plan.host == HostKind::Envoy
             || routed.is_some()
+            || service_target.is_some()
             || plan.retry.as_ref().is_some_and(|(p, _)| p.target.is_some());
         let needs_exchange = has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
@@ -155,12 +161,57 @@ impl Request {
                 end_of_stream,
                 now,
                 routed,
+                service_target,
             );
             self.exchange = exchange;
             return step.into();
         }
         self.routed = routed.map(|r| r.group);
         Verdict::Continue
+    }
+
+    /// The route's Service as the attempt target (Kong, no `retry.target`): read from
+    /// `kong.router.service` at the first request and kept; what cannot be a target is logged
+    /// once, and the route's requests then pass to Kong's own proxying, unowned.
+    fn service_target(&self, host: &impl Host) -> Option<String> {
+        let mut cache = self.plan.service.try_borrow_mut().ok()?;
+        match &*cache {
+            ServiceTarget::Ready(t) => return Some(t.clone()),
+            ServiceTarget::Unusable => return None,
+            ServiceTarget::Unread => {}
+        }
+        let value = host.property(&["kong", "router", "service"]);
+        match service::from_property(value.as_deref()) {
+            Ok(svc) => {
+                host.log(
+                    Level::Info,
+                    &format!(
+                        "rollsafe: attempts go to the route's Service {} at {} (kong.router.service)",
+                        svc.name, svc.target
+                    ),
+                );
+                if let Some((policy, _)) = &self.plan.retry {
+                    if let Some(why) =
+                        svc.timeouts_disagree(policy.per_try_timeout_ms, policy.deadline_ms)
+                    {
+                        host.log(Level::Warn, &format!("rollsafe: {why}"));
+                    }
+                }
+                *cache = ServiceTarget::Ready(svc.target.clone());
+                Some(svc.target)
+            }
+            Err(why) => {
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "rollsafe: no attempt target: {}; until then this route's requests pass to Kong unowned",
+                        why.reason()
+                    ),
+                );
+                *cache = ServiceTarget::Unusable;
+                None
+            }
+        }
     }
 
     /// Picks the pod group of a hashed request and names it for the host: a request header

@@ -417,13 +417,119 @@ fn without_a_target_envoy_attempts_follow_the_routes_cluster() {
     assert_eq!(host.dispatches()[0].target, "group-b");
 }
 
+const SERVICE: &str = r#"{"id":"9a1","name":"orders","protocol":"http","host":"orders.shop.svc.cluster.local","port":8080,"connect_timeout":60000,"read_timeout":60000,"write_timeout":60000,"retries":5}"#;
+
+/// A GET through a fresh request of `req`'s plan: whether rollsafe owned it (dispatched).
+fn get(host: &FakeHost, plan: &Rc<crate::plan::Plan>) -> Verdict {
+    let mut req = Request::new(Rc::clone(plan));
+    host.set_request(&[(":method", "GET"), (":path", "/orders/1")]);
+    req.on_request_headers(host, true)
+}
+
 #[test]
-fn kong_requires_a_target() {
-    let host = FakeHost::default();
-    assert!(configure(&host, br#"{"retry":{}}"#, HostKind::Kong).is_none());
-    assert!(host.logs_at(super::Level::Error)[0]
-        .starts_with("rollsafe: retry.target: required on Kong"));
-    assert!(configure(&host, br#"{"retry":{}}"#, HostKind::Envoy).is_some());
+fn on_kong_attempts_go_to_the_routes_service_when_no_target_is_given() {
+    let host = FakeHost::at(1_000);
+    let plan = Rc::new(configure(&host, br#"{"retry":{}}"#, HostKind::Kong).expect("config"));
+    host.set_property("kong.router.service", SERVICE);
+    assert_eq!(get(&host, &plan), Verdict::Pause, "owned");
+    assert_eq!(
+        host.dispatches()[0].target,
+        "orders.shop.svc.cluster.local:8080"
+    );
+    // Read once per filter instance, kept.
+    host.properties.borrow_mut().clear();
+    get(&host, &plan);
+    assert_eq!(
+        host.dispatches()[1].target,
+        "orders.shop.svc.cluster.local:8080"
+    );
+    assert!(host.logs_at(super::Level::Info).iter().any(|l| l.contains(
+        "attempts go to the route's Service orders at orders.shop.svc.cluster.local:8080"
+    )));
+    // An explicit retry.target wins; the property is not even read.
+    let host = FakeHost::at(1_000);
+    host.set_property("kong.router.service", SERVICE);
+    let plan = Rc::new(
+        configure(
+            &host,
+            br#"{"retry":{"target":"orders-v2:9000"}}"#,
+            HostKind::Kong,
+        )
+        .unwrap(),
+    );
+    get(&host, &plan);
+    assert_eq!(host.dispatches()[0].target, "orders-v2:9000");
+    assert!(!plan.target_from_service);
+}
+
+#[test]
+fn on_kong_a_service_that_cannot_be_a_target_is_logged_once_and_its_route_passes_unowned() {
+    let absent = None;
+    let https = Some(r#"{"name":"pay","protocol":"https","host":"pay","port":443}"#);
+    for (value, says) in [(absent, "Kong 3.4 and 3.5 do not"), (https, "speaks https")] {
+        let host = FakeHost::at(1_000);
+        let plan = Rc::new(configure(&host, br#"{"retry":{}}"#, HostKind::Kong).unwrap());
+        if let Some(v) = value {
+            host.set_property("kong.router.service", v);
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                get(&host, &plan),
+                Verdict::Continue,
+                "{says}: to Kong, unowned"
+            );
+        }
+        assert!(host.dispatches().is_empty());
+        let errors = host.logs_at(super::Level::Error);
+        assert_eq!(errors.len(), 1, "once: {errors:?}");
+        assert!(errors[0].contains(says), "{errors:?}");
+    }
+}
+
+#[test]
+fn on_kong_a_service_naming_an_upstream_entity_hands_the_request_to_kong_then_the_route() {
+    // Kong's Upstream entities are names only Kong's balancer resolves: the dispatch fails with
+    // a resolver failure (nothing sent), Kong's own proxying carries this request (to the
+    // Service, so no target is set), and the route's later requests pass unowned.
+    let host = FakeHost::at(1_000);
+    let plan = Rc::new(configure(&host, br#"{"retry":{}}"#, HostKind::Kong).unwrap());
+    host.set_property(
+        "kong.router.service",
+        r#"{"name":"orders","protocol":"http","host":"orders-upstream","port":80}"#,
+    );
+    let mut req = Request::new(Rc::clone(&plan));
+    host.set_request(&[(":method", "GET"), (":path", "/orders/1")]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Pause);
+    host.answer_call(&[(":dispatch_status", "resolver failure")], "");
+    req.on_call_response(&host, host.last_token(), 0);
+    assert_eq!(req.pending_call(), None, "nothing pending: Kong proxies it");
+    assert!(host.responses().is_empty());
+    assert!(!host
+        .properties
+        .borrow()
+        .iter()
+        .any(|(k, _)| k == "kong.service.target"));
+    assert_eq!(get(&host, &plan), Verdict::Continue);
+    assert_eq!(host.dispatches().len(), 1);
+    let errors = host.logs_at(super::Level::Error);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("Kong Upstream"), "{errors:?}");
+}
+
+#[test]
+fn on_kong_a_services_read_timeout_shorter_than_the_deadline_is_logged() {
+    let host = FakeHost::at(1_000);
+    let plan =
+        Rc::new(configure(&host, br#"{"retry":{"deadline_ms":6000}}"#, HostKind::Kong).unwrap());
+    host.set_property(
+        "kong.router.service",
+        r#"{"name":"orders","host":"orders","port":80,"read_timeout":2000}"#,
+    );
+    get(&host, &plan);
+    get(&host, &plan);
+    let warns = host.logs_at(super::Level::Warn);
+    assert_eq!(warns.len(), 1, "{warns:?}");
+    assert!(warns[0].contains("read_timeout 2000 ms"), "{warns:?}");
 }
 
 #[test]

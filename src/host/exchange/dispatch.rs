@@ -4,6 +4,7 @@
 
 use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase};
 use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
+use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
 
 impl Exchange {
@@ -57,7 +58,16 @@ impl Exchange {
         if !matches!(self.phase, Phase::Attempt(Carrier::Call(t)) if t == token) {
             return;
         }
-        let (outcome, answer) = classify_call(host.call_response(body_size));
+        let resp = host.call_response(body_size);
+        let unresolved = find(&resp.headers, ":dispatch_status") == Some("resolver failure");
+        let (outcome, answer) = classify_call(resp);
+        if unresolved && self.from_service {
+            // The Service's host is no DNS name: a Kong Upstream entity's name, which only
+            // Kong's own balancer resolves. Nothing was sent, so Kong's proxying carries it.
+            self.service_unusable(host);
+            self.hand_to_proxy_pass(host, "the route's Service host did not resolve");
+            return;
+        }
         host.log(
             Level::Debug,
             &format!(
@@ -110,10 +120,11 @@ impl Exchange {
             (Some((rp, g)), _) => {
                 crate::host::name_group(host, plan.host, &rp.group_header, &g.name, &g.target)
             }
-            (None, Some(target)) => {
+            // (The route's Service is where Kong proxies anyway, Upstream entities included.)
+            (None, Some(target)) if !self.from_service => {
                 host.set_property(&["kong", "service", "target"], target.as_bytes())
             }
-            (None, None) => {}
+            (None, _) => {}
         }
         self.attempt += 1;
         self.phase = Phase::Attempt(Carrier::ProxyPass);
@@ -128,6 +139,28 @@ impl Exchange {
                 after
             ),
         );
+    }
+}
+
+impl Exchange {
+    /// The route's Service cannot be dispatched to (its host names a Kong Upstream entity, which
+    /// only Kong's balancer resolves): logged once, and the route's requests pass to Kong's own
+    /// proxying, unowned, from now on.
+    fn service_unusable(&mut self, host: &impl Host) {
+        if let Ok(mut cache) = self.plan.service.try_borrow_mut() {
+            if *cache != ServiceTarget::Unusable {
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "rollsafe: the route's Service host {:?} does not resolve (a Kong Upstream \
+                         entity's name?): rollsafe cannot send attempts there; set retry.target \
+                         to a DNS host:port. This route's requests now pass to Kong unowned",
+                        self.target.as_deref().unwrap_or("")
+                    ),
+                );
+                *cache = ServiceTarget::Unusable;
+            }
+        }
     }
 }
 

@@ -127,9 +127,11 @@ pub struct Exchange {
     driver: Driver,
     key: Option<Key>,
     routed: Option<Routed>,
-    /// Where dispatched attempts go: the group's target, `retry.target`, or on Envoy the
-    /// route's cluster.
+    /// Where dispatched attempts go: the group's target, `retry.target`, on Kong the route's
+    /// Service, or on Envoy the route's cluster.
     target: Option<String>,
+    /// The target is the route's Service's (Kong, `kong.router.service`).
+    from_service: bool,
     /// The request's method, read once.
     method: String,
     /// The request headers as the host gave them (pseudo headers included), kept because a
@@ -186,6 +188,7 @@ impl Exchange {
         end_of_stream: bool,
         now: u64,
         routed: Option<Routed>,
+        service_target: Option<String>,
     ) -> (Option<Exchange>, Step) {
         let group_target = routed.as_ref().and_then(|r| {
             plan.routing
@@ -225,7 +228,12 @@ impl Exchange {
             driver,
             key: None,
             routed,
-            target: group_target.or_else(|| policy.target.clone()),
+            from_service: group_target.is_none()
+                && policy.target.is_none()
+                && service_target.is_some(),
+            target: group_target
+                .or_else(|| policy.target.clone())
+                .or(service_target),
             method,
             block: Some(all),
             headers: Vec::new(),
