@@ -13,6 +13,7 @@
     )
 )]
 
+pub mod announce;
 pub mod config;
 pub mod host;
 pub mod idempotency;

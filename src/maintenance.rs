@@ -45,6 +45,15 @@ pub struct MaintenanceConfig {
     /// `Retry-After` as seconds until the window ends (`delta`, default) or as an HTTP-date.
     #[serde(default)]
     pub retry_after: RetryAfterFormat,
+    /// Seconds before a window opens during which every response on the route announces it in
+    /// a `Maintenance-Notice` header (0, the default: no notice).
+    #[serde(default)]
+    #[cfg_attr(test, schemars(range(max = 604800)))]
+    pub notice_s: u64,
+    /// A path rollsafe answers itself with the coming windows as JSON (e.g.
+    /// `/.well-known/maintenance`), reachable during a window too; absent: none.
+    #[serde(default)]
+    pub schedule_path: Option<String>,
 }
 
 fn default_bypass_header() -> String {
@@ -230,6 +239,8 @@ pub struct Policy {
     /// Per-worker memo of the last state and until when it holds, so requests outside a window
     /// cost one clock read and a comparison.
     memo: Cell<Option<(u64, u64, State)>>,
+    /// What clients are told before and about the windows (`crate::announce`).
+    pub announce: crate::announce::Announce,
 }
 
 /// What to do with one request.
@@ -307,6 +318,13 @@ impl Policy {
             bypass_token_sha256,
             retry_after: cfg.retry_after,
             memo: Cell::new(None),
+            announce: crate::announce::Announce::compile(
+                cfg.notice_s,
+                cfg.schedule_path.as_deref(),
+                &cfg.methods,
+                cfg.retry_after == RetryAfterFormat::HttpDate,
+                at,
+            )?,
         })
     }
 
@@ -356,6 +374,53 @@ impl Policy {
         };
         self.memo.set(Some((now, valid_until, state)));
         state
+    }
+
+    /// The next `n` spans `[start, end)` that end after `now` (the one `now` is in first, if any),
+    /// overlapping and adjacent windows merged.
+    pub fn upcoming(&self, now: u64, n: usize) -> Vec<(u64, u64)> {
+        let mut spans = Vec::with_capacity(n);
+        let mut t = now;
+        while spans.len() < n {
+            let (start, probe) = match self.state_at(t) {
+                State::Closed { .. } => {
+                    let start = self
+                        .windows
+                        .iter()
+                        .filter_map(|w| w.containing(t))
+                        .map(|(s, _)| s)
+                        .min()
+                        .unwrap_or(t);
+                    (start, t)
+                }
+                State::Open {
+                    next_start: Some(s),
+                } => (s, s),
+                State::Open { next_start: None } => break,
+            };
+            let State::Closed { until } = self.state_at(probe) else {
+                break;
+            };
+            spans.push((start, until));
+            t = until;
+        }
+        spans
+    }
+
+    /// The end of the span that starts at `start`.
+    pub fn span_end(&self, start: u64) -> u64 {
+        match self.state_at(start) {
+            State::Closed { until } => until,
+            State::Open { .. } => start,
+        }
+    }
+
+    /// The next window's start when none is active at `now` (memoised like [`Policy::active`]).
+    pub fn next_start(&self, now: u64) -> Option<u64> {
+        match self.state_now(now) {
+            State::Open { next_start } => next_start,
+            State::Closed { .. } => None,
+        }
     }
 
     /// Whether a window is active at `now`; only then does the host read the request.

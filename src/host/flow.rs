@@ -49,6 +49,8 @@ pub struct Request {
     answered_locally: bool,
     /// The upstream exchange, when rollsafe owns it (retries configured).
     exchange: Option<Exchange>,
+    /// A maintenance window opens soon: the response announces it.
+    notice: Option<Rc<str>>,
     /// The group a hashed request went to, when no exchange tracks it.
     routed: Option<usize>,
 }
@@ -68,6 +70,7 @@ impl Request {
             plan,
             answered_locally: false,
             exchange: None,
+            notice: None,
             routed: None,
         }
     }
@@ -80,9 +83,22 @@ impl Request {
         // the configured capabilities need, once.
         let mut clock = None;
         let mut now = || *clock.get_or_insert_with(|| host.now_ms());
-        if let Some(policy) = &self.plan.maintenance {
+        let plan = Rc::clone(&self.plan);
+        if let Some(policy) = &plan.maintenance {
             // Outside a window this is one clock read and a comparison: nothing else is read.
             let now = now();
+            if let Some(schedule) = &policy.announce.schedule_path {
+                // (Answered during a window too.)
+                if self.is_schedule_request(host, schedule) {
+                    self.reply_schedule(host, policy, now);
+                    return Verdict::Pause;
+                }
+            }
+            if let Some(start) = policy.next_start(now) {
+                self.notice = policy
+                    .announce
+                    .notice(now, start, || policy.span_end(start));
+            }
             if let Some(until) = policy.active(now) {
                 let method = host.request_header(":method").unwrap_or_default();
                 let path = host.request_header(":path").unwrap_or_default();
@@ -103,7 +119,6 @@ impl Request {
                 }
             }
         }
-        let plan = Rc::clone(&self.plan);
         // Keys alone (no retry section, no routing): a request without a key, where keys are
         // optional, is none of rollsafe's business — one lookup that finds nothing.
         if let (true, None, Some(ip)) = (
@@ -301,6 +316,9 @@ impl Request {
         if self.answered_locally {
             return Verdict::Continue;
         }
+        if let Some(notice) = &self.notice {
+            host.set_response_header(crate::announce::NOTICE_HEADER, notice);
+        }
         match (&self.plan.retry, &mut self.exchange) {
             (Some((policy, _)), Some(exchange)) => exchange
                 .on_response_headers(policy, host, end_of_stream)
@@ -387,6 +405,33 @@ impl Request {
     /// The token of the call this request waits for.
     pub fn pending_call(&self) -> Option<u32> {
         self.exchange.as_ref().and_then(Exchange::pending)
+    }
+
+    /// A GET or HEAD of the schedule path (query ignored).
+    fn is_schedule_request(&self, host: &impl Host, schedule: &str) -> bool {
+        let path = host.request_header(":path").unwrap_or_default();
+        path.split('?').next() == Some(schedule)
+            && matches!(
+                host.request_header(":method").as_deref(),
+                Some("GET" | "HEAD")
+            )
+    }
+
+    /// The coming windows as JSON, answered by rollsafe itself.
+    fn reply_schedule(&mut self, host: &impl Host, policy: &maintenance::Policy, now: u64) {
+        let (doc, max_age) = policy
+            .announce
+            .schedule(now, || policy.upcoming(now, crate::announce::SCHEDULE_LEN));
+        let cache = format!("public, max-age={max_age}");
+        self.answered_locally = true;
+        host.send_response(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("cache-control", &cache),
+            ],
+            &doc,
+        );
     }
 
     fn reply_maintenance(

@@ -146,6 +146,13 @@ def variants(pod_clusters) -> list[Variant]:
         Variant("empty", "rollsafe, empty config", "noop", dict(config={}, **idle), goal="idle"),
         Variant("maintenance", "maintenance alone, outside its windows", "noop",
                 dict(config={"maintenance": MAINTENANCE}, **idle), goal="idle"),
+        Variant("maint_notice", "maintenance with notice_s, outside the notice period", "noop",
+                dict(config={"maintenance": {**MAINTENANCE, "notice_s": 60}}, **idle),
+                goal="idle"),
+        Variant("maint_schedule", "maintenance with a schedule_path, another path asked", "noop",
+                dict(config={"maintenance": {**MAINTENANCE,
+                                             "schedule_path": "/.well-known/maintenance"}},
+                     **idle), goal="idle"),
         Variant("retry", "retry alone, first attempt answers", "noop",
                 dict(config={"retry": RETRY}, **idle), goal="idle"),
         Variant("idempotency", "idempotency alone, GET (takes no key)", "noop",
@@ -430,6 +437,9 @@ REASONS = {
                "which is absent: one_read + an absent lookup",
     "idempotency": "one lookup of the key header (absent on these GETs)",
     "maintenance": "one clock read",
+    "maint_notice": "one clock read; the notice is one more comparison outside its period",
+    "maint_schedule": "one clock read and the `:path` and `:method` reads that tell the schedule "
+                      "path from the rest",
     "replay_1k": "out of reach of any filter here: the no-op filter doing only what a replay must "
                  "(reply_floor_1k, reply_floor_map_1k) is below 0.9× too, the price of Envoy's "
                  "local-reply path; beside it, rollsafe's work: with keys "

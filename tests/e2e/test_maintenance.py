@@ -105,3 +105,61 @@ def test_http_date_retry_after(harness):
     assert r.status == 503
     from email.utils import parsedate_to_datetime
     assert parsedate_to_datetime(r.headers["retry-after"]).timestamp() == now + 60
+
+
+def parse_notice(value: str) -> dict:
+    """A client's reading of `Maintenance-Notice` (an RFC 8941 dictionary): start and end as
+    HTTP-dates, and the methods turned away (`*`: all)."""
+    from email.utils import parsedate_to_datetime
+    import re
+    fields = dict(re.findall(r'(\w+)=("[^"]*"|\([^)]*\)|\*)', value))
+    methods = fields["methods"]
+    return {
+        "start": parsedate_to_datetime(fields["start"].strip('"')).timestamp(),
+        "end": parsedate_to_datetime(fields["end"].strip('"')).timestamp(),
+        "methods": None if methods == "*" else re.findall(r'"([A-Z]+)"', methods),
+    }
+
+
+def test_clients_are_told_of_a_window_before_it_opens_and_can_read_the_schedule(harness):
+    """`notice_s` before a window opens every response carries `Maintenance-Notice` (start, end,
+    methods); then the window's 503s; after it, neither. The schedule path lists the window and
+    answers during it too. Reads, writes and rollsafe-owned keyed writes all carry the notice."""
+    pod = harness.pod("a1", "a")
+    start = float(int(time.time()) + 6)
+    end = start + 3
+    cfg = maintenance_config(start, end)
+    cfg["maintenance"].update({"notice_s": 60, "schedule_path": "/.well-known/maintenance"})
+    cfg["idempotency"] = {}
+    gw = harness.envoy(cfg, {"group-a": [pod]})
+
+    def schedule():
+        r = gw.request("GET", "/.well-known/maintenance")
+        assert r.status == 200, r
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["cache-control"].startswith("public, max-age=")
+        return r.json()
+
+    doc = schedule()
+    assert doc["windows"][0] == {"start": rfc3339(start), "end": rfc3339(end), "active": False}
+    assert doc["methods"] == ["POST", "PUT", "PATCH", "DELETE"]
+    assert len(pod.attempts()) == 0, "answered by rollsafe itself"
+    # Before the window, within the notice period: every answer announces it.
+    for r in (gw.request("GET", "/orders/1"),
+              gw.request("POST", "/orders", '{"sku": 1}', {"content-type": "application/json"}),
+              gw.request("POST", "/orders", '{"sku": 2}', {"content-type": "application/json",
+                                                         "idempotency-key": '"notice-1"'})):
+        assert r.status in (200, 201), r
+        notice = parse_notice(r.headers["maintenance-notice"])
+        assert notice == {"start": start, "end": end,
+                          "methods": ["POST", "PUT", "PATCH", "DELETE"]}, r.headers
+    wait_until(start + 0.3)
+    r = gw.request("POST", "/orders", '{"sku": 3}', {"content-type": "application/json"})
+    assert r.status == 503
+    during = schedule()
+    assert during["windows"][0]["active"] is True, "the schedule answers during the window"
+    wait_until(end + 0.3)
+    r = gw.request("POST", "/orders", '{"sku": 4}', {"content-type": "application/json"})
+    assert r.status == 201
+    assert "maintenance-notice" not in r.headers
+    assert schedule()["windows"] == []
