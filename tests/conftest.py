@@ -31,5 +31,9 @@ def harness(tmp_path):
         if not h.allow_aborted:
             aborted = [(p.name, a) for p in h.pods for a in p.aborted()]
             assert not aborted, f"pods saw aborted requests: {aborted[:5]}"
+        # Every counter the test made rollsafe count was taken by the host (both hosts; on
+        # Kong's host this log line is the only sign of a refused metric).
+        refused = h.refused_metrics()
+        assert not refused, refused[:3]
     finally:
         h.close()

@@ -101,6 +101,36 @@ def test_kong_yml_passes_decks_schema():
     assert doc["_format_version"] == "3.0"
 
 
+def route_plugins(doc) -> dict:
+    """Route name -> its rollsafe plugin entries (Kong 3.9's form)."""
+    return {r["name"]: [p for p in r.get("plugins", []) if p["name"] == "rollsafe"]
+            for s in doc["services"] for r in s.get("routes", [])}
+
+
+def test_kong_39_plugin_form_passes_decks_schema_and_matches_the_filter_chains():
+    """Kong 3.9 / Enterprise 3.10 configure the filter per route through /plugins: the same
+    routes and configuration objects as the filter_chains form, and no `consumer` (Kong refuses
+    one on a Wasm filter's plugin)."""
+    deck = json.loads((ROOT / "tests" / "fixtures" / "deck_kong_json_schema.json").read_text())
+    doc = yaml.safe_load((ROOT / "kong" / "kong-3.9.yml").read_text())
+    errors = [f"{list(e.path)}: {e.message}" for e in jsonschema.Draft4Validator(deck).iter_errors(doc)]
+    assert not errors, errors
+    chains = yaml.safe_load((ROOT / "kong" / "kong.yml").read_text())
+    filters = {r["name"]: [f for c in r.get("filter_chains", []) for f in c["filters"]]
+               for s in chains["services"] for r in s.get("routes", [])}
+    plugins = route_plugins(doc)
+    assert plugins.keys() == filters.keys()
+    for route, entries in plugins.items():
+        assert [(p.get("enabled", True), p.get("config")) for p in entries] == \
+               [(f.get("enabled", True), f.get("config")) for f in filters[route]], route
+        assert all("consumer" not in p and "filter_chains" not in p for p in entries)
+    assert any(plugins.values())
+    meta = json.loads((ROOT / "kong" / "rollsafe.meta.json").read_text())["config_schema"]
+    for entries in plugins.values():
+        for p in entries:
+            jsonschema.Draft4Validator(meta).validate(p["config"])
+
+
 def test_kong_yml_enables_rollsafe_per_route():
     doc = yaml.safe_load((ROOT / "kong" / "kong.yml").read_text())
     routes = [r for s in doc["services"] for r in s.get("routes", [])]

@@ -86,6 +86,7 @@ extern "C" {
         name_size: usize,
         return_id: *mut u32,
     ) -> Status;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
 }
 
 /// The property path as the ABI takes it: segments joined by NUL.
@@ -345,6 +346,24 @@ pub fn define_metric(metric_type: MetricType, name: &str) -> Result<u32, Status>
     #[cfg(not(target_arch = "wasm32"))]
     {
         let _ = (metric_type, name);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Adds `offset` to a metric. (The SDK's wrapper panics on any status but `NotFound` and
+/// `BadArgument`.)
+pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: plain values; the host reads nothing from this module's memory.
+        match unsafe { proxy_increment_metric(id, offset) } {
+            Status::Ok => Ok(()),
+            status => Err(status),
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (id, offset);
         Err(Status::InternalFailure)
     }
 }

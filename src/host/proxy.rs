@@ -36,6 +36,8 @@ pub fn install() {
 #[derive(Default, Clone)]
 pub struct ProxyHost {
     metric_ids: Rc<Vec<Option<u32>>>,
+    /// Metrics whose increment the host refused, logged once each (a bit per `Metric::ALL`).
+    metric_refused: Rc<Cell<u64>>,
     seed: Rc<Cell<u64>>,
     /// The root's: calls sent on its next tick.
     scheduler: Rc<Scheduler>,
@@ -45,10 +47,26 @@ impl ProxyHost {
     fn with_metrics(scheduler: Rc<Scheduler>) -> Self {
         let ids = Metric::ALL
             .iter()
-            .map(|m| super::abi::define_metric(MetricType::Counter, m.name()).ok())
+            .map(
+                |m| match super::abi::define_metric(MetricType::Counter, m.name()) {
+                    Ok(id) => Some(id),
+                    Err(status) => {
+                        // Once per metric and configuration: nothing counts it from here on.
+                        let _ = hostcalls::log(
+                            LogLevel::Error,
+                            &format!(
+                                "rollsafe: metric {} refused by the host (define: {status:?}); it is not counted",
+                                m.name()
+                            ),
+                        );
+                        None
+                    }
+                },
+            )
             .collect();
         ProxyHost {
             metric_ids: Rc::new(ids),
+            metric_refused: Rc::new(Cell::new(0)),
             seed: Rc::new(Cell::new(
                 std::hash::RandomState::new().build_hasher().finish(),
             )),
@@ -226,9 +244,25 @@ impl Host for ProxyHost {
     }
 
     fn count(&self, metric: Metric) {
-        let index = Metric::ALL.iter().position(|m| *m == metric);
-        if let Some(Some(id)) = index.and_then(|i| self.metric_ids.get(i)) {
-            let _ = hostcalls::increment_metric(*id, 1);
+        let Some(index) = Metric::ALL.iter().position(|m| *m == metric) else {
+            return;
+        };
+        if let Some(Some(id)) = self.metric_ids.get(index) {
+            if let Err(status) = super::abi::increment_metric(*id, 1) {
+                // Logged once per metric (per worker): a refused counter must not go unnoticed,
+                // nor flood the log.
+                let bit = 1u64 << (index % 64);
+                if self.metric_refused.get() & bit == 0 {
+                    self.metric_refused.set(self.metric_refused.get() | bit);
+                    self.log(
+                        Level::Error,
+                        &format!(
+                            "rollsafe: metric {} refused by the host (increment: {status:?})",
+                            metric.name()
+                        ),
+                    );
+                }
+            }
         }
     }
 }

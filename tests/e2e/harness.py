@@ -758,6 +758,8 @@ class Harness:
         self.pods: list[Pod] = []
         # A test that provokes an incomplete request on purpose sets this.
         self.allow_aborted = False
+        # Every gateway a test started: their logs are checked for refused metrics.
+        self.gateways: list = []
         self.counter = itertools.count(1)
         needed = [WASM, POD_BIN] + ([Path(KONG_WASM_NGINX)] if GATEWAY == "kong" else [ENVOY_BIN])
         for binary in needed:
@@ -796,9 +798,17 @@ class Harness:
         ROLLSAFE_GATEWAY=kong (the same scenarios, the same .wasm)."""
         if GATEWAY == "kong" and not kw.get("direct_response"):
             k = Kong(self, filter_config, clusters, **kw)
+            self.gateways.append(k)
             return k.start() if start else k
         e = Envoy(self, filter_config, clusters, **kw)
+        self.gateways.append(e)
         return e.start() if start else e
+
+    def refused_metrics(self) -> list[str]:
+        """Log lines in which a gateway refused one of rollsafe's metrics (rollsafe logs each
+        once, at error level): on Kong's host nothing else would notice."""
+        return [line for g in self.gateways for line in g.log().splitlines()
+                if "rollsafe: metric " in line and "refused by the host" in line]
 
     def close(self) -> None:
         for p in reversed(self.procs):
