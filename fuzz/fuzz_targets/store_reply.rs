@@ -8,7 +8,7 @@ use rollsafe::shared_store::{read_claim, read_settle, read_value, value};
 
 fuzz_target!(|data: &[u8]| {
     let facts = Facts {
-        fingerprint: fingerprint("POST", "/orders", ""),
+        fingerprint: fingerprint("POST", "/orders", "", b"{}"),
         body_len: Some(2),
     };
     let _ = read_claim(Some(200), data, "scope:k", &facts);
