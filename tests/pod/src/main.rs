@@ -477,6 +477,21 @@ fn append(file: &Mutex<File>, value: &serde_json::Value) {
     }
 }
 
+/// Appends the write to the ledger. (An upload's body is not copied into the ledger: its hash
+/// says what was committed.)
+fn commit_to_ledger(pod: &Pod, req: &Req, seq: u64, body_sha: &str) {
+    let text = (req.body.len() <= 65536).then(|| String::from_utf8_lossy(&req.body));
+    append(
+        &pod.ledger,
+        &serde_json::json!({
+            "ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq,
+            "method": req.method, "path": req.path,
+            "idempotency_key": req.header("idempotency-key"),
+            "body": text, "body_len": req.body.len(), "body_sha256": body_sha,
+        }),
+    );
+}
+
 /// A write with a key being executed: a file named for the key and this process, removed when
 /// the request ends. A pod killed mid-request leaves it behind, with a pid that is gone.
 struct Running(PathBuf);
@@ -600,15 +615,7 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
             if act.commit && is_write(&req.method) {
                 // The write ran, then the connection broke before the answer (a pod whose
                 // node died just after the commit).
-                append(
-                    &pod.ledger,
-                    &serde_json::json!({
-                        "ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq,
-                        "method": req.method, "path": req.path,
-                        "idempotency_key": req.header("idempotency-key"),
-                        "body": String::from_utf8_lossy(&req.body), "body_sha256": body_sha,
-                    }),
-                );
+                commit_to_ledger(pod, req, seq, &body_sha);
             }
             // No FIN first: the connection is dropped with linger 0, so the peer gets a RST.
             let _ = socket_linger_zero(out);
@@ -626,17 +633,7 @@ fn handle(pod: &Pod, req: &Req, out: &mut TcpStream) -> io::Result<bool> {
     let commit =
         is_write(&req.method) && act.as_ref().is_none_or(|a| a.commit || a.status.is_none());
     if commit {
-        // (An upload's body is not copied into the ledger: its hash says what was committed.)
-        let text = (req.body.len() <= 65536).then(|| String::from_utf8_lossy(&req.body));
-        append(
-            &pod.ledger,
-            &serde_json::json!({
-                "ts_ms": now_ms(), "pod": pod.name, "pid": std::process::id(), "group": pod.group, "seq": seq,
-                "method": req.method, "path": req.path,
-                "idempotency_key": req.header("idempotency-key"),
-                "body": text, "body_len": req.body.len(), "body_sha256": body_sha,
-            }),
-        );
+        commit_to_ledger(pod, req, seq, &body_sha);
     }
     let status = scripted_status.unwrap_or(if req.method == "POST" { 201 } else { 200 });
     let body = match act.as_ref().and_then(|a| a.body.clone()) {
