@@ -311,3 +311,13 @@ impl Host for FakeHost {
         self.metrics.borrow_mut().push(metric);
     }
 }
+
+/// A configured plan with the idempotency slots created, as the root context does at configure
+/// time (flow tests).
+pub fn plan(host: &FakeHost, kind: super::HostKind, cfg: &str) -> std::rc::Rc<crate::plan::Plan> {
+    let plan = super::flow::configure(host, cfg.as_bytes(), kind).expect("config");
+    if let Some(ip) = &plan.idempotency {
+        crate::idempotency::create_slots(&super::HostShared(host), ip.slots);
+    }
+    std::rc::Rc::new(plan)
+}

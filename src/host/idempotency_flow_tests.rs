@@ -5,16 +5,10 @@
 
 use super::fake::FakeHost;
 use super::flow::{configure, Request, Verdict};
-use super::{HostKind, HostShared, Level, Metric};
+use super::{HostKind, Level, Metric};
 use std::rc::Rc;
 
-fn plan(host: &FakeHost, kind: HostKind, cfg: &str) -> Rc<crate::plan::Plan> {
-    let plan = configure(host, cfg.as_bytes(), kind).expect("config");
-    if let Some(ip) = &plan.idempotency {
-        crate::idempotency::create_slots(&HostShared(host), ip.slots);
-    }
-    Rc::new(plan)
-}
+use super::fake::plan;
 
 /// Both drivers with the same idempotency section.
 fn drivers(idem: &str) -> [(HostKind, String); 2] {

@@ -20,15 +20,32 @@ fn configured(host: &FakeHost, kind: HostKind, cfg: &str) -> Request {
 
 /// A write with a body, taken through request headers and the whole body.
 fn send_with_body(host: &FakeHost, req: &mut Request, method: &str, path: &str, body: &[u8]) {
+    keyed_write(host, req, method, path, None, body);
+}
+
+/// A write with a body (and an idempotency key, when given), taken through request headers and
+/// the whole body; the body callback's verdict.
+fn keyed_write(
+    host: &FakeHost,
+    req: &mut Request,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &[u8],
+) -> Verdict {
     let len = body.len().to_string();
-    host.set_request(&[
+    let mut headers = vec![
         (":method", method),
         (":path", path),
         ("content-length", &len),
-    ]);
+    ];
+    if let Some(k) = key {
+        headers.push(("idempotency-key", k));
+    }
+    host.set_request(&headers);
     assert_eq!(req.on_request_headers(host, false), Verdict::Continue);
     host.set_body(body);
-    req.on_request_body(host, body.len(), true);
+    req.on_request_body(host, body.len(), true)
 }
 
 const DISPATCH: &str =
@@ -536,10 +553,8 @@ fn on_kong_a_services_read_timeout_shorter_than_the_deadline_is_logged() {
 fn a_routed_native_request_goes_to_its_group_and_its_retry_to_the_next_group() {
     let host = FakeHost::at(1_000);
     let cfg = r#"{"retry":{"exchange":"native","backoff":{"base_ms":1,"max_ms":1}},"idempotency":{},"routing":{"groups":[{"name":"a","target":"ca"},{"name":"b","target":"cb"}]}}"#;
-    let plan = configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap();
-    let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
-    crate::idempotency::create_slots(&super::HostShared(&host), slots);
-    let mut req = Request::new(Rc::new(plan));
+    let plan = super::fake::plan(&host, HostKind::Envoy, cfg);
+    let mut req = Request::new(Rc::clone(&plan));
     host.set_request(&[
         (":method", "POST"),
         (":path", "/o"),
@@ -605,10 +620,8 @@ fn kong_after_a_failed_call_or_an_empty_answer_takes_no_buffer_a_body_retry_goes
     ] {
         let host = FakeHost::at(1_000);
         let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{"methods":["POST","PUT"]}}"#;
-        let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
-        let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
-        crate::idempotency::create_slots(&super::HostShared(&host), slots);
-        let mut req = Request::new(Rc::new(plan));
+        let plan = super::fake::plan(&host, HostKind::Kong, cfg);
+        let mut req = Request::new(Rc::clone(&plan));
         host.set_request(&[
             (":method", method),
             (":path", "/orders"),
@@ -750,20 +763,9 @@ fn a_keyed_write_sent_and_unanswered_is_never_sent_again() {
     for (failure, status) in kong.into_iter().zip([502, 504]) {
         let host = FakeHost::at(1_000);
         let cfg = r#"{"retry":{"target":"orders:80","per_try_timeout_ms":1000,"deadline_ms":6000},"idempotency":{"lease_ms":6000}}"#;
-        let plan = configure(&host, cfg.as_bytes(), HostKind::Kong).unwrap();
-        let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
-        crate::idempotency::create_slots(&super::HostShared(&host), slots);
-        let plan = Rc::new(plan);
+        let plan = super::fake::plan(&host, HostKind::Kong, cfg);
         let mut req = Request::new(Rc::clone(&plan));
-        host.set_request(&[
-            (":method", "POST"),
-            (":path", "/orders"),
-            ("content-length", "2"),
-            ("idempotency-key", "k"),
-        ]);
-        req.on_request_headers(&host, false);
-        host.set_body(b"{}");
-        req.on_request_body(&host, 2, true);
+        keyed_write(&host, &mut req, "POST", "/orders", Some("k"), b"{}");
         assert_eq!(
             host.dispatches()[0].timeout_ms,
             6_000,
@@ -796,19 +798,12 @@ fn a_keyed_write_sent_and_unanswered_is_never_sent_again() {
     let host = FakeHost::at(1_000);
     let cfg =
         r#"{"retry":{"exchange":"native","backoff":{"base_ms":1,"max_ms":1}},"idempotency":{}}"#;
-    let plan = configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap();
-    let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
-    crate::idempotency::create_slots(&super::HostShared(&host), slots);
-    let mut req = Request::new(Rc::new(plan));
-    host.set_request(&[
-        (":method", "POST"),
-        (":path", "/o"),
-        ("content-length", "2"),
-        ("idempotency-key", "k"),
-    ]);
-    req.on_request_headers(&host, false);
-    host.set_body(b"{}");
-    assert_eq!(req.on_request_body(&host, 2, true), Verdict::Continue);
+    let plan = super::fake::plan(&host, HostKind::Envoy, cfg);
+    let mut req = Request::new(Rc::clone(&plan));
+    assert_eq!(
+        keyed_write(&host, &mut req, "POST", "/o", Some("k"), b"{}"),
+        Verdict::Continue
+    );
     assert!(
         host.set_request_headers
             .borrow()
@@ -837,10 +832,7 @@ fn a_keyed_body_too_large_to_hold_streams_once_with_its_key_on_both_hosts() {
     for kind in [HostKind::Kong, HostKind::Envoy] {
         let host = FakeHost::at(1_000);
         let cfg = r#"{"retry":{"target":"orders:8080","max_body_bytes":1000},"idempotency":{}}"#;
-        let plan = configure(&host, cfg.as_bytes(), kind).unwrap();
-        let slots = plan.idempotency.as_ref().map_or(0, |ip| ip.slots);
-        crate::idempotency::create_slots(&super::HostShared(&host), slots);
-        let plan = Rc::new(plan);
+        let plan = super::fake::plan(&host, kind, cfg);
         let upload = |host: &FakeHost| {
             let mut req = Request::new(Rc::clone(&plan));
             host.set_request(&[

@@ -4,8 +4,8 @@
 //! the flow: what is held, what is dispatched, what is answered.
 
 use super::fake::{Dispatched, FakeHost};
-use super::flow::{configure, Request, Verdict};
-use super::{HostKind, HostShared, Metric};
+use super::flow::{Request, Verdict};
+use super::{HostKind, Metric};
 use crate::shared_store::{CLAIM_SCRIPT, SETTLE_SCRIPT};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -118,11 +118,7 @@ fn plan(host: &FakeHost, kind: HostKind, redis: &str) -> Rc<crate::plan::Plan> {
     let cfg = format!(
         r#"{{"retry":{retry},"idempotency":{{"store":"redis","redis":{{"target":"webdis"{redis}}}}}}}"#
     );
-    let plan = configure(host, cfg.as_bytes(), kind).expect("config");
-    if let Some(ip) = &plan.idempotency {
-        crate::idempotency::create_slots(&HostShared(host), ip.slots);
-    }
-    Rc::new(plan)
+    super::fake::plan(host, kind, &cfg)
 }
 
 fn post(host: &FakeHost, key: &str, body: &[u8]) {
