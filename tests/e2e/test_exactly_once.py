@@ -191,3 +191,23 @@ def test_a_large_keyed_upload_reaches_the_pod_whole_once_and_a_resend_is_replaye
     assert json.loads(again) == answer
     assert len(pod.ledger()) == 1, "once"
     assert len(pod.attempts()) == 1
+
+
+def test_a_retry_that_breaks_after_the_commit_is_held_not_run_again(harness, driver):
+    """A draining pod's empty 503 (an answer: the write goes again), then the retry's pod commits
+    and its connection breaks before the answer. On Kong's host that retry is carried by Kong's
+    proxy_pass and nginx answers the failure itself (502): rollsafe tells it from the
+    application's by nginx's upstream timings and holds the key. Either way the client's re-send
+    is not run again: 409 while the key is held, then the try in doubt answered from records."""
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy(config(driver, lease_ms=2000, deadline_ms=2000), {"svc": [pod]})
+    pod.script({"status": 503, "body": ""}, {"reset": True, "commit": True})
+    first = post(gw, '"retry-broke"', '{"sku": 6}')
+    assert first.status == 502, first
+    assert len(pod.attempts()) == 2
+    again = post(gw, '"retry-broke"', '{"sku": 6}')
+    assert again.status == 409, again
+    time.sleep(2.2)
+    later = post(gw, '"retry-broke"', '{"sku": 6}')
+    assert later.status == 200 and "duplicate_of" in later.json(), later
+    assert len(pod.ledger()) == 1

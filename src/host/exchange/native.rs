@@ -78,10 +78,18 @@ impl Exchange {
             .response_header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        self.last_outcome = Some(Outcome::Status(status));
-        self.note_outcome(host, Outcome::Status(status));
+        let outcome = proxied_outcome(host, status);
+        self.last_outcome = Some(outcome);
+        self.note_outcome(host, outcome);
         if let Some(h) = &policy.attempt_count_header {
             host.set_response_header(h, &self.attempt.to_string());
+        }
+        if self.outcome_unknown() {
+            // nginx answered itself after the write was sent: it may be executing. The key is
+            // held (Kong's host cannot replace an answer here; nginx's 502/504 goes on).
+            self.phase = super::Phase::Done;
+            self.hold_key_unknown(host);
+            return Step::Continue;
         }
         self.keep_route_answer(host, status, end_of_stream)
     }
@@ -218,6 +226,31 @@ impl Exchange {
             return self.settle_in_response(host, Some(done));
         }
         Step::Continue
+    }
+}
+
+/// An answer Kong's `proxy_pass` carried: nginx's own 502/504 after a failure, or the upstream's.
+/// nginx's variables tell them apart: no response header from the upstream
+/// (`upstream_header_time` is `-`) after a connection was made (`upstream_connect_time` is a
+/// time) means the request was sent and not answered.
+fn proxied_outcome(host: &impl Host, status: u16) -> Outcome {
+    if !matches!(status, 502 | 504) {
+        return Outcome::Status(status);
+    }
+    let var = |name: &str| {
+        host.property(&["ngx", name])
+            .map(|v| String::from_utf8_lossy(&v).trim().to_string())
+    };
+    // (Several upstreams tried: the last one's value is last.)
+    let last =
+        |v: Option<String>| v.and_then(|v| v.rsplit(',').next().map(|s| s.trim().to_string()));
+    let connected = last(var("upstream_connect_time")).is_some_and(|t| t != "-" && !t.is_empty());
+    let answered = last(var("upstream_header_time")).is_some_and(|t| t != "-" && !t.is_empty());
+    match (connected, answered) {
+        (_, true) => Outcome::Status(status),
+        (true, false) if status == 504 => Outcome::Timeout,
+        (true, false) => Outcome::Reset,
+        (false, false) => Outcome::ConnectFailure,
     }
 }
 
