@@ -52,7 +52,7 @@ pub enum ServiceTarget {
     #[default]
     Unread,
     Ready(String),
-    /// Logged once; the route's requests go to Kong's own proxying, unowned.
+    /// Logged once; Kong's own proxying carries the route's requests, keys still enforced.
     Unusable,
 }
 

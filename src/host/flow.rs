@@ -158,9 +158,11 @@ impl Request {
         let service_target = (plan.target_from_service && routed.is_none())
             .then(|| self.service_target(host))
             .flatten();
+        // (Without a usable Service the exchange still enforces keys: Kong's proxying carries
+        // its one attempt.)
         let has_target = plan.host == HostKind::Envoy
             || routed.is_some()
-            || service_target.is_some()
+            || plan.target_from_service
             || plan.retry.as_ref().is_some_and(|(p, _)| p.target.is_some());
         let needs_exchange = has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
@@ -187,7 +189,7 @@ impl Request {
 
     /// The route's Service as the attempt target (Kong, no `retry.target`): read from
     /// `kong.router.service` at the first request and kept; what cannot be a target is logged
-    /// once, and the route's requests then pass to Kong's own proxying, unowned.
+    /// once, and Kong's own proxying then carries the route's requests (keys still enforced).
     fn service_target(&self, host: &impl Host) -> Option<String> {
         let mut cache = self.plan.service.try_borrow_mut().ok()?;
         match &*cache {
@@ -219,7 +221,7 @@ impl Request {
                 host.log(
                     Level::Error,
                     &format!(
-                        "rollsafe: no attempt target: {}; until then this route's requests pass to Kong unowned",
+                        "rollsafe: no attempt target: {}; Kong's proxying carries this route's requests (keys enforced, no retries)",
                         why.reason()
                     ),
                 );

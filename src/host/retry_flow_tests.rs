@@ -480,7 +480,7 @@ fn on_kong_attempts_go_to_the_routes_service_when_no_target_is_given() {
 }
 
 #[test]
-fn on_kong_a_service_that_cannot_be_a_target_is_logged_once_and_its_route_passes_unowned() {
+fn on_kong_a_service_that_cannot_be_a_target_is_logged_once_and_kongs_proxying_carries_it() {
     let absent = None;
     let https = Some(r#"{"name":"pay","protocol":"https","host":"pay","port":443}"#);
     for (value, says) in [(absent, "Kong 3.4 and 3.5 do not"), (https, "speaks https")] {

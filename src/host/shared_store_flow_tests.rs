@@ -396,3 +396,28 @@ fn a_gateway_that_died_with_a_write_in_flight_leaves_the_key_held_then_in_doubt(
     assert_eq!(attempt.body, b"{}");
     assert_eq!(b.counted(Metric::IdemInDoubt), 1);
 }
+
+#[test]
+fn a_route_that_answers_while_the_claim_is_asked_releases_the_claim_should_it_land() {
+    // Envoy without the buffer filter: the router may answer (say, every pod refused) while
+    // rollsafe still asks the store for the key; nothing of the body reached it.
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, HostKind::Envoy, "");
+    post(&host, "k", b"{}");
+    let (mut req, verdict) = arrive(&host, &plan);
+    assert_eq!(verdict, Verdict::Pause, "claim asked");
+    host.set_response(&[(":status", "503")]);
+    assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
+    assert_eq!(
+        req.pending_call(),
+        None,
+        "the claim's answer is no longer awaited"
+    );
+    let later = host.later.borrow();
+    assert_eq!(later.len(), 1, "the claim is released should it land");
+    assert!(String::from_utf8_lossy(&later[0].body).contains("/D/"));
+    assert!(
+        host.dispatches().iter().all(|d| d.target == "webdis"),
+        "no attempt"
+    );
+}

@@ -10,7 +10,8 @@
 //!    └─ full + pass-through, fail-open ─▶ Unprotected     Settling ─ack─▶ Completed | Released
 //! ```
 //! A client gone before any attempt was sent whole releases the key (nothing ran); after, the
-//! key is left to its lease (`Held`), since the application may still be executing it.
+//! key is left to its lease (`LeftToLease`), since the application may still be executing it;
+//! so is a write whose outcome became unknown (sent, no answer).
 
 use super::record::Stored;
 use super::store::Claim;

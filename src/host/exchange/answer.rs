@@ -11,9 +11,7 @@ impl Exchange {
     /// Sends the final answer: the last upstream answer, or a problem when there is none.
     pub(super) fn answer(&mut self, policy: &Policy, host: &impl Host) {
         if self.outcome_unknown() {
-            self.hold_key_unknown(host);
-            let reply = self.unknown_problem(policy);
-            self.send_reply(host, &reply);
+            self.answer_unknown(policy, host);
             return;
         }
         let last = self.last.take();
@@ -47,6 +45,14 @@ impl Exchange {
             }
             None => self.no_answer_problem(policy),
         }
+    }
+
+    /// A keyed write sent and unanswered: its key held for a lease from now, and the client told
+    /// the outcome is unknown.
+    pub(super) fn answer_unknown(&mut self, policy: &Policy, host: &impl Host) {
+        self.hold_key_unknown(host);
+        let reply = self.unknown_problem(policy);
+        self.send_reply(host, &reply);
     }
 
     /// A keyed write sent and unanswered: 504 (no answer before the deadline) or 502 (the

@@ -2,7 +2,7 @@
 //! and the retries of the native one. An attempt carries the whole held body; its answer (or
 //! the host's word that there was none) becomes an [`Outcome`].
 
-use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase};
+use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase, Step};
 use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
@@ -17,6 +17,12 @@ impl Exchange {
                 policy.attempt_timeout_ms(self.method(), self.key_enforced(), remaining);
         }
         self.reroute(host);
+        if self.target.is_none() && self.plan.host == HostKind::Kong {
+            // No target rollsafe can dispatch to (the route's Service could not be read):
+            // Kong's own proxying carries the request, its key still enforced, unretried.
+            self.hand_to_proxy_pass(host, "no attempt target");
+            return;
+        }
         if self.target.is_none() {
             self.target = route_cluster(host);
         }
@@ -126,6 +132,14 @@ impl Exchange {
             }
             (None, _) => {}
         }
+        if self
+            .key
+            .as_ref()
+            .is_some_and(crate::host::key::Key::in_doubt)
+        {
+            // (The request nginx proxies is the client's: the header goes on it.)
+            host.set_request_header(super::IN_DOUBT_HEADER, "true");
+        }
         self.attempt += 1;
         self.phase = Phase::Attempt(Carrier::ProxyPass);
         self.attempt_sent(host);
@@ -145,7 +159,7 @@ impl Exchange {
 impl Exchange {
     /// The route's Service cannot be dispatched to (its host names a Kong Upstream entity, which
     /// only Kong's balancer resolves): logged once, and the route's requests pass to Kong's own
-    /// proxying, unowned, from now on.
+    /// proxying (keys still enforced, no retries) from now on.
     fn service_unusable(&mut self, host: &impl Host) {
         if let Ok(mut cache) = self.plan.service.try_borrow_mut() {
             if *cache != ServiceTarget::Unusable {
@@ -154,12 +168,23 @@ impl Exchange {
                     &format!(
                         "rollsafe: the route's Service host {:?} does not resolve (a Kong Upstream \
                          entity's name?): rollsafe cannot send attempts there; set retry.target \
-                         to a DNS host:port. This route's requests now pass to Kong unowned",
+                         to a DNS host:port. Kong's proxying carries this route's requests now (keys enforced, no retries)",
                         self.target.as_deref().unwrap_or("")
                     ),
                 );
                 *cache = ServiceTarget::Unusable;
             }
+        }
+    }
+}
+
+impl Exchange {
+    /// What the request does once an attempt is under way: held while rollsafe's own call is
+    /// out; on its way when Kong's `proxy_pass` carries it (nothing pending, so Kong resumes it).
+    pub(super) fn held_for_attempt(&self) -> Step {
+        match self.phase {
+            Phase::Attempt(Carrier::ProxyPass) => Step::Continue,
+            _ => Step::Pause,
         }
     }
 }

@@ -68,7 +68,7 @@ impl Exchange {
             }
             Driver::Dispatch => {
                 self.send_attempt(policy, host);
-                Step::Pause
+                self.held_for_attempt()
             }
         }
     }

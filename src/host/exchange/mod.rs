@@ -266,7 +266,16 @@ impl Exchange {
             host.remove_request_header(IN_DOUBT_HEADER);
         }
         let mut ask = None;
-        ex.key_at_body = keyed && has_body;
+        // (A request without its key, where keys are optional, is decided like any other.)
+        ex.key_at_body = keyed
+            && has_body
+            && plan.idempotency.as_ref().is_some_and(|ip| {
+                ip.required
+                    || ex
+                        .block
+                        .as_ref()
+                        .is_some_and(|b| b.get(&ip.header).is_some())
+            });
         if let (Some(ip), Some(block), false) = (
             plan.idempotency.as_ref().filter(|_| keyed),
             &ex.block,
@@ -300,7 +309,8 @@ impl Exchange {
         match driver {
             Driver::Dispatch if !has_body => {
                 ex.send_attempt(policy, host);
-                (Some(ex), Step::Pause)
+                let step = ex.held_for_attempt();
+                (Some(ex), step)
             }
             // Pausing request headers would starve the filter of the body on both hosts.
             // (Kong's host: proxy_pass is not contacted while the filter holds the body.)
@@ -415,6 +425,14 @@ impl Exchange {
         if matches!(self.phase, Phase::Done) {
             return (Some(self), Step::Pause);
         }
+        if self.streaming {
+            // Decided already: held while its claim is asked, then it streams on.
+            let step = match self.phase {
+                Phase::Claiming(..) => Step::Pause,
+                _ => Step::Continue,
+            };
+            return (Some(self), step);
+        }
         if self.body_done {
             return (Some(self), Step::Continue);
         }
@@ -446,7 +464,8 @@ impl Exchange {
         match self.driver {
             Driver::Dispatch => {
                 self.send_attempt(policy, host);
-                (Some(self), Step::Pause)
+                let step = self.held_for_attempt();
+                (Some(self), step)
             }
             Driver::Native => {
                 self.begin_route_attempt(policy, host);
@@ -558,7 +577,7 @@ impl Exchange {
         let now = host.now_ms();
         match self.phase {
             Phase::Backoff { at } if now >= at => self.send_attempt(policy, host),
-            Phase::Answering => self.answer(policy, host),
+            Phase::Answering => self.answer_unknown(policy, host),
             Phase::Attempt(Carrier::Route) if self.renew_at.is_some_and(|at| now >= at) => {
                 self.renew_lease(host)
             }

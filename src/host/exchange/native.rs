@@ -47,6 +47,19 @@ impl Exchange {
             Phase::Attempt(Carrier::ProxyPass) => {
                 return self.proxied_answered(policy, host, end_of_stream)
             }
+            Phase::Claiming(..) => {
+                // The route answered while the key's claim was still asked (no buffer filter
+                // after rollsafe, or a streamed body): nothing of the body reached it. The
+                // claim is released should it land, and the answer passes.
+                if let (Phase::Claiming(_, mut k), Some(ip)) = (
+                    std::mem::replace(&mut self.phase, Phase::Done),
+                    self.plan.idempotency.as_ref(),
+                ) {
+                    k.client_gone(ip, host);
+                }
+                host.count(Metric::RetryGaveUp);
+                return Step::Continue;
+            }
             _ => {}
         }
         // The route answered; a retry, if any, is rollsafe's own (bounded by its timeouts).
@@ -140,7 +153,9 @@ impl Exchange {
             }
             None if self.outcome_unknown() => {
                 // Envoy's made-up answer is held and replaced by rollsafe's, from the root's
-                // next tick: the key stays held, and the client is told the outcome is unknown.
+                // next tick: the key stays held (now, should the client leave before), and the
+                // client is told the outcome is unknown.
+                self.hold_key_unknown(host);
                 self.phase = Phase::Answering;
                 self.wake_at = Some(host.now_ms());
                 Step::Pause

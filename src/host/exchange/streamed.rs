@@ -4,8 +4,8 @@
 //! decided on the request's facts without the body (its declared length and any
 //! `Content-Digest`), claimed before it goes, completed by its answer.
 
-use super::{Carrier, Exchange, Phase, Step};
-use crate::host::key::{self, Gate};
+use super::{Exchange, Step};
+use crate::host::key::{self, Gate, Key};
 use crate::host::{Host, HostKind, Level};
 use crate::plan::Driver;
 use crate::retry::Policy;
@@ -64,27 +64,26 @@ impl Exchange {
         resume: bool,
     ) -> Step {
         self.body_done = true;
-        match (self.plan.host, self.driver) {
-            (HostKind::Envoy, _) => {
+        let in_doubt = self.key.as_ref().is_some_and(Key::in_doubt);
+        match self.plan.host {
+            HostKind::Envoy => {
+                // Taken while the headers are still held (decided at them, or paused for the
+                // claim); a chunked body that outgrew the limit later keeps the route's own.
                 if self.keyed_write() {
-                    // Taken while the headers are still held (at them, or paused for the
-                    // claim); a body that outgrew the limit later keeps the route's timeout.
                     let deadline = policy.deadline_ms.to_string();
                     host.set_request_header("x-envoy-upstream-rq-timeout-ms", &deadline);
                 }
+                if in_doubt {
+                    host.set_request_header(super::IN_DOUBT_HEADER, "true");
+                }
                 self.driver = Driver::Native;
-                self.route_started = true;
-                self.route_complete = true;
-                self.attempt = 1;
-                self.phase = Phase::Attempt(Carrier::Route);
-                self.cover_lease(policy, host);
-                self.attempt_sent(host);
+                self.begin_route_attempt(policy, host);
                 if resume {
                     host.resume_request();
                 }
                 Step::Continue
             }
-            (HostKind::Kong, _) => {
+            HostKind::Kong => {
                 self.cover_lease(policy, host);
                 self.hand_to_proxy_pass(host, "a body too large to hold");
                 Step::Continue
