@@ -270,11 +270,12 @@ impl Exchange {
         ex.key_at_body = keyed
             && has_body
             && plan.idempotency.as_ref().is_some_and(|ip| {
+                // (As bytes: a key that is not UTF-8 is there too, and refused with a 400.)
                 ip.required
                     || ex
                         .block
                         .as_ref()
-                        .is_some_and(|b| b.get(&ip.header).is_some())
+                        .is_some_and(|b| b.get_bytes(&ip.header).is_some())
             });
         if let (Some(ip), Some(block), false) = (
             plan.idempotency.as_ref().filter(|_| keyed),
