@@ -487,7 +487,6 @@ impl Key {
                         Settle::Complete {
                             stored,
                             expires_ms: host.now_ms() + ip.ttl_ms,
-                            body_len: self.facts.body_len,
                         },
                         Some(true),
                     ),

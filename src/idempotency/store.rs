@@ -170,13 +170,9 @@ pub fn claim(
 /// How a claim ends or goes on.
 #[derive(Debug, Clone)]
 pub enum Settle {
-    /// Completed: replayed until `expires_ms` (unless evicted). `body_len` is the length
-    /// actually received (known now even for a chunked body).
-    Complete {
-        stored: Stored,
-        expires_ms: u64,
-        body_len: Option<u64>,
-    },
+    /// Completed: replayed until `expires_ms` (unless evicted). (The request's facts, its body
+    /// length included, are the claim's: a key is claimed once its body is known.)
+    Complete { stored: Stored, expires_ms: u64 },
     /// Freed, so the client's next try runs.
     Release,
     /// Still in flight: the lease now runs until `expires_ms`.
@@ -200,11 +196,7 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
             return false;
         }
         let value = match settle {
-            Settle::Complete {
-                stored,
-                expires_ms,
-                body_len,
-            } => {
+            Settle::Complete { stored, expires_ms } => {
                 if !response_written {
                     if write_response(store, slot, owner, stored).is_err() {
                         // Too large for what is left of the zone: free the slot rather than
@@ -216,9 +208,6 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
                 }
                 rec.state = State::Done;
                 rec.expires_ms = *expires_ms;
-                if body_len.is_some() {
-                    rec.facts.body_len = *body_len;
-                }
                 encode(&rec)
             }
             Settle::Release => Vec::new(),
@@ -286,7 +275,6 @@ pub fn cache(
     let done = Settle::Complete {
         stored: stored.clone(),
         expires_ms,
-        body_len: facts.body_len,
     };
     settle(store, slot, key, owner, &done)
 }

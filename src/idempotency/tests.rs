@@ -78,11 +78,7 @@ const OTHER: Facts = Facts {
 const OWNER: u64 = 0xA11CE;
 
 fn done(stored: Stored, expires_ms: u64) -> Settle {
-    Settle::Complete {
-        stored,
-        expires_ms,
-        body_len: None,
-    }
+    Settle::Complete { stored, expires_ms }
 }
 
 #[test]
