@@ -7,6 +7,7 @@
 use serde::Deserialize;
 
 pub mod error;
+mod path;
 
 pub use error::ConfigError;
 
@@ -63,14 +64,14 @@ fn object(text: &[u8]) -> Result<&[u8], ConfigError> {
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_data() {
-            ConfigError::new(display_path(&path), without_position(&inner))
+    let value = T::deserialize(&mut de).map_err(|e| {
+        let unknown_field = e.to_string().starts_with("unknown field");
+        let path = display_path(&path::at(bytes, e.line(), e.column(), unknown_field));
+        if e.is_data() {
+            ConfigError::new(path, without_position(&e))
         } else {
-            // Malformed JSON: no field to name, but the position helps.
-            ConfigError::new("config", format!("invalid JSON: {inner}"))
+            // Malformed JSON (or a value serde_json rejects as such): the position helps.
+            ConfigError::new(path, format!("invalid JSON: {e}"))
         }
     })?;
     de.end()
@@ -111,6 +112,49 @@ mod tests {
         let e = parse(br#"{"retyr": {}}"#).unwrap_err();
         assert!(e.to_string().contains("retyr"), "{e}");
         assert!(!e.reason.contains("line 1"), "{e}");
+    }
+
+    /// The path read back from the error's position is the one a deserializer tracking
+    /// every field names (`serde_path_to_error`, a dev-dependency for this comparison).
+    #[test]
+    fn error_paths_agree_with_a_tracking_deserializer() {
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(include_str!("../tests/configs/invalid.json")).unwrap();
+        let mut texts: Vec<String> = cases
+            .iter()
+            .map(|c| serde_json::to_string(&c["config"]).unwrap())
+            .collect();
+        for c in &cases {
+            // The same, pretty-printed over several lines.
+            texts.push(serde_json::to_string_pretty(&c["config"]).unwrap());
+        }
+        texts.extend(
+            [
+                r#"{"routing":{"groups":[{"name":"a","target":"t"},{"name":"b"}]}}"#,
+                r#"{"routing":{"groups":[{"name":"a","target":"t"},{"name":"b","target":"t","weight":"x"}]}}"#,
+                r#"{"retry":{"attempts":3,"backoff":{"base_ms":true}}}"#,
+                r#"{"retry":{"attempts":3,"backoff":{"bogus":1}}}"#,
+                r#"{"maintenance":{"windows":[{"start":"2020-01-01T00:00:00Z","end":1}]}}"#,
+                r#"{"maintenance":{"methods":["GET",7]}}"#,
+                r#"{ "idempotency" : { "max_entries" : -1 } }"#,
+                r#"{"idempotency":{"header":5}}"#,
+                r#"{"retry":{"target":"a\"b","attempts":"3"}}"#,
+            ]
+            .map(String::from),
+        );
+        // (Not an object: refused before any field is read.)
+        for text in texts.iter().filter(|t| t.starts_with('{')) {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let Err(tracked) = serde_path_to_error::deserialize::<_, Config>(&mut de) else {
+                continue; // valid in shape; refused later, by the sections' own checks
+            };
+            if tracked.inner().is_syntax() {
+                continue; // (a tracked path there is `?` segments: nothing to agree with)
+            }
+            let tracked = display_path(&tracked.path().to_string());
+            let read_back = parse(text.as_bytes()).err().map(|e| e.path);
+            assert_eq!(read_back.as_deref(), Some(tracked.as_str()), "{text}");
+        }
     }
 
     #[test]
