@@ -57,6 +57,8 @@ pub struct FakeHost {
     pub later: RefCell<Vec<Dispatched>>,
     pub resumed_requests: Cell<usize>,
     pub resumed_responses: Cell<usize>,
+    /// Every hostcall the flow made, by kind (the bench's profile of each path).
+    pub calls: RefCell<std::collections::BTreeMap<&'static str, usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,21 +153,31 @@ impl FakeHost {
     }
 }
 
+impl FakeHost {
+    fn hit(&self, kind: &'static str) {
+        *self.calls.borrow_mut().entry(kind).or_default() += 1;
+    }
+}
+
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
+        self.hit("clock");
         self.now.get()
     }
 
     fn random(&self) -> u64 {
+        self.hit("random");
         self.rng.get()
     }
 
     fn request_header_block(&self) -> HeaderBlock {
+        self.hit("request header map");
         self.header_reads.set(self.header_reads.get() + 1);
         HeaderBlock::from_pairs(&self.request.borrow())
     }
 
     fn set_request_header(&self, name: &str, value: &str) {
+        self.hit("set request header");
         self.set_request_headers
             .borrow_mut()
             .push((name.to_string(), value.to_string()));
@@ -176,18 +188,21 @@ impl Host for FakeHost {
     }
 
     fn remove_request_header(&self, name: &str) {
+        self.hit("remove request header");
         self.request
             .borrow_mut()
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
     fn set_property(&self, path: &[&str], value: &[u8]) {
+        self.hit("set property");
         self.properties
             .borrow_mut()
             .push((path.join("."), value.to_vec()));
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.hit("request body");
         let body = self.request_body.borrow();
         Some(
             body.get(..size.min(body.len()))
@@ -197,21 +212,30 @@ impl Host for FakeHost {
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
+        self.hit("response header");
         header(&self.response_headers.borrow(), name).map(str::to_string)
     }
 
+    fn response_header_block(&self) -> HeaderBlock {
+        self.hit("response header map");
+        HeaderBlock::from_pairs(&self.response_headers.borrow())
+    }
+
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.hit("response body");
         let body = self.response_body.borrow();
         Some(body.get(..size.min(body.len()))?.to_vec())
     }
 
     fn set_response_header(&self, name: &str, value: &str) {
+        self.hit("set response header");
         self.response_headers
             .borrow_mut()
             .push((name.to_string(), value.to_string()));
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.hit("property");
         let key = path.join(".");
         self.properties
             .borrow()
@@ -227,6 +251,7 @@ impl Host for FakeHost {
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, String> {
+        self.hit("dispatch");
         if self.dispatch_fails.get() {
             return Err("BadArgument".into());
         }
@@ -248,6 +273,7 @@ impl Host for FakeHost {
         body: Vec<u8>,
         timeout_ms: u64,
     ) {
+        self.hit("dispatch (from the root's tick)");
         self.later.borrow_mut().push(Dispatched {
             token: 0,
             target: target.to_string(),
@@ -258,24 +284,29 @@ impl Host for FakeHost {
     }
 
     fn resume_request(&self) {
+        self.hit("resume");
         self.resumed_requests.set(self.resumed_requests.get() + 1);
     }
 
     fn resume_response(&self) {
+        self.hit("resume");
         self.resumed_responses.set(self.resumed_responses.get() + 1);
     }
 
     fn call_response(&self, body_size: usize) -> CallResponse {
+        self.hit("call response");
         let mut c = self.call.borrow().clone();
         c.body.truncate(body_size);
         c
     }
 
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.hit("shared data read");
         self.shared.borrow().get(key).cloned()
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        self.hit("shared data write");
         let mut m = self.shared.borrow_mut();
         let current = m.get(key).map(|(_, c)| *c);
         if matches!(current, Some(c) if cas != 0 && cas != c) {
@@ -286,16 +317,24 @@ impl Host for FakeHost {
     }
 
     fn set_effective_context(&self, id: u32) -> bool {
+        self.hit("set effective context");
         self.effective.set(Some(id));
         true
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
         self.header_reads.set(self.header_reads.get() + 1);
-        header(&self.request.borrow(), name).map(str::to_string)
+        let found = header(&self.request.borrow(), name).map(str::to_string);
+        self.hit(if found.is_some() {
+            "request header"
+        } else {
+            "request header (absent)"
+        });
+        found
     }
 
     fn send_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        self.hit("local reply");
         self.sent.borrow_mut().push(Sent {
             status,
             headers: owned(headers),
@@ -304,10 +343,12 @@ impl Host for FakeHost {
     }
 
     fn log(&self, level: Level, message: &str) {
+        self.hit("log");
         self.logs.borrow_mut().push((level, message.to_string()));
     }
 
     fn count(&self, metric: Metric) {
+        self.hit("metric increment");
         self.metrics.borrow_mut().push(metric);
     }
 }
@@ -317,7 +358,7 @@ impl Host for FakeHost {
 pub fn plan(host: &FakeHost, kind: super::HostKind, cfg: &str) -> std::rc::Rc<crate::plan::Plan> {
     let plan = super::flow::configure(host, cfg.as_bytes(), kind).expect("config");
     if let Some(ip) = &plan.idempotency {
-        crate::idempotency::create_slots(&super::HostShared(host), ip.slots);
+        crate::idempotency::create_slots(&super::HostShared(host, kind), ip.slots);
     }
     std::rc::Rc::new(plan)
 }

@@ -121,12 +121,19 @@ impl Request {
         }
         // Keys alone (no retry section, no routing): a request without a key, where keys are
         // optional, is none of rollsafe's business — one lookup that finds nothing.
-        if let (true, None, Some(ip)) = (
+        let optional_key = match (
             plan.exchange_for_keys_only,
             &plan.routing,
             &plan.idempotency,
         ) {
-            if !ip.required && host.request_header(&ip.header).is_none() {
+            (true, None, Some(ip)) if !ip.required => Some(ip.header.as_str()),
+            _ => None,
+        };
+        // A request with a body on Envoy is most likely a keyed write: its key is looked up in
+        // the header map the exchange reads anyway (one hostcall rather than two).
+        let key_in_map = plan.host == HostKind::Envoy && !end_of_stream;
+        if let (Some(name), false) = (optional_key, key_in_map) {
+            if host.request_header(name).is_none() {
                 return Verdict::Continue;
             }
         }
@@ -136,6 +143,15 @@ impl Request {
             host,
             all: plan.retry.is_some().then(|| host.request_header_block()),
         };
+        if let (Some(name), true) = (optional_key, key_in_map) {
+            if headers
+                .all
+                .as_ref()
+                .is_some_and(|b| b.get_bytes(name).is_none())
+            {
+                return Verdict::Continue;
+            }
+        }
         let method = if plan.routing.is_some() || plan.retry.is_some() {
             headers.get(":method").unwrap_or_default()
         } else {

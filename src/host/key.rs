@@ -47,6 +47,8 @@ pub struct Key {
     in_doubt: bool,
     /// When the claim's lease ends, as last written.
     lease_until: u64,
+    /// The host: its shared data's write rules (see `HostShared`).
+    kind: HostKind,
     /// A completion sent to the shared store and not yet acknowledged (cached on this node once
     /// it is, or once the store turns out to be unreachable).
     completing: Option<(Stored, u64)>,
@@ -205,8 +207,9 @@ pub fn gate(
         in_doubt: false,
         lease_until: now + ip.lease_ms,
         completing: None,
+        kind,
     };
-    let store = HostShared(host);
+    let store = HostShared(host, kind);
     if let Some(redis) = &ip.shared {
         if let Some((cached, stored)) = idempotency::cached(&store, ip.slots, &k.store_key, now) {
             host.count(Metric::IdemCacheHit);
@@ -498,7 +501,7 @@ impl Key {
                         None,
                     ),
                 };
-                let store = HostShared(host);
+                let store = HostShared(host, self.kind);
                 let done = idempotency::settle(&store, slot, &self.store_key, self.owner, &settle);
                 match (done, completes) {
                     (true, Some(true)) => note(host, Note::Stored),
@@ -672,7 +675,7 @@ impl Key {
             return;
         };
         idempotency::cache(
-            &HostShared(host),
+            &HostShared(host, self.kind),
             ip.slots,
             &self.store_key,
             &self.facts,

@@ -18,6 +18,8 @@ pub mod fake;
 #[cfg(test)]
 mod idempotency_flow_tests;
 #[cfg(test)]
+mod profile_tests;
+#[cfg(test)]
 mod retry_flow_tests;
 #[cfg(test)]
 mod shared_store_flow_tests;
@@ -183,6 +185,8 @@ pub trait Host {
     /// `size` bytes of the request body as the host holds it now.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn response_header(&self, name: &str) -> Option<String>;
+    /// The whole response header map in one hostcall (cheaper than two single reads).
+    fn response_header_block(&self) -> headers::HeaderBlock;
     /// `size` bytes of the response body as the host holds it now.
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn set_response_header(&self, name: &str, value: &str);
@@ -234,8 +238,8 @@ pub fn name_group(host: &impl Host, kind: HostKind, header: &str, name: &str, ta
 
 pub use crate::idempotency::SetError;
 
-/// The host's shared data as the idempotency store sees it.
-pub struct HostShared<'a, H: Host>(pub &'a H);
+/// The host's shared data as the idempotency store sees it, with the host's write rules.
+pub struct HostShared<'a, H: Host>(pub &'a H, pub HostKind);
 
 impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
@@ -243,5 +247,13 @@ impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
     }
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
         self.0.shared_set(key, value, cas)
+    }
+    fn overwrite(&self, key: &str, value: &[u8]) -> Result<(), SetError> {
+        match self.1 {
+            // cas 0 is "no check" on Envoy: one write, without reading the old value first.
+            HostKind::Envoy => self.0.shared_set(key, value, 0),
+            // On Kong's host cas 0 means "absent": the current cas is read first.
+            HostKind::Kong => crate::idempotency::overwrite_checked(self, key, value),
+        }
     }
 }

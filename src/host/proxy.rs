@@ -104,6 +104,12 @@ impl Host for ProxyHost {
         )
     }
 
+    fn response_header_block(&self) -> super::headers::HeaderBlock {
+        super::headers::HeaderBlock::from_raw(
+            super::abi::header_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default(),
+        )
+    }
+
     fn set_request_header(&self, name: &str, value: &str) {
         let _ = super::abi::replace_header(MapType::HttpRequestHeaders, name, value);
     }
@@ -342,7 +348,7 @@ impl RootContext for Root {
                 }
                 self.host = ProxyHost::with_metrics(Rc::clone(&self.scheduler));
                 if let Some(idem) = &plan.idempotency {
-                    crate::idempotency::create_slots(&HostShared(&self.host), idem.slots);
+                    crate::idempotency::create_slots(&HostShared(&self.host, kind), idem.slots);
                 }
                 self.plan = Some(Rc::new(plan));
                 true

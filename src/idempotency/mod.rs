@@ -24,7 +24,9 @@ pub mod store;
 pub use key::{fingerprint, fingerprint_streamed, parse_key, scope_id, Facts, KeyError};
 pub use policy::{IdempotencyConfig, Policy, ScopePart, StoreKind, WhenFull};
 pub use record::{decode, decode_response, encode, encode_response, Record, State, Stored};
-pub use store::{cache, cached, claim, create_slots, settle, Claim, SetError, Settle, Shared};
+pub use store::{
+    cache, cached, claim, create_slots, overwrite_checked, settle, Claim, SetError, Settle, Shared,
+};
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@ use super::key::Facts;
 
 const MAGIC: &[u8; 4] = b"RSI3";
 const RESPONSE_MAGIC: &[u8; 4] = b"RSR1";
+const BUCKET_MAGIC: &[u8; 4] = b"RSB1";
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +131,38 @@ pub fn decode(value: &[u8]) -> Option<Record> {
         expires_ms,
         state,
     })
+}
+
+/// A bucket's index records as bytes: `RSB1`, then per way its record's length (0: free) and
+/// the record.
+pub fn encode_bucket(ways: &[Option<Record>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + ways.len() * 100);
+    out.extend_from_slice(BUCKET_MAGIC);
+    for way in ways {
+        match way {
+            Some(rec) => put_str(&mut out, &encode(rec)),
+            None => put_str(&mut out, &[]),
+        }
+    }
+    out
+}
+
+/// Decodes a bucket into `ways` slots: a way that is not a whole record is free, and a bucket
+/// that is not one at all (never written, or foreign bytes) is all free.
+pub fn decode_bucket(value: &[u8]) -> Vec<Option<Record>> {
+    let ways = super::store::WAYS as usize;
+    let mut out: Vec<Option<Record>> = vec![None; ways];
+    let mut r = Reader(value);
+    if r.take(4) != Some(BUCKET_MAGIC.as_slice()) {
+        return out;
+    }
+    for way in out.iter_mut() {
+        match r.bytes() {
+            Some(bytes) => *way = decode(bytes),
+            None => break,
+        }
+    }
+    out
 }
 
 /// Decodes a stored response and its owner tag.

@@ -2,19 +2,40 @@
 //! compare-and-swap.
 
 use super::key::Facts;
-use super::record::{decode, decode_response, encode, encode_response, Record, State, Stored};
+use super::record::{
+    decode_bucket, decode_response, encode_bucket, encode_response, Record, State, Stored,
+};
 
-/// Slots probed for one key.
-const PROBE: usize = 8;
-/// Claim attempts when another worker changes a slot between read and write.
-const CAS_TRIES: usize = 4;
-
+/// Slots of one bucket: the records a key may use, read and written as one shared-data value.
+pub const WAYS: u32 = 8;
+/// Claim attempts when another worker changes a bucket between read and write.
+const CAS_TRIES: usize = 8;
 /// The shared-data operations the store needs (the host layer maps them to proxy-wasm).
 pub trait Shared {
     /// The value and its CAS token.
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Writes when the stored CAS still equals `cas`.
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+    /// Writes whatever is there (a value another CAS already guards).
+    fn overwrite(&self, key: &str, value: &[u8]) -> Result<(), SetError> {
+        overwrite_checked(self, key, value)
+    }
+}
+
+/// `overwrite` where a write must name the current CAS: read it, then write.
+pub fn overwrite_checked<S: Shared + ?Sized>(
+    store: &S,
+    key: &str,
+    value: &[u8],
+) -> Result<(), SetError> {
+    for _ in 0..CAS_TRIES {
+        let cas = store.get(key).map_or(0, |(_, cas)| cas);
+        match store.set(key, value, cas) {
+            Err(SetError::CasMismatch) => continue,
+            other => return other,
+        }
+    }
+    Err(SetError::CasMismatch)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,30 +70,69 @@ pub enum Claim {
 // answer arrives later). The key's lifecycle (`host::key`) drives either.
 //
 // The node-local store: a fixed table of slots in the host's shared data, created at configure
-// time and claimed by compare-and-swap (exclusive on both hosts). A key may use the slots of its
-// probe window; when all of them hold completed records, the oldest completion is evicted — a
-// request in flight never is, so a new key is refused only while its whole window is in flight.
-// Memory: `slots` index records (key, facts, times; ~0.4 KiB) plus at most one stored response
-// per slot.
+// time and claimed by compare-and-swap (exclusive on both hosts). The slots are grouped in
+// buckets of [`WAYS`]: a key belongs to one bucket, whose index records are one shared-data
+// value, so a claim is one read and one compare-and-swap whatever the bucket holds (each
+// shared-data call costs the host a call into the VM: bench/RESULTS.md). When every slot of
+// the bucket holds a completed record, the oldest completion is evicted — a request in flight
+// never is, so a new key is refused only while its whole bucket is in flight.
+// Memory: one bucket value (`WAYS` index records of ~0.1 KiB plus their keys) per `WAYS`
+// slots, plus at most one stored response per slot.
 
-/// Where a key's probe window starts: FNV-1a, mixed. (A cryptographic hash buys nothing here:
-/// its output is public too, so anyone can search for keys that share a window either way;
-/// the window's eviction of the oldest completion, never a request in flight, is the bound.)
-fn probe_start(key: &str, slots: u32) -> u32 {
+/// The bucket of a key: FNV-1a, mixed. (A cryptographic hash buys nothing here: its output is
+/// public too, so anyone can search for keys that share a bucket either way; the bucket's
+/// eviction of the oldest completion, never a request in flight, is the bound.)
+fn bucket_of(key: &str, slots: u32) -> u32 {
     let h = crate::routing::hash_key(key.as_bytes());
     let mut z = h ^ (h >> 33);
     z = z.wrapping_mul(0xff51_afd7_ed55_8ccd);
     z ^= z >> 33;
-    (z % u64::from(slots.max(1))) as u32
+    (z % u64::from(buckets(slots))) as u32
 }
 
-/// Creates the slots that do not exist yet (configure time, every worker).
+/// Buckets for `slots` slots (at least one).
+pub fn buckets(slots: u32) -> u32 {
+    slots.div_ceil(WAYS).max(1)
+}
+
+/// Creates the buckets that do not exist yet (configure time, every worker).
 pub fn create_slots(store: &impl Shared, slots: u32) {
-    for i in 0..slots {
-        let key = slot_key(i);
+    for b in 0..buckets(slots) {
+        let key = bucket_key(b);
         if store.get(&key).is_none() {
             let _ = store.set(&key, &[], 0);
         }
+    }
+}
+
+/// A bucket as read: its records by way (`None`: free or unreadable) and its CAS token.
+struct Bucket {
+    index: u32,
+    ways: Vec<Option<Record>>,
+    cas: u32,
+}
+
+impl Bucket {
+    /// `None` when the bucket was never created (nothing to compare-and-swap against).
+    fn read(store: &impl Shared, index: u32) -> Option<Bucket> {
+        let (value, cas) = store.get(&bucket_key(index))?;
+        Some(Bucket {
+            index,
+            ways: decode_bucket(&value),
+            cas,
+        })
+    }
+
+    fn slot(&self, way: usize) -> u32 {
+        self.index * WAYS + way as u32
+    }
+
+    fn write(&self, store: &impl Shared) -> Result<(), SetError> {
+        store.set(
+            &bucket_key(self.index),
+            &encode_bucket(&self.ways),
+            self.cas,
+        )
     }
 }
 
@@ -86,50 +146,48 @@ pub fn claim(
     now: u64,
     lease_ms: u64,
 ) -> Claim {
-    let start = probe_start(key, slots);
+    let index = bucket_of(key, slots);
     for _ in 0..CAS_TRIES {
-        let mut free: Option<(u32, u32)> = None;
+        let Some(mut bucket) = Bucket::read(store, index) else {
+            return Claim::Full;
+        };
+        let mut free: Option<usize> = None;
         // The completed record that expires first: the oldest completion (one TTL for all).
-        let mut oldest: Option<(u32, u32, u64)> = None;
+        let mut oldest: Option<(usize, u64)> = None;
         let mut found = None;
         // This key's in-flight record whose lease ran out: its holder never settled it (the
         // outcome was unknown, or the gateway died), so the next try is in doubt.
-        let mut doubt: Option<(u32, u32)> = None;
-        for i in 0..PROBE.min(slots as usize) as u32 {
-            let slot = (start + i) % slots;
-            let Some((value, cas)) = store.get(&slot_key(slot)) else {
-                continue;
-            };
-            match decode(&value) {
+        let mut doubt: Option<usize> = None;
+        for (way, rec) in bucket.ways.iter().enumerate() {
+            match rec {
                 Some(rec) if rec.key == key && rec.expires_ms > now => {
-                    found = Some((slot, rec));
+                    found = Some((way, rec));
                     break;
                 }
                 Some(rec) if rec.expires_ms > now => {
-                    if rec.state == State::Done && oldest.is_none_or(|(_, _, e)| rec.expires_ms < e)
-                    {
-                        oldest = Some((slot, cas, rec.expires_ms));
+                    if rec.state == State::Done && oldest.is_none_or(|(_, e)| rec.expires_ms < e) {
+                        oldest = Some((way, rec.expires_ms));
                     }
                 }
                 Some(rec) if rec.key == key && rec.state == State::InFlight => {
-                    doubt = Some((slot, cas));
+                    doubt = Some(way);
                 }
                 // Empty, expired, or unreadable (not ours): free.
                 _ => {
                     if free.is_none() {
-                        free = Some((slot, cas));
+                        free = Some(way);
                     }
                 }
             }
         }
-        if let Some((slot, rec)) = found {
+        if let Some((way, rec)) = found {
             let same = rec.facts.same_as(facts);
             return match rec.state {
                 State::InFlight => Claim::InFlight {
                     same,
                     retry_after_ms: rec.expires_ms.saturating_sub(now),
                 },
-                State::Done => match read_response(store, slot, rec.owner) {
+                State::Done => match read_response(store, bucket.slot(way), rec.owner) {
                     Some(stored) => Claim::Done { same, stored },
                     // Being replaced under us (evicted and reclaimed): try again shortly.
                     None => Claim::InFlight {
@@ -139,9 +197,9 @@ pub fn claim(
                 },
             };
         }
-        let (slot, cas, evicted) = match (doubt, free, oldest) {
-            (Some((slot, cas)), _, _) | (None, Some((slot, cas)), _) => (slot, cas, false),
-            (None, None, Some((slot, cas, _))) => (slot, cas, true),
+        let (way, evicted) = match (doubt, free, oldest) {
+            (Some(way), _, _) | (None, Some(way), _) => (way, false),
+            (None, None, Some((way, _))) => (way, true),
             (None, None, None) => return Claim::Full,
         };
         let rec = Record {
@@ -151,10 +209,13 @@ pub fn claim(
             expires_ms: now + lease_ms,
             state: State::InFlight,
         };
-        match store.set(&slot_key(slot), &encode(&rec), cas) {
+        if let Some(w) = bucket.ways.get_mut(way) {
+            *w = Some(rec);
+        }
+        match bucket.write(store) {
             Ok(()) => {
                 return Claim::Claimed {
-                    slot,
+                    slot: bucket.slot(way),
                     evicted,
                     in_doubt: doubt.is_some(),
                 }
@@ -163,7 +224,7 @@ pub fn claim(
             Err(SetError::Refused) => return Claim::Full,
         }
     }
-    // The slots kept changing under us: someone else is busy with them.
+    // The bucket kept changing under us: others are busy with it.
     Claim::Full
 }
 
@@ -183,13 +244,13 @@ pub enum Settle {
 /// `owner` under `key` is touched (compare-and-swap), so a stale owner changes nothing; returns
 /// whether the write happened. A completion writes the response first, then flips the index.
 pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool {
-    let slot_key = slot_key(slot);
+    let (index, way) = (slot / WAYS, (slot % WAYS) as usize);
     let mut response_written = false;
     for _ in 0..CAS_TRIES {
-        let Some((value, cas)) = store.get(&slot_key) else {
+        let Some(mut bucket) = Bucket::read(store, index) else {
             return false;
         };
-        let Some(mut rec) = decode(&value) else {
+        let Some(Some(mut rec)) = bucket.ways.get(way).cloned() else {
             return false;
         };
         if rec.key != key || rec.owner != owner || rec.state != State::InFlight {
@@ -201,27 +262,36 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
                     if write_response(store, slot, owner, stored).is_err() {
                         // Too large for what is left of the zone: free the slot rather than
                         // leave it claimed until the lease runs out.
-                        let _ = store.set(&slot_key, &[], cas);
+                        if let Some(w) = bucket.ways.get_mut(way) {
+                            *w = None;
+                        }
+                        let _ = bucket.write(store);
                         return false;
                     }
                     response_written = true;
                 }
                 rec.state = State::Done;
                 rec.expires_ms = *expires_ms;
-                encode(&rec)
+                Some(rec)
             }
-            Settle::Release => Vec::new(),
+            Settle::Release => None,
             Settle::Extend { expires_ms } => {
                 rec.expires_ms = rec.expires_ms.max(*expires_ms);
-                encode(&rec)
+                Some(rec)
             }
         };
-        match store.set(&slot_key, &value, cas) {
+        if let Some(w) = bucket.ways.get_mut(way) {
+            *w = value;
+        }
+        match bucket.write(store) {
             Ok(()) => return true,
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => {
                 if matches!(settle, Settle::Complete { .. }) {
-                    let _ = store.set(&slot_key, &[], cas);
+                    if let Some(w) = bucket.ways.get_mut(way) {
+                        *w = None;
+                    }
+                    let _ = bucket.write(store);
                 }
                 return false;
             }
@@ -237,20 +307,16 @@ pub fn cached(store: &impl Shared, slots: u32, key: &str, now: u64) -> Option<(F
     if slots == 0 {
         return None;
     }
-    let start = probe_start(key, slots);
-    for i in 0..PROBE.min(slots as usize) as u32 {
-        let slot = (start + i) % slots;
-        let Some((value, _)) = store.get(&slot_key(slot)) else {
-            continue;
-        };
-        if let Some(rec) = decode(&value).filter(|r| r.key == key && r.expires_ms > now) {
-            return match rec.state {
-                State::Done => read_response(store, slot, rec.owner).map(|s| (rec.facts, s)),
-                State::InFlight => None,
-            };
-        }
+    let bucket = Bucket::read(store, bucket_of(key, slots))?;
+    let (way, rec) = bucket.ways.iter().enumerate().find_map(|(way, r)| {
+        r.as_ref()
+            .filter(|r| r.key == key && r.expires_ms > now)
+            .map(|r| (way, r))
+    })?;
+    match rec.state {
+        State::Done => read_response(store, bucket.slot(way), rec.owner).map(|s| (rec.facts, s)),
+        State::InFlight => None,
     }
-    None
 }
 
 /// Keeps a completed record in the node-local cache (evicting the window's oldest when it must);
@@ -286,16 +352,7 @@ fn write_response(
     owner: u64,
     stored: &Stored,
 ) -> Result<(), SetError> {
-    let key = response_key(slot);
-    let value = encode_response(owner, stored);
-    for _ in 0..CAS_TRIES {
-        let cas = store.get(&key).map_or(0, |(_, cas)| cas);
-        match store.set(&key, &value, cas) {
-            Err(SetError::CasMismatch) => continue,
-            other => return other,
-        }
-    }
-    Err(SetError::CasMismatch)
+    store.overwrite(&response_key(slot), &encode_response(owner, stored))
 }
 
 /// The slot's response, when it belongs to `owner`'s completion.
@@ -305,9 +362,9 @@ fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
     (tag == owner).then_some(stored)
 }
 
-/// Shared-data key of slot `i`'s index record (Kong: zone `rollsafe`).
-pub fn slot_key(i: u32) -> String {
-    format!("rollsafe/idem/{i}")
+/// Shared-data key of bucket `i`'s index records (Kong: zone `rollsafe`).
+pub fn bucket_key(i: u32) -> String {
+    format!("rollsafe/idem/b{i}")
 }
 
 /// Shared-data key of slot `i`'s stored response.

@@ -336,8 +336,11 @@ class Envoy:
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  direct_response: bool | str = False, retry_policy: dict | None = None,
                  wrapper: list[str] | None = None, buffer: bool = True,
-                 unbuffered: list[str] | None = None):
+                 unbuffered: list[str] | None = None, log_level: str = "debug"):
         self.harness = harness
+        # The wasm component's log level: the suite reads rollsafe's debug lines; the
+        # benchmark runs at Envoy's default (info), as a deployment would.
+        self.log_level = log_level
         # Envoy's buffer filter after rollsafe (the README's recommended chain): the router
         # sees a request only once its whole body is there, so rollsafe decides a keyed
         # request on its whole body before any upstream is contacted.
@@ -480,7 +483,7 @@ class Envoy:
         self.proc = subprocess.Popen(
             (self.wrapper + [str(envoy_binary())] if self.wrapper else [str(ENVOY_BIN)]) +
             ["-c", str(cfg_path), "--concurrency", str(self.concurrency),
-             "--use-dynamic-base-id", "-l", "info", "--component-log-level", "wasm:debug"],
+             "--use-dynamic-base-id", "-l", "info", "--component-log-level", f"wasm:{self.log_level}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.harness.procs.append(self.proc)
@@ -571,9 +574,14 @@ class Kong:
 
     def __init__(self, harness: "Harness", filter_config, clusters: dict[str, list[Pod]],
                  default_cluster: str | None = None, routes: list | None = None,
-                 concurrency: int = 2, wasm: Path = WASM, port: int | None = None,
-                 body_buffer: str = "1m", http_extra: str = "", **_ignored):
+                 concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
+                 body_buffer: str = "1m", http_extra: str = "", keepalive: int = 0,
+                 log_level: str = "info", **_ignored):
         self.harness = harness
+        # Upstream keep-alive connections per worker (Kong's default pool is 512; the suite's
+        # pods see a new connection per request unless this is set, as the benchmark does).
+        self.keepalive = keepalive
+        self.log_level = log_level
         self.clusters = clusters
         self.default_cluster = default_cluster or next(iter(clusters))
         self.routes = routes or []
@@ -636,8 +644,10 @@ class Kong:
         # (a Service's `retries`, default 5), on the same Service address: an upstream block
         # naming it several times and proxy_next_upstream on errors (never after the request
         # reached the upstream: POSTs are not `non_idempotent` here) does the same.
+        keepalive = f"keepalive {self.keepalive};" if self.keepalive else ""
         upstreams = "\n".join(
-            f"  upstream {name} {{ " + " ".join(f"server {addr} max_fails=0;" for _ in range(3)) + " }"
+            f"  upstream {name} {{ " + " ".join(f"server {addr} max_fails=0;" for _ in range(3))
+            + f" {keepalive} }}"
             for name, addr in self.services.items())
         stores = "".join(
             f"""  upstream {name}_webdis {{ server {addr}; keepalive 16; }}
@@ -656,9 +666,17 @@ class Kong:
             f"  map {var} $rollsafe_{i} {{ default {cluster}; "
             + " ".join(f"{g} {c};" for g, c in self.group_clusters.items()) + " }\n"
             for i, (_, cluster) in enumerate([*self.routes, ("/", self.default_cluster)]))
+        # (No wasm: nginx's own proxying, the benchmark's reference; another module than
+        # rollsafe's is named for its file, as the benchmark's no-op filter.)
+        module = None if self.wasm is None else (
+            "rollsafe" if self.wasm == WASM else Path(self.wasm).stem)
+        chain = f"proxy_wasm {module} '{quoted}';" if module else ""
+        if self.keepalive:
+            chain += '\n      proxy_http_version 1.1;\n      proxy_set_header Connection "";'
+        modules = f"module {module} {self.wasm};" if module else ""
         locations = "\n".join(
             f"""    location {prefix} {{
-      proxy_wasm rollsafe '{quoted}';
+      {chain}
       proxy_pass http://$rollsafe_{i};
       proxy_next_upstream error timeout;
       proxy_next_upstream_tries 3;
@@ -670,11 +688,11 @@ class Kong:
 {user}
 master_process on;
 worker_processes {self.workers};
-error_log {self.log_path} info;
+error_log {self.log_path} {self.log_level};
 pid {self.dir}/nginx.pid;
 events {{ worker_connections 4096; }}
 wasm {{
-  module rollsafe {self.wasm};
+  {modules}
   shm_kv rollsafe 64m;
 }}
 http {{
@@ -708,12 +726,32 @@ http {{
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
             # Every worker compiles the module at start; a request before that is refused.
-            wait_for(lambda: self.log().count("rollsafe: configured") >= self.workers
-                     or self.proc.poll() is not None, 60, f"{self.name} workers configured")
+            if self.wasm == WASM and self.log_level in ("info", "debug"):
+                wait_for(lambda: self.log().count("rollsafe: configured") >= self.workers
+                         or self.proc.poll() is not None, 60, f"{self.name} workers configured")
+            else:
+                time.sleep(2)
         return self
 
     def wait_exit(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)
+
+    def cpu_ns(self) -> int:
+        """CPU time nginx has used so far: the master and its workers, all threads."""
+        total = 0
+        pids = [self.proc.pid]
+        try:
+            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+                     .read_text().split()]
+        except OSError:
+            pass
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+        return total
 
     def ready(self) -> bool:
         return _connectable("127.0.0.1", self.port)

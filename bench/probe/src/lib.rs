@@ -1,4 +1,5 @@
-//! Bench fixture (not shipped): a filter whose every callback returns `Continue` after the
+//! Bench fixture (not shipped; its shared-data keys are under `rollsafe/`, the namespace of
+//! the zone Kong's host gives rollsafe): a filter whose every callback returns `Continue` after the
 //! hostcalls its configuration lists, comma-separated, on request headers:
 //!   `clock`    get the current time
 //!   `method`   read `:method`
@@ -6,6 +7,14 @@
 //!   `property` read the `xds.route_name` property
 //!   `shared`   read a 1 KiB shared-data value
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
+//! and on the way, what a keyed write or a replay cannot do without (the floors `make bench`
+//! compares rollsafe's paths with):
+//!   `body`     hold the request body until it is whole and read it once (`reply` then
+//!              answers from the body callback)
+//!   `store`    hold the response body until it is whole, read it, and write it (1 KiB and
+//!              more) to shared data
+//!   `dispatch=<target>`  send the whole request body to `<target>` (`dispatch_http_call`)
+//!              and answer with the reply's status and body
 //! The empty configuration is the no-op filter: the cost of a wasm filter that does nothing.
 
 use proxy_wasm::hostcalls;
@@ -13,7 +22,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 use std::rc::Rc;
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Calls {
     clock: bool,
     method: bool,
@@ -21,6 +30,9 @@ struct Calls {
     property: bool,
     shared: bool,
     reply: bool,
+    body: bool,
+    store: bool,
+    dispatch: Option<String>,
 }
 
 proxy_wasm::main! {{
@@ -50,18 +62,23 @@ impl RootContext for Root {
                 "property" => calls.property = true,
                 "shared" => calls.shared = true,
                 "reply" => calls.reply = true,
+                "body" => calls.body = true,
+                "store" => calls.store = true,
+                w if w.starts_with("dispatch=") => {
+                    calls.dispatch = Some(w.trim_start_matches("dispatch=").to_string())
+                }
                 _ => {}
             }
         }
         if calls.shared {
-            let _ = hostcalls::set_shared_data("probe/1k", Some(&[b'x'; 1024]), None);
+            let _ = hostcalls::set_shared_data("rollsafe/probe/1k", Some(&[b'x'; 1024]), None);
         }
         self.calls = Rc::new(calls);
         true
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http(Rc::clone(&self.calls))))
+        Some(Box::new(Http(Rc::clone(&self.calls), 0)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -69,13 +86,83 @@ impl RootContext for Root {
     }
 }
 
-struct Http(Rc<Calls>);
+/// The calls to make, and the body's size once read (`body`, `dispatch`).
+struct Http(Rc<Calls>, usize);
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(502);
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let _ = hostcalls::send_http_response(status, vec![], Some(&body));
+    }
+}
 
 impl HttpContext for Http {
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let c = Rc::clone(&self.0);
+        if !(c.body || c.dispatch.is_some()) {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        self.1 = body.len();
+        if let Some(target) = &c.dispatch {
+            let len = body.len().to_string();
+            let headers = vec![
+                (":method", "POST"),
+                (":path", "/bench"),
+                (":authority", target.as_str()),
+                ("content-length", len.as_str()),
+            ];
+            // (Through the Context trait, which files the token so the answer comes back here.)
+            let sent = self.dispatch_http_call(
+                target,
+                headers,
+                Some(&body),
+                vec![],
+                std::time::Duration::from_secs(30),
+            );
+            if sent.is_err() {
+                let _ = hostcalls::send_http_response(502, vec![], None);
+            }
+            return Action::Pause;
+        }
+        if c.reply {
+            let _ = hostcalls::send_http_response(200, vec![], Some(&[b'x'; 1024]));
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !self.0.store {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let _ = hostcalls::set_shared_data("rollsafe/probe/stored", Some(&body), None);
+        Action::Continue
+    }
+
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let c = *self.0;
+        let c = Rc::clone(&self.0);
         if c.clock {
             let _ = hostcalls::get_current_time();
         }
@@ -89,9 +176,9 @@ impl HttpContext for Http {
             let _ = hostcalls::get_property(vec!["xds", "route_name"]);
         }
         if c.shared {
-            let _ = hostcalls::get_shared_data("probe/1k");
+            let _ = hostcalls::get_shared_data("rollsafe/probe/1k");
         }
-        if c.reply {
+        if c.reply && !c.body {
             let _ = hostcalls::send_http_response(200, vec![], Some(&[b'x'; 1024]));
             return Action::Pause;
         }

@@ -104,13 +104,19 @@ impl Exchange {
             self.hold_key_unknown(host);
             return Step::Continue;
         }
-        self.keep_route_answer(host, status, end_of_stream)
+        self.keep_route_answer(host, status, None, end_of_stream)
     }
 
     /// Attempt 1's answer: retry (its response held meanwhile) or let it through.
     fn route_answered(&mut self, policy: &Policy, host: &impl Host, end_of_stream: bool) -> Step {
-        let status = host
-            .response_header(":status")
+        // Under a key the answer's headers are kept with its record: the map in one read
+        // then; otherwise only `:status` (and `retry-after` on a failure).
+        let block = self.key_enforced().then(|| host.response_header_block());
+        let header = |name: &str| match &block {
+            Some(b) => b.get(name).map(str::to_string),
+            None => host.response_header(name),
+        };
+        let status = header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         // Only a 5xx can be one Envoy made up after a failure: read details then only. (And
@@ -143,7 +149,7 @@ impl Exchange {
             );
         }
         let retry_after = failed
-            .then(|| host.response_header("retry-after"))
+            .then(|| header("retry-after"))
             .flatten()
             .and_then(|v| retry::parse_retry_after(&v, host.now_ms()));
         match self.after_attempt(policy, host, outcome, retry_after) {
@@ -164,14 +170,20 @@ impl Exchange {
                 if let Some(h) = &policy.attempt_count_header {
                     host.set_response_header(h, &self.attempt.to_string());
                 }
-                self.keep_route_answer(host, status, end_of_stream)
+                self.keep_route_answer(host, status, block.as_ref(), end_of_stream)
             }
         }
     }
 
     /// The route's answer is final. Under a key, a storable answer completes the record (its
     /// body buffered on the way through), any other releases it.
-    fn keep_route_answer(&mut self, host: &impl Host, status: u16, end_of_stream: bool) -> Step {
+    fn keep_route_answer(
+        &mut self,
+        host: &impl Host,
+        status: u16,
+        block: Option<&crate::host::headers::HeaderBlock>,
+        end_of_stream: bool,
+    ) -> Step {
         self.phase = Phase::Done;
         if !self.key_enforced() {
             return Step::Continue;
@@ -186,7 +198,13 @@ impl Exchange {
         let headers: Vec<(String, String)> = ip
             .replay_headers
             .iter()
-            .filter_map(|h| host.response_header(h).map(|v| (h.clone(), v)))
+            .filter_map(|h| {
+                let v = match block {
+                    Some(b) => b.get(h).map(str::to_string),
+                    None => host.response_header(h),
+                };
+                v.map(|v| (h.clone(), v))
+            })
             .collect();
         if end_of_stream {
             let done = Final {

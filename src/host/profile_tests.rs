@@ -1,0 +1,171 @@
+//! The hostcalls each benched path makes, by kind: `make bench` prices each kind with the
+//! no-op filter on the real host and so splits a path's cost into the host's share and
+//! rollsafe's own (bench/RESULTS.md, "Where the instructions go").
+//!
+//! `profile_paths` prints one JSON object per path (`cargo test --lib profile_paths --
+//! --ignored --nocapture`); `hostcall_counts_stay_as_profiled` keeps the counts the profile
+//! rests on from growing unnoticed.
+
+use super::fake::{plan, FakeHost};
+use super::flow::{Request, Verdict};
+use super::HostKind;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+const KIB: [u8; 1024] = [b'x'; 1024];
+
+/// The configs the bench runs (tests/e2e/bench.py), for the paths below.
+const CONFIGURED_ENVOY: &str = r#"{"maintenance":{"windows":[{"start":"2099-01-01T00:00:00Z","end":"2099-01-01T02:00:00Z"}],"methods":["POST","PUT","PATCH","DELETE"]},"retry":{"attempts":3,"backoff":{"base_ms":25,"max_ms":500}},"idempotency":{"max_entries":1024},"routing":{"groups":[{"name":"a","target":"bench"},{"name":"b","target":"bench"}]}}"#;
+const OWNED_ENVOY: &str = r#"{"retry":{"attempts":3,"backoff":{"base_ms":25,"max_ms":500}},"idempotency":{"max_entries":65536}}"#;
+const OWNED_KONG: &str =
+    r#"{"retry":{"attempts":3,"target":"bench:80"},"idempotency":{"max_entries":65536}}"#;
+const KEYS_ONLY: &str = r#"{"idempotency":{"max_entries":65536}}"#;
+
+type Calls = BTreeMap<&'static str, usize>;
+
+fn taken(host: &FakeHost) -> Calls {
+    std::mem::take(&mut *host.calls.borrow_mut())
+}
+
+/// A keyed POST of 1 KiB: headers, then its body.
+fn keyed_post(host: &FakeHost, req: &mut Request, key: &str) -> Verdict {
+    host.set_request(&[
+        (":method", "POST"),
+        (":path", "/bench"),
+        (":authority", "bench"),
+        ("content-type", "application/json"),
+        ("content-length", "1024"),
+        ("idempotency-key", key),
+    ]);
+    host.set_body(&KIB);
+    if req.on_request_headers(host, false) == Verdict::Pause {
+        return Verdict::Pause;
+    }
+    req.on_request_body(host, KIB.len(), true)
+}
+
+/// The upstream's 200 with 1 KiB: the route's response (Envoy) or the call's answer (Kong).
+fn answered(host: &FakeHost, req: &mut Request) {
+    let headers = [(":status", "200"), ("content-type", "application/json")];
+    if req.pending_call().is_some() {
+        host.answer_call(&headers, std::str::from_utf8(&KIB).unwrap_or_default());
+        req.on_call_response(host, host.last_token(), KIB.len());
+    } else {
+        host.set_response(&headers);
+        *host.response_body.borrow_mut() = KIB.to_vec();
+        if req.on_response_headers(host, false) == Verdict::Continue {
+            req.on_response_body(host, KIB.len(), true);
+        }
+    }
+    req.on_done(host);
+}
+
+/// Each benched path once, after a warm-up request of the same kind: its hostcalls by kind.
+fn paths() -> Vec<(&'static str, Calls)> {
+    let mut out = Vec::new();
+
+    // configured: all four configured, a GET that triggers nothing.
+    let host = FakeHost::at(1_000_000);
+    let p = plan(&host, HostKind::Envoy, CONFIGURED_ENVOY);
+    taken(&host);
+    host.set_request(&[(":method", "GET"), (":path", "/bench"), (":authority", "b")]);
+    let mut req = Request::new(Rc::clone(&p));
+    req.on_request_headers(&host, true);
+    host.set_response(&[(":status", "200")]);
+    req.on_response_headers(&host, false);
+    req.on_done(&host);
+    out.push(("configured", taken(&host)));
+
+    for (name, kind, cfg) in [
+        ("owned_1k", HostKind::Envoy, OWNED_ENVOY),
+        ("kong_owned_1k", HostKind::Kong, OWNED_KONG),
+    ] {
+        let host = FakeHost::at(1_000_000);
+        let p = plan(&host, kind, cfg);
+        for i in 0..2 {
+            taken(&host);
+            let mut req = Request::new(Rc::clone(&p));
+            keyed_post(&host, &mut req, &format!("\"k{i}\""));
+            answered(&host, &mut req);
+        }
+        out.push((name, taken(&host)));
+    }
+
+    for (name, kind, cfg) in [
+        ("replay_1k", HostKind::Envoy, KEYS_ONLY),
+        ("kong_replay_1k", HostKind::Kong, OWNED_KONG),
+    ] {
+        let host = FakeHost::at(1_000_000);
+        let p = plan(&host, kind, cfg);
+        let mut first = Request::new(Rc::clone(&p));
+        keyed_post(&host, &mut first, "\"bench-replay\"");
+        answered(&host, &mut first);
+        let answers = host.responses().len();
+        for _ in 0..2 {
+            taken(&host);
+            let mut req = Request::new(Rc::clone(&p));
+            keyed_post(&host, &mut req, "\"bench-replay\"");
+            req.on_response_headers(&host, false);
+            req.on_done(&host);
+        }
+        assert_eq!(host.responses().len(), answers + 2, "{name}: two replays");
+        out.push((name, taken(&host)));
+    }
+    out
+}
+
+/// Runs the paths `PROFILE_REPEAT` times (default once): under callgrind, a native profile of
+/// rollsafe's own code on each path (hashing, encoding, copies), which the host's JIT hides.
+#[test]
+#[ignore = "prints the profile for make bench"]
+fn profile_paths() {
+    let repeat: usize = std::env::var("PROFILE_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for _ in 1..repeat {
+        std::hint::black_box(paths());
+    }
+    for (name, calls) in paths() {
+        let calls: BTreeMap<String, usize> =
+            calls.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        println!(
+            "PROFILE {}",
+            serde_json::json!({"path": name, "hostcalls": calls})
+        );
+    }
+}
+
+/// What each path costs the host, as profiled: a change that adds hostcalls to a path shows
+/// here (and in bench/RESULTS.md) rather than only in a slower run.
+#[test]
+fn hostcall_counts_stay_as_profiled() {
+    let total = |c: &Calls, kinds: &[&str]| -> usize {
+        kinds.iter().map(|k| c.get(k).copied().unwrap_or(0)).sum()
+    };
+    for (name, calls) in paths() {
+        let reads = total(
+            &calls,
+            &[
+                "request header",
+                "request header (absent)",
+                "request header map",
+            ],
+        );
+        let shared = total(&calls, &["shared data read", "shared data write"]);
+        let (max_reads, max_shared) = match name {
+            "configured" => (1, 0),
+            "owned_1k" | "kong_owned_1k" => (1, 6),
+            "replay_1k" | "kong_replay_1k" => (2, 2),
+            _ => (usize::MAX, usize::MAX),
+        };
+        assert!(
+            reads <= max_reads,
+            "{name}: {reads} header reads: {calls:?}"
+        );
+        assert!(
+            shared <= max_shared,
+            "{name}: {shared} shared-data calls: {calls:?}"
+        );
+    }
+}
