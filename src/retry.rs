@@ -22,6 +22,12 @@ pub struct RetryConfig {
     /// Which attempt outcomes are retried.
     #[serde(default = "default_conditions")]
     pub on: Vec<Condition>,
+    /// Requests rollsafe owns and retries, by method (default: all). A request of another
+    /// method passes to the host's own proxying, and its own retries (Envoy's route
+    /// `retry_policy`, Kong's `retries`), after one header read — unless an idempotency key
+    /// applies to it: keyed requests are always rollsafe's.
+    #[serde(default = "all_methods")]
+    pub methods: Vec<crate::method::Method>,
     /// Timeout of one attempt (connect, send, wait for the answer), ms.
     #[serde(default = "default_per_try_timeout")]
     #[cfg_attr(test, schemars(range(min = 1, max = 300000)))]
@@ -71,6 +77,7 @@ impl RetryConfig {
         RetryConfig {
             attempts: 1,
             on: default_conditions(),
+            methods: all_methods(),
             per_try_timeout_ms: default_per_try_timeout(),
             // One attempt: a keyed write waits for its answer this long (as for one attempt
             // before keyed writes waited to the deadline).
@@ -188,6 +195,11 @@ pub struct BudgetConfig {
     #[serde(default = "default_window")]
     #[cfg_attr(test, schemars(range(min = 1, max = 60)))]
     pub window_s: u32,
+}
+
+fn all_methods() -> Vec<crate::method::Method> {
+    use crate::method::Method::*;
+    vec![GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS]
 }
 
 fn default_ratio() -> f64 {
@@ -309,6 +321,9 @@ pub struct Report {
 pub struct Policy {
     pub attempts: u32,
     conditions: u8,
+    /// `retry.methods` as a set ([`crate::method::mask`]); methods outside the ones a config
+    /// can name are owned only when every nameable one is.
+    methods: u8,
     pub per_try_timeout_ms: u64,
     pub deadline_ms: u64,
     backoff: BackoffConfig,
@@ -320,6 +335,22 @@ pub struct Policy {
     pub exchange: ExchangeMode,
     pub attempt_count_header: Option<String>,
     budget: RefCell<Budget>,
+}
+
+impl Policy {
+    /// Whether every method is rollsafe's (the default): then the method need not be known
+    /// before the request's headers are read whole.
+    pub fn owns_every_method(&self) -> bool {
+        self.methods == crate::method::set(&all_methods())
+    }
+
+    /// Whether rollsafe owns a request of `method` for its retries (`retry.methods`).
+    pub fn owns(&self, method: &str) -> bool {
+        match crate::method::mask(method) {
+            0 => self.owns_every_method(),
+            bit => self.methods & bit != 0,
+        }
+    }
 }
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
@@ -422,10 +453,17 @@ impl Policy {
                 ));
             }
         }
+        if cfg.methods.is_empty() {
+            return Err(err(
+                "methods",
+                "must name at least one method (leave it out for all)".into(),
+            ));
+        }
         let conditions = cfg.on.iter().fold(0u8, |acc, c| acc | (1 << (*c as u8)));
         Ok(Policy {
             attempts: cfg.attempts,
             conditions,
+            methods: crate::method::set(&cfg.methods),
             per_try_timeout_ms: cfg.per_try_timeout_ms,
             deadline_ms: cfg.deadline_ms,
             backoff: cfg.backoff.clone(),

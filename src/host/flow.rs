@@ -137,6 +137,22 @@ impl Request {
                 return Verdict::Continue;
             }
         }
+        let keyed_method = |method: &str| {
+            plan.idempotency
+                .as_ref()
+                .is_some_and(|ip| ip.applies_to(method))
+        };
+        // `retry.methods`: a request rollsafe does not own, and that no key applies to, is the
+        // host's own to proxy (and retry) after one header read. (With routing, the map is read
+        // anyway: the group is named below.)
+        if let (Some((policy, _)), None) = (&plan.retry, &plan.routing) {
+            if !policy.owns_every_method() {
+                let method = host.request_header(":method").unwrap_or_default();
+                if !policy.owns(&method) && !keyed_method(&method) {
+                    return Verdict::Continue;
+                }
+            }
+        }
         // An exchange keeps the whole header map for its retries (Envoy shows none in the
         // response phase): one read then serves routing and keys too.
         let headers = Headers {
@@ -157,17 +173,16 @@ impl Request {
         } else {
             String::new()
         };
+        let owned = plan
+            .retry
+            .as_ref()
+            .is_some_and(|(policy, _)| policy.owns(&method) || keyed_method(&method));
         let routed = match &plan.routing {
-            Some(rp) => match self.route(rp, &headers, &method, &mut now) {
+            Some(rp) => match self.route(rp, &headers, &method, owned, &mut now) {
                 Ok(r) => r,
                 Err(v) => return v,
             },
             None => None,
-        };
-        let keyed_method = |method: &str| {
-            plan.idempotency
-                .as_ref()
-                .is_some_and(|ip| ip.applies_to(method))
         };
         // On Kong an exchange needs somewhere to send attempts: `retry.target`, the group, or
         // the route's Service.
@@ -180,7 +195,8 @@ impl Request {
             || routed.is_some()
             || plan.target_from_service
             || plan.retry.as_ref().is_some_and(|(p, _)| p.target.is_some());
-        let needs_exchange = has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
+        let needs_exchange =
+            owned && has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
             let now = now();
             let all = headers.all.unwrap_or_default();
@@ -255,6 +271,7 @@ impl Request {
         rp: &routing::Policy,
         headers: &Headers<'_, H>,
         method: &str,
+        owned: bool,
         now: &mut impl FnMut() -> u64,
     ) -> Result<Option<Routed>, Verdict> {
         let host = headers.host;
@@ -304,7 +321,7 @@ impl Request {
         let Some(g) = rp.groups.get(group) else {
             return Ok(None);
         };
-        if self.plan.retry.is_none() {
+        if !owned {
             // Nothing owns this request: the host's own proxying goes to the group.
             super::name_group(host, self.plan.host, &rp.group_header, &g.name, &g.target);
         }

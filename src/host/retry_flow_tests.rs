@@ -884,3 +884,55 @@ fn a_keyed_body_too_large_to_hold_streams_once_with_its_key_on_both_hosts() {
         assert!(host.dispatches().is_empty());
     }
 }
+
+/// `retry.methods`: a method rollsafe does not own goes to the host's proxying after one header
+/// read (no exchange: no dispatch, no retry); a listed method, or one a key applies to, is owned.
+#[test]
+fn methods_not_listed_pass_to_the_host_after_one_read_and_keyed_ones_stay_owned() {
+    for kind in [HostKind::Kong, HostKind::Envoy] {
+        let cfg = r#"{"retry":{"target":"orders:80","methods":["POST"],
+                              "attempt_count_header":"x-attempts"},
+                      "idempotency":{"methods":["PATCH"]}}"#;
+        let host = FakeHost::at(1_000);
+        let mut get = configured(&host, kind, cfg);
+        host.set_request(&[(":method", "GET"), (":path", "/orders")]);
+        assert_eq!(get.on_request_headers(&host, true), Verdict::Continue);
+        assert_eq!(host.header_reads(), 1, "{kind:?}: one read");
+        assert!(host.dispatches().is_empty(), "{kind:?}");
+        // Its answer, a 503, is the host's to retry or pass: rollsafe leaves it alone.
+        host.set_response(&[(":status", "503")]);
+        assert_eq!(get.on_response_headers(&host, true), Verdict::Continue);
+        assert!(
+            host.dispatches().is_empty() && host.responses().is_empty(),
+            "{kind:?}"
+        );
+        assert_eq!(host.counted(Metric::Attempts), 0, "{kind:?}");
+
+        for method in ["POST", "PATCH"] {
+            let host = FakeHost::at(1_000);
+            let mut owned = Request::new(super::fake::plan(&host, kind, cfg));
+            let key = (method == "PATCH").then_some("\"k\"");
+            keyed_write(&host, &mut owned, method, "/orders", key, b"{}");
+            let started = match kind {
+                HostKind::Kong => !host.dispatches().is_empty(),
+                HostKind::Envoy => {
+                    // The route's attempt, whose answer rollsafe reports on.
+                    host.set_response(&[(":status", "200")]);
+                    owned.on_response_headers(&host, true);
+                    super::header(&host.response_headers.borrow(), "x-attempts") == Some("1")
+                }
+            };
+            assert!(started, "{kind:?} {method}: owned by rollsafe");
+        }
+    }
+}
+
+#[test]
+fn an_empty_methods_list_is_refused_naming_the_field() {
+    let host = FakeHost::at(0);
+    assert!(configure(&host, br#"{"retry":{"methods":[]}}"#, HostKind::Envoy).is_none());
+    assert!(host
+        .logs_at(super::Level::Error)
+        .iter()
+        .any(|l| l.contains("retry.methods")));
+}

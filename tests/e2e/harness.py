@@ -576,8 +576,12 @@ class Kong:
                  default_cluster: str | None = None, routes: list | None = None,
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  body_buffer: str = "1m", http_extra: str = "", keepalive: int = 0,
-                 log_level: str = "info", **_ignored):
+                 log_level: str = "info", fill_target: bool = True, **_ignored):
         self.harness = harness
+        # A config without retry.target gets the Service's address (bare nginx has no
+        # kong.router.service); without this, rollsafe finds no target and Kong's own proxying
+        # carries each request (keys enforced, no retries), as the benchmark measures.
+        self.fill_target = fill_target
         # Upstream keep-alive connections per worker (Kong's default pool is 512; the suite's
         # pods see a new connection per request unless this is set, as the benchmark does).
         self.keepalive = keepalive
@@ -627,9 +631,11 @@ class Kong:
             redis["target"] = self.services[redis["target"]]
         if isinstance(retry, dict) and retry.get("target") in self.services:
             retry["target"] = self.services[retry["target"]]
-        elif isinstance(retry, dict) and "target" not in retry and not cfg.get("routing"):
+        elif (isinstance(retry, dict) and "target" not in retry and not cfg.get("routing")
+              and self.fill_target):
             retry["target"] = self.services[self.default_cluster]
-        if "idempotency" in cfg and "retry" not in cfg and not cfg.get("routing"):
+        if ("idempotency" in cfg and "retry" not in cfg and not cfg.get("routing")
+                and self.fill_target):
             cfg["retry"] = {"attempts": 1, "target": self.services[self.default_cluster]}
         for g in (cfg.get("routing") or {}).get("groups", []):
             if g.get("target") in self.services:

@@ -221,3 +221,21 @@ def test_without_a_target_retries_follow_the_routes_cluster(harness, driver):
     assert r.headers["x-pod"] == "b1"
     assert len(b1.attempts()) == 2
     assert a1.attempts() == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_methods_not_in_retry_methods_are_left_to_the_host(harness, driver):
+    """`retry.methods: [GET]`: a GET is rollsafe's (503, 503, 200 → 200 after three attempts); a
+    PUT, idempotent but not listed, goes through the gateway's own proxying once: its 503
+    reaches the client, and the pod saw it once."""
+    pod = harness.pod("a1", "a")
+    envoy = harness.envoy(retry_config(driver, methods=["GET"]), {"group-a": [pod]})
+    pod.script({"status": 503, "count": 2})
+    r = envoy.request("GET", "/orders/7")
+    assert r.status == 200, r
+    assert r.headers["x-rollsafe-attempts"] == "3"
+    pod.script({"status": 503, "count": 2})
+    put = envoy.request("PUT", "/orders/7", b"{}")
+    assert put.status == 503, put
+    assert "x-rollsafe-attempts" not in put.headers
+    assert [a["method"] for a in pod.attempts()] == ["GET"] * 3 + ["PUT"]
