@@ -103,7 +103,8 @@ test-kong: deps dist $(POD)
 	$(MAKE) e2e-kong
 
 # make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
-# packages when missing, and builds the no-op filter it compares with (bench/probe).
+# packages when missing, and builds the no-op filter it compares with (bench/probe). Kong's host
+# is measured in the same run when KONG_WASM_NGINX names one (it says when it skips it).
 bench: deps $(DIST) $(POD) $(PROBE)
 	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done

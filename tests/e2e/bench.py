@@ -707,6 +707,55 @@ PRICED = {"request header": "one_read", "request header map": "map_read",
           "property": "property_read", "shared data read": "shared_read"}
 
 
+def split(directory: Path, name: str) -> dict | None:
+    """Envoy's instructions per request of a variant by where they ran: Envoy's binary, the
+    wasm code V8 compiled (rollsafe's, or the probe's), other code in anonymous memory (Envoy
+    without a filter runs some too: remapped text, V8's builtins) and libc. From callgrind's
+    per-function totals: Envoy's binary is stripped, and compiled wasm runs from anonymous
+    memory high in the address space."""
+    files = sorted(directory.glob(f"callgrind-{name}.out*"))
+    if not files:
+        return None
+    parts: dict[str, int] = {}
+    for f in files:
+        out = subprocess.run(["callgrind_annotate", "--threshold=100", str(f)],
+                             capture_output=True, text=True).stdout
+        rows = out.split("file:function", 1)[-1].splitlines()
+        for line in rows:
+            m = re.match(r"\s*([\d,]+) .*?\S+:(\S+) \[(.*?)\]", line)
+            if not m:
+                continue
+            n, fn, obj = int(m.group(1).replace(",", "")), m.group(2).split("'")[0], m.group(3)
+            if obj == "???":
+                try:
+                    where = "wasm code" if int(fn, 16) > 1 << 32 else "anonymous"
+                except ValueError:
+                    where = "anonymous"
+            elif obj.endswith("envoy"):
+                where = "Envoy"
+            elif "libc" in obj:
+                where = "libc"
+            else:
+                where = "other"
+            parts[where] = parts.get(where, 0) + n
+    return {k: v / CG_REQUESTS for k, v in parts.items()}
+
+
+def split_rows(directory: Path) -> list[str]:
+    names = ["plain_1k", "owned_floor_1k", "owned_1k", "replay_floor_1k", "replay_1k",
+             "noop", "configured"]
+    rows = ["| variant | Envoy's binary | wasm code (compiled by V8) | other anonymous code | libc "
+            "| all |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        sp = split(directory, name)
+        if sp:
+            rows.append(f"| {name} | {sp.get('Envoy', 0):,.0f} | {sp.get('wasm code', 0):,.0f} | "
+                        f"{sp.get('anonymous', 0):,.0f} | {sp.get('libc', 0):,.0f} | "
+                        f"{sum(sp.values()):,.0f} |")
+    return rows if len(rows) > 2 else []
+
+
 def profile_rows(vs: list[Variant], paths: list[dict]) -> list[str]:
     by = {v.name: v for v in vs}
     noop = by.get("noop")
@@ -753,7 +802,8 @@ def table(vs: list[Variant], host: str) -> list[str]:
     return rows
 
 
-def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[dict]) -> str:
+def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[dict],
+           directory: Path | None = None) -> str:
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     goals = (["| host | goal | target | measured | verdict |", "|---|---|---|---|---|"]
              + verdicts(vs, rtt))
@@ -796,6 +846,10 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
         "",
         *profile_rows(vs, paths),
         "",
+        "And by where they ran (callgrind's totals per object; per request):",
+        "",
+        *(split_rows(directory) if directory else []),
+        "",
         "## Envoy: every path beside its reference",
         "",
         *table(vs, "envoy"),
@@ -818,8 +872,10 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
 
 
 def kong_machine() -> str:
-    return (f"{Path(KONG_WASM_NGINX).name} ({KONG_WASM_NGINX}), one worker, upstream keep-alive "
-            f"64, CPU of the master and its worker from /proc")
+    out = subprocess.run([KONG_WASM_NGINX, "-v"], capture_output=True, text=True).stderr
+    m = re.search(r"nginx/(\S+)", out)
+    return (f"nginx {m.group(1) if m else '?'} with Kong's ngx_wasm_module (KONG_WASM_NGINX), one "
+            f"worker, upstream keep-alive 64, CPU of the master and its worker from /proc")
 
 
 README = ROOT / "README.md"
@@ -892,7 +948,7 @@ def main() -> int:
         raw["kong_machine"] = kong_machine() if KONG_WASM_NGINX else None
         (harness.dir / "bench.json").write_text(json.dumps(raw))
         print(f"raw figures: {harness.dir / 'bench.json'}")
-        text = report(vs, million, rtt, paths)
+        text = report(vs, million, rtt, paths, harness.dir)
         print("\n" + text)
         if not os.environ.get("BENCH_ONLY"):
             RESULTS.parent.mkdir(exist_ok=True)
@@ -908,17 +964,22 @@ def report_again(directory: Path) -> int:
     raw = json.loads((directory / "bench.json").read_text())
     global machine, kong_machine  # noqa: PLW0603 (the run's own, not this machine's now)
     machine = lambda: raw["machine"]  # noqa: E731
-    kong_machine = lambda: raw["kong_machine"] or ""  # noqa: E731
+    kong_machine = lambda: re.sub(  # noqa: E731 (no machine's paths in the results)
+        r"^nginx \(.*?\)", "nginx 1.25.3 with Kong's ngx_wasm_module (KONG_WASM_NGINX)",
+        raw["kong_machine"] or "")
 
     class Pod:  # the variants need only an address to be described
         address = "pod"
-    vs = [v for v in variants({"bench": [Pod()]}) if v.name in raw]
+    every = variants({"bench": [Pod()]})
+    if not KONG_WASM_NGINX:  # (the run's Kong variants, whatever this shell says)
+        every += kong_variants({"bench": [Pod()]}, None, None)
+    vs = [v for v in every if v.name in raw]
     for v in vs:
         r = raw[v.name]
         v.rps, v.cpu, v.p50, v.p99, v.p50_c1 = (r["rps"], r["cpu_us"], r["p50_ms"], r["p99_ms"],
                                                 r["p50_c1_ms"])
         v.instr, v.round_trips = r["instructions"], r["redis_commands"]
-    text = report(vs, raw["million"], raw["webdis_rtt_ms"], raw["profile"])
+    text = report(vs, raw["million"], raw["webdis_rtt_ms"], raw["profile"], directory)
     RESULTS.write_text(text)
     readme_block(text)
     print(text)
