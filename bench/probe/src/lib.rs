@@ -104,19 +104,25 @@ impl Context for Http {
     }
 }
 
+/// A body, read once it is whole (`None` until then: the stream is held).
+fn whole(buffer: BufferType, size: usize, end_of_stream: bool) -> Option<Vec<u8>> {
+    end_of_stream.then(|| {
+        hostcalls::get_buffer(buffer, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    })
+}
+
 impl HttpContext for Http {
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let c = Rc::clone(&self.0);
         if !(c.body || c.dispatch.is_some()) {
             return Action::Continue;
         }
-        if !end_of_stream {
+        let Some(body) = whole(BufferType::HttpRequestBody, size, end_of_stream) else {
             return Action::Pause;
-        }
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        };
         self.1 = body.len();
         if let Some(target) = &c.dispatch {
             let len = body.len().to_string();
@@ -150,13 +156,9 @@ impl HttpContext for Http {
         if !self.0.store {
             return Action::Continue;
         }
-        if !end_of_stream {
+        let Some(body) = whole(BufferType::HttpResponseBody, size, end_of_stream) else {
             return Action::Pause;
-        }
-        let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        };
         let _ = hostcalls::set_shared_data("rollsafe/probe/stored", Some(&body), None);
         Action::Continue
     }
