@@ -149,8 +149,7 @@ pub fn encode_bucket(ways: &[Option<Record>]) -> Vec<u8> {
 
 /// Decodes a bucket into `ways` slots: a way that is not a whole record is free, and a bucket
 /// that is not one at all (never written, or foreign bytes) is all free.
-pub fn decode_bucket(value: &[u8]) -> Vec<Option<Record>> {
-    let ways = super::store::WAYS as usize;
+pub fn decode_bucket(value: &[u8], ways: usize) -> Vec<Option<Record>> {
     let mut out: Vec<Option<Record>> = vec![None; ways];
     let mut r = Reader(value);
     if r.take(4) != Some(BUCKET_MAGIC.as_slice()) {

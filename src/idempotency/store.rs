@@ -118,7 +118,7 @@ impl Bucket {
         let (value, cas) = store.get(&bucket_key(index))?;
         Some(Bucket {
             index,
-            ways: decode_bucket(&value),
+            ways: decode_bucket(&value, WAYS as usize),
             cas,
         })
     }
