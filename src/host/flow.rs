@@ -143,13 +143,24 @@ impl Request {
                 .is_some_and(|ip| ip.applies_to(method))
         };
         // `retry.methods`: a request rollsafe does not own, and that no key applies to, is the
-        // host's own to proxy (and retry) after one header read. (With routing, the map is read
-        // anyway: the group is named below.)
-        if let (Some((policy, _)), None) = (&plan.retry, &plan.routing) {
-            if !policy.owns_every_method() {
+        // host's own to proxy (and retry) after one header read — and, with routing, a lookup
+        // of the group header when routing does not hash its method. (A request with a body on
+        // Envoy is most likely an owned write, whose map is read below anyway.)
+        if let Some((policy, _)) = &plan.retry {
+            if !policy.owns_every_method() && !key_in_map {
                 let method = host.request_header(":method").unwrap_or_default();
                 if !policy.owns(&method) && !keyed_method(&method) {
-                    return Verdict::Continue;
+                    match &plan.routing {
+                        None => return Verdict::Continue,
+                        Some(rp) if !rp.hashes(&method) => {
+                            // Only rollsafe names groups: a client must not pick its own.
+                            if host.request_header(&rp.group_header).is_some() {
+                                host.remove_request_header(&rp.group_header);
+                            }
+                            return Verdict::Continue;
+                        }
+                        Some(_) => {}
+                    }
                 }
             }
         }

@@ -59,6 +59,13 @@ impl HeaderBlock {
             .map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
     }
 
+    /// Every value of a header (any case), read lossily; the other headers are not decoded.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Cow<'a, str>> + 'a {
+        self.raw_iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| String::from_utf8_lossy(v))
+    }
+
     /// A header's value as the client sent it, bytes and all.
     pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
         self.raw_iter()

@@ -158,11 +158,7 @@ pub fn gate(
     let method = headers.get(":method").unwrap_or("GET");
     let path = headers.get(":path").unwrap_or("/");
     // Read lossily: a key that is not UTF-8 is then not ASCII either, and refused as such.
-    let values: Vec<std::borrow::Cow<'_, str>> = headers
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case(&ip.header))
-        .map(|(_, v)| v)
-        .collect();
+    let values: Vec<std::borrow::Cow<'_, str>> = headers.values(&ip.header).collect();
     let key = match idempotency::parse_key(&values) {
         Ok(key) => key,
         Err(KeyError::Missing) if !ip.required => return Gate::Unkeyed,
@@ -183,7 +179,9 @@ pub fn gate(
             ));
         }
     };
-    let scope = scope_id(ip, kind, host, headers);
+    let mut store_key = scope_id(ip, kind, host, headers);
+    store_key.push(':');
+    store_key.push_str(&key);
     let digest = headers
         .get("content-digest")
         .or_else(|| headers.get("repr-digest"))
@@ -199,7 +197,7 @@ pub fn gate(
         },
     };
     let mut k = Key {
-        store_key: format!("{scope}:{key}"),
+        store_key,
         owner: host.random(),
         facts,
         held: None,

@@ -16,6 +16,7 @@ const KIB: [u8; 1024] = [b'x'; 1024];
 
 /// The configs the bench runs (tests/e2e/bench.py), for the paths below.
 const CONFIGURED_ENVOY: &str = r#"{"maintenance":{"windows":[{"start":"2099-01-01T00:00:00Z","end":"2099-01-01T02:00:00Z"}],"methods":["POST","PUT","PATCH","DELETE"]},"retry":{"attempts":3,"backoff":{"base_ms":25,"max_ms":500}},"idempotency":{"max_entries":1024},"routing":{"groups":[{"name":"a","target":"bench"},{"name":"b","target":"bench"}]}}"#;
+const CONFIGURED_WRITES_ENVOY: &str = r#"{"maintenance":{"windows":[{"start":"2099-01-01T00:00:00Z","end":"2099-01-01T02:00:00Z"}],"methods":["POST","PUT","PATCH","DELETE"]},"retry":{"attempts":3,"backoff":{"base_ms":25,"max_ms":500},"methods":["POST","PUT","PATCH","DELETE"]},"idempotency":{"max_entries":1024},"routing":{"groups":[{"name":"a","target":"bench"},{"name":"b","target":"bench"}]}}"#;
 const OWNED_ENVOY: &str = r#"{"retry":{"attempts":3,"backoff":{"base_ms":25,"max_ms":500}},"idempotency":{"max_entries":65536}}"#;
 const OWNED_KONG: &str =
     r#"{"retry":{"attempts":3,"target":"bench:80"},"idempotency":{"max_entries":65536}}"#;
@@ -60,21 +61,28 @@ fn answered(host: &FakeHost, req: &mut Request) {
     req.on_done(host);
 }
 
-/// Each benched path once, after a warm-up request of the same kind: its hostcalls by kind.
+/// Each benched path once (the keyed ones after a warm-up request of the same kind, not
+/// counted): its hostcalls by kind.
 fn paths() -> Vec<(&'static str, Calls)> {
     let mut out = Vec::new();
 
-    // configured: all four configured, a GET that triggers nothing.
-    let host = FakeHost::at(1_000_000);
-    let p = plan(&host, HostKind::Envoy, CONFIGURED_ENVOY);
-    taken(&host);
-    host.set_request(&[(":method", "GET"), (":path", "/bench"), (":authority", "b")]);
-    let mut req = Request::new(Rc::clone(&p));
-    req.on_request_headers(&host, true);
-    host.set_response(&[(":status", "200")]);
-    req.on_response_headers(&host, false);
-    req.on_done(&host);
-    out.push(("configured", taken(&host)));
+    // configured: all four configured, a GET that triggers nothing; configured_writes: the
+    // same with `retry.methods` writes only.
+    for (name, cfg) in [
+        ("configured", CONFIGURED_ENVOY),
+        ("configured_writes", CONFIGURED_WRITES_ENVOY),
+    ] {
+        let host = FakeHost::at(1_000_000);
+        let p = plan(&host, HostKind::Envoy, cfg);
+        taken(&host);
+        host.set_request(&[(":method", "GET"), (":path", "/bench"), (":authority", "b")]);
+        let mut req = Request::new(Rc::clone(&p));
+        req.on_request_headers(&host, true);
+        host.set_response(&[(":status", "200")]);
+        req.on_response_headers(&host, false);
+        req.on_done(&host);
+        out.push((name, taken(&host)));
+    }
 
     for (name, kind, cfg) in [
         ("owned_1k", HostKind::Envoy, OWNED_ENVOY),
@@ -155,6 +163,8 @@ fn hostcall_counts_stay_as_profiled() {
         let shared = total(&calls, &["shared data read", "shared data write"]);
         let (max_reads, max_shared) = match name {
             "configured" => (1, 0),
+            // `:method` and the group header's lookup; no map.
+            "configured_writes" => (2, 0),
             "owned_1k" | "kong_owned_1k" => (1, 6),
             "replay_1k" | "kong_replay_1k" => (2, 2),
             _ => (usize::MAX, usize::MAX),
@@ -167,5 +177,44 @@ fn hostcall_counts_stay_as_profiled() {
             shared <= max_shared,
             "{name}: {shared} shared-data calls: {calls:?}"
         );
+    }
+}
+
+/// One path `PROFILE_REPEAT` times on one plan (`PROFILE_PATH`: `replay`, the default, or
+/// `owned`), for callgrind with `--toggle-collect=*one_request*`: rollsafe's own code per
+/// request, natively and without the plan's set-up (the host's JIT hides it in `make bench`).
+#[test]
+#[ignore = "a profiling loop, run under callgrind"]
+fn profile_loop() {
+    let repeat: usize = std::env::var("PROFILE_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let owned = std::env::var("PROFILE_PATH").is_ok_and(|p| p == "owned");
+    let host = FakeHost::at(1_000_000);
+    let p = plan(
+        &host,
+        HostKind::Envoy,
+        if owned { OWNED_ENVOY } else { KEYS_ONLY },
+    );
+    let mut first = Request::new(Rc::clone(&p));
+    keyed_post(&host, &mut first, "\"bench-replay\"");
+    answered(&host, &mut first);
+    for i in 0..repeat {
+        one_request(&host, &p, owned, i);
+        host.calls.borrow_mut().clear();
+    }
+}
+
+#[inline(never)]
+fn one_request(host: &FakeHost, p: &Rc<crate::plan::Plan>, owned: bool, i: usize) {
+    let mut req = Request::new(Rc::clone(p));
+    if owned {
+        keyed_post(host, &mut req, &format!("\"k{i}\""));
+        answered(host, &mut req);
+    } else {
+        keyed_post(host, &mut req, "\"bench-replay\"");
+        req.on_response_headers(host, false);
+        req.on_done(host);
     }
 }

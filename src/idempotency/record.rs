@@ -41,9 +41,40 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
+/// An index record read in place, its key not copied: a claim compares keys and expiries of a
+/// whole bucket, and only the way it rewrites is encoded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub key: &'a [u8],
+    pub facts: Facts,
+    pub owner: u64,
+    pub expires_ms: u64,
+    pub state: State,
+}
+
+impl Record {
+    pub fn view(&self) -> RecordRef<'_> {
+        RecordRef {
+            key: self.key.as_bytes(),
+            facts: self.facts,
+            owner: self.owner,
+            expires_ms: self.expires_ms,
+            state: self.state,
+        }
+    }
+}
+
+/// Bytes of an index record besides its key.
+const RECORD_FIXED: usize = 4 + 8 + 8 + 32 + 8 + 1 + 4;
+
 /// The index record as bytes: `RSI3`, then fixed fields and the key.
 pub fn encode(rec: &Record) -> Vec<u8> {
-    let mut out = Vec::with_capacity(96 + rec.key.len());
+    let mut out = Vec::with_capacity(RECORD_FIXED + rec.key.len());
+    encode_into(&mut out, &rec.view());
+    out
+}
+
+fn encode_into(out: &mut Vec<u8>, rec: &RecordRef<'_>) {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&rec.expires_ms.to_be_bytes());
     out.extend_from_slice(&rec.owner.to_be_bytes());
@@ -53,8 +84,7 @@ pub fn encode(rec: &Record) -> Vec<u8> {
         State::InFlight => 0,
         State::Done => 1,
     });
-    put_str(&mut out, rec.key.as_bytes());
-    out
+    put_str(out, rec.key);
 }
 
 /// A stored response as bytes: `RSR1`, the owner tag, status, flags, headers, body.
@@ -104,6 +134,18 @@ impl<'a> Reader<'a> {
 
 /// Decodes an index record; `None` for an empty slot or anything that is not a whole record.
 pub fn decode(value: &[u8]) -> Option<Record> {
+    let r = decode_ref(value)?;
+    Some(Record {
+        key: String::from_utf8(r.key.to_vec()).ok()?,
+        facts: r.facts,
+        owner: r.owner,
+        expires_ms: r.expires_ms,
+        state: r.state,
+    })
+}
+
+/// [`decode`] in place. (A key that is not UTF-8 never equals a request's key, which is.)
+pub fn decode_ref(value: &[u8]) -> Option<RecordRef<'_>> {
     let mut r = Reader(value);
     if r.take(4)? != MAGIC {
         return None;
@@ -117,11 +159,11 @@ pub fn decode(value: &[u8]) -> Option<Record> {
         1 => State::Done,
         _ => return None,
     };
-    let key = r.string()?;
+    let key = r.bytes()?;
     if !r.0.is_empty() {
         return None;
     }
-    Some(Record {
+    Some(RecordRef {
         key,
         facts: Facts {
             fingerprint,
@@ -133,35 +175,70 @@ pub fn decode(value: &[u8]) -> Option<Record> {
     })
 }
 
-/// A bucket's index records as bytes: `RSB1`, then per way its record's length (0: free) and
-/// the record.
-pub fn encode_bucket(ways: &[Option<Record>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + ways.len() * 100);
-    out.extend_from_slice(BUCKET_MAGIC);
-    for way in ways {
-        match way {
-            Some(rec) => put_str(&mut out, &encode(rec)),
-            None => put_str(&mut out, &[]),
-        }
-    }
-    out
+/// A bucket's bytes as read (`RSB1`, then per way its record's length, 0 when free, and the
+/// record) and where each way's whole record lies: records are read in place, and a write
+/// copies the ways it does not change as they are.
+#[derive(Debug, Clone)]
+pub struct BucketBytes {
+    raw: Vec<u8>,
+    /// Per way, the byte range of a whole record (`None`: free, or not a record).
+    spans: Vec<Option<(usize, usize)>>,
 }
 
-/// Decodes a bucket into `ways` slots: a way that is not a whole record is free, and a bucket
-/// that is not one at all (never written, or foreign bytes) is all free.
-pub fn decode_bucket(value: &[u8], ways: usize) -> Vec<Option<Record>> {
-    let mut out: Vec<Option<Record>> = vec![None; ways];
-    let mut r = Reader(value);
-    if r.take(4) != Some(BUCKET_MAGIC.as_slice()) {
-        return out;
-    }
-    for way in out.iter_mut() {
-        match r.bytes() {
-            Some(bytes) => *way = decode(bytes),
-            None => break,
+impl BucketBytes {
+    /// A bucket of `ways` ways: a way that is not a whole record is free, and a value that is
+    /// not a bucket at all (never written, or foreign bytes) is all free.
+    pub fn parse(raw: Vec<u8>, ways: usize) -> BucketBytes {
+        let mut spans = vec![None; ways];
+        let mut r = Reader(&raw);
+        if r.take(4) == Some(BUCKET_MAGIC.as_slice()) {
+            for span in spans.iter_mut() {
+                let Some(bytes) = r.bytes() else {
+                    break;
+                };
+                if decode_ref(bytes).is_some() {
+                    let end = raw.len() - r.0.len();
+                    *span = Some((end - bytes.len(), end));
+                }
+            }
         }
+        BucketBytes { raw, spans }
     }
-    out
+
+    /// Way `way`'s record, read in place.
+    pub fn way(&self, way: usize) -> Option<RecordRef<'_>> {
+        let (start, end) = (*self.spans.get(way)?)?;
+        decode_ref(self.raw.get(start..end)?)
+    }
+
+    /// Every way with its record, if it holds one.
+    pub fn ways(&self) -> impl Iterator<Item = (usize, Option<RecordRef<'_>>)> + '_ {
+        (0..self.spans.len()).map(|w| (w, self.way(w)))
+    }
+
+    /// The bucket's bytes with way `way` holding `rec` (`None`: free), the other ways as they
+    /// were.
+    pub fn with(&self, way: usize, rec: Option<&RecordRef<'_>>) -> Vec<u8> {
+        let extra = rec.map_or(0, |r| RECORD_FIXED + r.key.len());
+        let mut out = Vec::with_capacity(self.raw.len() + extra + 4 * self.spans.len());
+        out.extend_from_slice(BUCKET_MAGIC);
+        for (w, span) in self.spans.iter().enumerate() {
+            match rec.filter(|_| w == way) {
+                Some(rec) => {
+                    let key_len = rec.key.len();
+                    out.extend_from_slice(&((RECORD_FIXED + key_len) as u32).to_be_bytes());
+                    encode_into(&mut out, rec);
+                }
+                None if w == way => put_str(&mut out, &[]),
+                None => put_str(
+                    &mut out,
+                    span.and_then(|(start, end)| self.raw.get(start..end))
+                        .unwrap_or_default(),
+                ),
+            }
+        }
+        out
+    }
 }
 
 /// Decodes a stored response and its owner tag.

@@ -2,9 +2,7 @@
 //! compare-and-swap.
 
 use super::key::Facts;
-use super::record::{
-    decode_bucket, decode_response, encode_bucket, encode_response, Record, State, Stored,
-};
+use super::record::{decode_response, encode_response, BucketBytes, RecordRef, State, Stored};
 
 /// Slots of one bucket: the records a key may use, read and written as one shared-data value.
 pub const WAYS: u32 = 8;
@@ -105,10 +103,10 @@ pub fn create_slots(store: &impl Shared, slots: u32) {
     }
 }
 
-/// A bucket as read: its records by way (`None`: free or unreadable) and its CAS token.
+/// A bucket as read: its records by way and its CAS token.
 struct Bucket {
     index: u32,
-    ways: Vec<Option<Record>>,
+    bytes: BucketBytes,
     cas: u32,
 }
 
@@ -118,7 +116,7 @@ impl Bucket {
         let (value, cas) = store.get(&bucket_key(index))?;
         Some(Bucket {
             index,
-            ways: decode_bucket(&value, WAYS as usize),
+            bytes: BucketBytes::parse(value, WAYS as usize),
             cas,
         })
     }
@@ -127,10 +125,16 @@ impl Bucket {
         self.index * WAYS + way as u32
     }
 
-    fn write(&self, store: &impl Shared) -> Result<(), SetError> {
+    /// Writes the bucket with `way` holding `rec` (`None`: free), if nobody wrote it since.
+    fn write(
+        &self,
+        store: &impl Shared,
+        way: usize,
+        rec: Option<&RecordRef<'_>>,
+    ) -> Result<(), SetError> {
         store.set(
             &bucket_key(self.index),
-            &encode_bucket(&self.ways),
+            &self.bytes.with(way, rec),
             self.cas,
         )
     }
@@ -148,7 +152,7 @@ pub fn claim(
 ) -> Claim {
     let index = bucket_of(key, slots);
     for _ in 0..CAS_TRIES {
-        let Some(mut bucket) = Bucket::read(store, index) else {
+        let Some(bucket) = Bucket::read(store, index) else {
             return Claim::Full;
         };
         let mut free: Option<usize> = None;
@@ -158,9 +162,9 @@ pub fn claim(
         // This key's in-flight record whose lease ran out: its holder never settled it (the
         // outcome was unknown, or the gateway died), so the next try is in doubt.
         let mut doubt: Option<usize> = None;
-        for (way, rec) in bucket.ways.iter().enumerate() {
+        for (way, rec) in bucket.bytes.ways() {
             match rec {
-                Some(rec) if rec.key == key && rec.expires_ms > now => {
+                Some(rec) if rec.key == key.as_bytes() && rec.expires_ms > now => {
                     found = Some((way, rec));
                     break;
                 }
@@ -169,7 +173,7 @@ pub fn claim(
                         oldest = Some((way, rec.expires_ms));
                     }
                 }
-                Some(rec) if rec.key == key && rec.state == State::InFlight => {
+                Some(rec) if rec.key == key.as_bytes() && rec.state == State::InFlight => {
                     doubt = Some(way);
                 }
                 // Empty, expired, or unreadable (not ours): free.
@@ -202,17 +206,14 @@ pub fn claim(
             (None, None, Some((way, _))) => (way, true),
             (None, None, None) => return Claim::Full,
         };
-        let rec = Record {
-            key: key.to_string(),
+        let rec = RecordRef {
+            key: key.as_bytes(),
             facts: *facts,
             owner,
             expires_ms: now + lease_ms,
             state: State::InFlight,
         };
-        if let Some(w) = bucket.ways.get_mut(way) {
-            *w = Some(rec);
-        }
-        match bucket.write(store) {
+        match bucket.write(store, way, Some(&rec)) {
             Ok(()) => {
                 return Claim::Claimed {
                     slot: bucket.slot(way),
@@ -247,13 +248,13 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
     let (index, way) = (slot / WAYS, (slot % WAYS) as usize);
     let mut response_written = false;
     for _ in 0..CAS_TRIES {
-        let Some(mut bucket) = Bucket::read(store, index) else {
+        let Some(bucket) = Bucket::read(store, index) else {
             return false;
         };
-        let Some(Some(mut rec)) = bucket.ways.get(way).cloned() else {
+        let Some(mut rec) = bucket.bytes.way(way) else {
             return false;
         };
-        if rec.key != key || rec.owner != owner || rec.state != State::InFlight {
+        if rec.key != key.as_bytes() || rec.owner != owner || rec.state != State::InFlight {
             return false;
         }
         let value = match settle {
@@ -262,10 +263,7 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
                     if write_response(store, slot, owner, stored).is_err() {
                         // Too large for what is left of the zone: free the slot rather than
                         // leave it claimed until the lease runs out.
-                        if let Some(w) = bucket.ways.get_mut(way) {
-                            *w = None;
-                        }
-                        let _ = bucket.write(store);
+                        let _ = bucket.write(store, way, None);
                         return false;
                     }
                     response_written = true;
@@ -280,18 +278,12 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
                 Some(rec)
             }
         };
-        if let Some(w) = bucket.ways.get_mut(way) {
-            *w = value;
-        }
-        match bucket.write(store) {
+        match bucket.write(store, way, value.as_ref()) {
             Ok(()) => return true,
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => {
                 if matches!(settle, Settle::Complete { .. }) {
-                    if let Some(w) = bucket.ways.get_mut(way) {
-                        *w = None;
-                    }
-                    let _ = bucket.write(store);
+                    let _ = bucket.write(store, way, None);
                 }
                 return false;
             }
@@ -308,9 +300,8 @@ pub fn cached(store: &impl Shared, slots: u32, key: &str, now: u64) -> Option<(F
         return None;
     }
     let bucket = Bucket::read(store, bucket_of(key, slots))?;
-    let (way, rec) = bucket.ways.iter().enumerate().find_map(|(way, r)| {
-        r.as_ref()
-            .filter(|r| r.key == key && r.expires_ms > now)
+    let (way, rec) = bucket.bytes.ways().find_map(|(way, r)| {
+        r.filter(|r| r.key == key.as_bytes() && r.expires_ms > now)
             .map(|r| (way, r))
     })?;
     match rec.state {
@@ -364,10 +355,21 @@ fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
 
 /// Shared-data key of bucket `i`'s index records (Kong: zone `rollsafe`).
 pub fn bucket_key(i: u32) -> String {
-    format!("rollsafe/idem/b{i}")
+    numbered("rollsafe/idem/b", i, "")
 }
 
 /// Shared-data key of slot `i`'s stored response.
 pub fn response_key(i: u32) -> String {
-    format!("rollsafe/idem/{i}/r")
+    numbered("rollsafe/idem/", i, "/r")
+}
+
+/// `{head}{i}{tail}`, built without `format!` (two of these on every keyed request).
+fn numbered(head: &str, i: u32, tail: &str) -> String {
+    let mut n = itoa::Buffer::new();
+    let n = n.format(i);
+    let mut out = String::with_capacity(head.len() + n.len() + tail.len());
+    out.push_str(head);
+    out.push_str(n);
+    out.push_str(tail);
+    out
 }

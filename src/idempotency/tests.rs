@@ -528,3 +528,44 @@ fn config_errors_name_the_field() {
         );
     }
 }
+
+#[test]
+fn a_bucket_rewrites_one_way_and_keeps_the_others_byte_for_byte() {
+    use super::record::BucketBytes;
+    let rec = |key: &str, owner: u64| Record {
+        key: key.into(),
+        facts: FP,
+        owner,
+        expires_ms: 42,
+        state: State::InFlight,
+    };
+    let (a, b) = (rec("a", 1), rec("bb", 2));
+    let empty = BucketBytes::parse(Vec::new(), 4);
+    assert!(
+        empty.ways().all(|(_, r)| r.is_none()),
+        "never written: all free"
+    );
+    let one = BucketBytes::parse(empty.with(1, Some(&a.view())), 4);
+    let two_raw = one.with(3, Some(&b.view()));
+    let two = BucketBytes::parse(two_raw.clone(), 4);
+    let held: Vec<_> = two.ways().map(|(w, r)| (w, r.map(|r| r.owner))).collect();
+    assert_eq!(held, [(0, None), (1, Some(1)), (2, None), (3, Some(2))]);
+    assert_eq!(two.way(3).map(|r| r.key), Some(&b"bb"[..]));
+    // Rewriting way 3 with the same record gives the same bytes; freeing it leaves way 1.
+    assert_eq!(two.with(3, two.way(3).as_ref()), two_raw);
+    let freed = BucketBytes::parse(two.with(3, None), 4);
+    assert_eq!(freed.way(1), Some(a.view()));
+    assert_eq!(freed.way(3), None);
+    // A length that runs past the end cuts the bucket there: that way and the rest are free,
+    // as are the ways of a bucket cut short (those before the cut stay).
+    let mut bad = two_raw.clone();
+    bad[8] ^= 0xff; // way 1's length
+    assert!(BucketBytes::parse(bad, 4).ways().all(|(_, r)| r.is_none()));
+    for cut in 0..two_raw.len() {
+        let cut = BucketBytes::parse(two_raw[..cut].to_vec(), 4);
+        assert!(cut.way(3).is_none() || cut.way(3) == two.way(3));
+    }
+    assert!(BucketBytes::parse(b"garbage".to_vec(), 4)
+        .ways()
+        .all(|(_, r)| r.is_none()));
+}

@@ -653,9 +653,9 @@ REASONS = {
     "kong_configured": "with `retry` owning every method, every request is an exchange rollsafe owns "
                        "on Kong's host, and a GET's attempt is a dispatch (kong_dispatch_floor_1k); "
                        "`retry.methods` leaves reads to Kong (kong_configured_writes)",
-    "configured_writes": "`:method` (one_read), then routing's header-map read (it looks for a "
-                         "client-supplied group header) and the answer's `:status`",
-    "kong_configured_writes": "`:method`, then routing's header-map read",
+    "configured_writes": "one clock read, `:method` (one_read) and the lookup of a client-supplied "
+                         "group header, which is absent: the same floor as `routing`",
+    "kong_configured_writes": "one clock read, `:method` and the group header's lookup",
     "kong_empty": "the price of any filter instance with a configuration on Kong's host (noisy: "
                   "CPU only, within a few µs of the no-op filter)",
     "owned_1k": "beside the floor, rollsafe's own wasm code (the fingerprint and scope hashes, the "
@@ -764,13 +764,13 @@ def profile_rows(vs: list[Variant], paths: list[dict]) -> list[str]:
     rows = ["| path | hostcalls per request, by kind | priced (Envoy instructions) | path's "
             "instructions over its reference | the rest: rollsafe's own code and unpriced calls |",
             "|---|---|---:|---:|---:|"]
-    refs = {"configured": "noop", "owned_1k": "plain_1k", "replay_1k": "direct_1k"}
+    refs = {"configured": "noop", "configured_writes": "noop", "owned_1k": "plain_1k",
+            "replay_1k": "direct_1k"}
     for p in paths:
+        # (One request each: the profile leaves a keyed path's warm-up request out.)
         name, calls = p["path"], p["hostcalls"]
-        # Every path but the idle one is two requests (a warm-up and the measured one): halved.
-        per = 1 if name == "configured" else 2
-        kinds = ", ".join(f"{k} {n / per:g}" for k, n in sorted(calls.items()))
-        priced = sum(price.get(k, 0) * n / per for k, n in calls.items())
+        kinds = ", ".join(f"{k} {n:g}" for k, n in sorted(calls.items()))
+        priced = sum(price.get(k, 0) * n for k, n in calls.items())
         v, ref = by.get(name), by.get(refs.get(name, ""))
         over = (v.instr - ref.instr) if v and ref and v.instr and ref.instr else None
         rest = f"{over - priced:+,.0f}" if over is not None else "–"

@@ -114,9 +114,9 @@ impl Exchange {
     pub(super) fn send_reply(&mut self, host: &impl Host, reply: &Reply) {
         self.phase = Phase::Done;
         let status = reply.status;
-        if self.attempt > 0 {
-            // (Header-time answers — replays, 409, 422 — are counted, not logged: they are
-            // the hot path of a retrying client.)
+        if self.attempt > 1 {
+            // (Answers after one attempt — and header-time answers: replays, 409, 422 — are
+            // counted, not logged: they are the hot path.)
             host.log(
                 Level::Debug,
                 &format!(

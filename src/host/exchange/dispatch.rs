@@ -74,15 +74,19 @@ impl Exchange {
             self.hand_to_proxy_pass(host, "the route's Service host did not resolve");
             return;
         }
-        host.log(
-            Level::Debug,
-            &format!(
-                "rollsafe: {} {}: attempt {}: {outcome:?}",
-                self.method(),
-                self.path(),
-                self.attempt
-            ),
-        );
+        // Failed attempts are logged, as the route's are (`native`): an answered one is the
+        // hot path, and its line would cost every write a formatted message.
+        if !matches!(outcome, Outcome::Status(s) if s < 500) {
+            host.log(
+                Level::Debug,
+                &format!(
+                    "rollsafe: {} {}: attempt {}: {outcome:?}",
+                    self.method(),
+                    self.path(),
+                    self.attempt
+                ),
+            );
+        }
         // Kong's host tears a failed call down only after this callback returns, and anything
         // that takes a buffer before then — a dispatch with a body, a local answer with a body
         // — can share a buffer the failed call still holds: the worker then loops sending
