@@ -21,6 +21,7 @@ pub mod maintenance;
 pub mod method;
 pub mod plan;
 pub mod problem;
+pub mod reconnect;
 pub mod retry;
 pub mod routing;
 pub mod service;

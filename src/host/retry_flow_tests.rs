@@ -936,3 +936,52 @@ fn an_empty_methods_list_is_refused_naming_the_field() {
         .iter()
         .any(|l| l.contains("retry.methods")));
 }
+
+/// Kong's host keeps a call's buffers until the client's connection closes
+/// (`crate::reconnect`): an answer to a request that made a call closes a connection that
+/// carried its quota; nothing else reads the count or closes.
+#[test]
+fn on_kong_a_dispatched_answer_closes_a_connection_that_carried_its_quota() {
+    let cfg = r#"{"retry":{"target":"orders:80"},"idempotency":{}}"#;
+    for (requests, close) in [("31", false), ("32", true), ("900", true)] {
+        let host = FakeHost::at(1_000);
+        host.set_property("ngx.connection_requests", requests);
+        let plan = super::fake::plan(&host, HostKind::Kong, cfg);
+        let mut req = Request::new(Rc::clone(&plan));
+        let key = Some("\"k1\"");
+        assert_eq!(
+            keyed_write(&host, &mut req, "POST", "/orders", key, b"{}"),
+            Verdict::Pause
+        );
+        host.answer_call(&[(":status", "201")], "made");
+        req.on_call_response(&host, host.last_token(), 4);
+        let sent = host.responses();
+        let answer = sent.last().expect("answered");
+        assert_eq!(answer.status, 201);
+        assert_eq!(
+            answer.header("connection") == Some("close"),
+            close,
+            "{requests}"
+        );
+        // The replay of that answer made no call: the connection stays open.
+        let mut again = Request::new(Rc::clone(&plan));
+        keyed_write(&host, &mut again, "POST", "/orders", key, b"{}");
+        let replay = host.responses().pop().expect("replayed");
+        assert_eq!((replay.status, replay.header("connection")), (201, None));
+    }
+    // Envoy never reads the count.
+    let host = FakeHost::at(1_000);
+    host.set_property("ngx.connection_requests", "900");
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[(":method", "GET"), (":path", "/a")]);
+    req.on_request_headers(&host, true);
+    host.answer_call(&[(":status", "200")], "ok");
+    req.on_call_response(&host, host.last_token(), 2);
+    assert_eq!(
+        host.responses()
+            .last()
+            .and_then(|s| s.header("connection").map(str::to_string)),
+        None
+    );
+    assert_eq!(host.calls.borrow().get("property"), None);
+}

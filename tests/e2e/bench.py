@@ -332,9 +332,17 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 script=post_script(new_key=True), goal="owned", floor="kong_dispatch_floor_1k",
                 host="kong"),
         # The floor of the dispatch design: the no-op filter holding the body, sending it
-        # with dispatch_http_call and answering with the reply.
+        # with dispatch_http_call and answering with the reply, closing the client's
+        # connection from its 32nd request on as rollsafe does after a call (src/reconnect.rs);
+        # and the same keeping the connection (Kong's host holds each call's buffers until the
+        # client's connection closes).
         Variant("kong_dispatch_floor_1k", "Kong's host: no-op filter holding the body, "
-                "dispatching it and answering with the reply", "kong_plain_1k",
+                "dispatching it and answering with the reply (a connection closed after 32 "
+                "requests)", "kong_plain_1k",
+                dict(config=f"dispatch={pod},close", wasm=PROBE, **k),
+                script=post_script(new_key=True), host="kong"),
+        Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
+                "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
                 dict(config=f"dispatch={pod}", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         # The floor of the other design (attempt 1 carried by proxy_pass): read the key, hold

@@ -576,8 +576,11 @@ class Kong:
                  default_cluster: str | None = None, routes: list | None = None,
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  body_buffer: str = "1m", http_extra: str = "", keepalive: int = 0,
-                 log_level: str = "info", fill_target: bool = True, **_ignored):
+                 log_level: str = "info", fill_target: bool = True, wasm_extra: str = "",
+                 **_ignored):
         self.harness = harness
+        # More of the `wasm {}` block (a profiling run: `wasmtime { flag profiler perfmap; }`).
+        self.wasm_extra = wasm_extra
         # A config without retry.target gets the Service's address (bare nginx has no
         # kong.router.service); without this, rollsafe finds no target and Kong's own proxying
         # carries each request (keys enforced, no retries), as the benchmark measures.
@@ -700,6 +703,7 @@ events {{ worker_connections 4096; }}
 wasm {{
   {modules}
   shm_kv rollsafe 64m;
+  {self.wasm_extra}
 }}
 http {{
   access_log off;
@@ -707,6 +711,8 @@ http {{
   proxy_temp_path {self.dir}/proxy;
   client_body_buffer_size {self.body_buffer};
   client_max_body_size 128m;
+  # Kong >= 3.6's nginx_http_keepalive_requests (nginx's own default is 1000).
+  keepalive_requests 10000;
   {self.http_extra}
 {upstreams}
 {stores}

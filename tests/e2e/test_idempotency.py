@@ -150,6 +150,32 @@ def test_write_replay_422_409_and_a_get_share_one_keep_alive_connection(harness,
     assert len(pod.ledger()) == 2
 
 
+def test_kong_closes_a_connection_whose_requests_made_calls_after_32_requests(harness):
+    """Kong's host keeps what each `dispatch_http_call` allocates until the client's connection
+    closes (src/reconnect.rs), so on Kong an answer to a request that made a call closes a
+    connection that has carried 32 requests; the client's next write opens a new one. On Envoy
+    (no such retention) the connection stays open. Every write runs once either way."""
+    pod = harness.pod("a1", "a")
+    gw = harness.envoy(config("dispatch"), {"group-a": [pod]})
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    closes = []
+    for n in range(1, 41):
+        conn.request("POST", "/orders", body=f'{{"n":{n}}}',
+                     headers={"content-type": "application/json",
+                              "idempotency-key": f'"conn-{n}"'})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 201, (n, r.status)
+        if r.will_close:
+            closes.append(n)
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    conn.close()
+    expected = [32] if gw.kind == "kong" else []
+    assert closes == expected, closes
+    assert len(pod.ledger()) == 40
+
+
 def test_same_key_other_caller_runs_separately(harness, driver):
     pod = harness.pod("a1", "a")
     envoy = harness.envoy(config(driver), {"group-a": [pod]})

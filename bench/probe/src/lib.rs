@@ -15,6 +15,8 @@
 //!              more) to shared data
 //!   `dispatch=<target>`  send the whole request body to `<target>` (`dispatch_http_call`)
 //!              and answer with the reply's status and body
+//!   `close`    (Kong's host, with `dispatch`) close the client's connection from its 32nd
+//!              request on, as rollsafe does after a call (src/reconnect.rs)
 //! The empty configuration is the no-op filter: the cost of a wasm filter that does nothing.
 
 use proxy_wasm::hostcalls;
@@ -33,6 +35,7 @@ struct Calls {
     body: bool,
     store: bool,
     dispatch: Option<String>,
+    close: bool,
 }
 
 proxy_wasm::main! {{
@@ -64,6 +67,7 @@ impl RootContext for Root {
                 "reply" => calls.reply = true,
                 "body" => calls.body = true,
                 "store" => calls.store = true,
+                "close" => calls.close = true,
                 w if w.starts_with("dispatch=") => {
                     calls.dispatch = Some(w.trim_start_matches("dispatch=").to_string())
                 }
@@ -100,7 +104,18 @@ impl Context for Http {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let _ = hostcalls::send_http_response(status, vec![], Some(&body));
+        let requests = self
+            .0
+            .close
+            .then(|| hostcalls::get_property(vec!["ngx", "connection_requests"]))
+            .and_then(|r| r.ok().flatten())
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let headers = match requests {
+            Some(n) if n >= 32 => vec![("connection", "close")],
+            _ => vec![],
+        };
+        let _ = hostcalls::send_http_response(status, headers, Some(&body));
     }
 }
 

@@ -4,7 +4,7 @@
 use super::{is_hop_by_hop, Answer, Exchange, Phase, Then};
 use crate::host::key::Final;
 use crate::host::reply::Reply;
-use crate::host::{Host, Level, Metric};
+use crate::host::{Host, HostKind, Level, Metric};
 use crate::retry::{Outcome, Policy};
 
 impl Exchange {
@@ -132,10 +132,13 @@ impl Exchange {
             // rollsafe never released: that stream is reset now.
             host.count(Metric::RouteRequestAborted);
         }
+        let mut headers = reply.header_refs();
+        if self.closes_connection(host) {
+            headers.push(("connection", "close"));
+        }
         if self.buffers_unsafe && !reply.body.is_empty() {
             // The body would share a buffer the failed call frees after this callback: the
             // problem travels in a header instead (a stored answer is replayed whole later).
-            let mut headers = reply.header_refs();
             let problem = String::from_utf8_lossy(&reply.body).into_owned();
             let is_problem = headers
                 .iter()
@@ -151,6 +154,16 @@ impl Exchange {
             host.send_response(status, &headers, &[]);
             return;
         }
-        host.send_response(status, &reply.header_refs(), &reply.body);
+        host.send_response(status, &headers, &reply.body);
+    }
+
+    /// Kong's host: whether the answer to this request closes the client's connection (see
+    /// `crate::reconnect`; the count is read only after a call).
+    pub(super) fn closes_connection(&self, host: &impl Host) -> bool {
+        self.plan.host == HostKind::Kong
+            && self.dispatched
+            && crate::reconnect::close_connection(
+                host.property(&["ngx", "connection_requests"]).as_deref(),
+            )
     }
 }

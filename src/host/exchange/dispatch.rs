@@ -35,6 +35,7 @@ impl Exchange {
         match host.dispatch(&target, &headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
+                self.dispatched = true;
                 self.phase = Phase::Attempt(Carrier::Call(token));
                 host.count(Metric::Attempts);
                 self.attempt_sent(host);

@@ -24,6 +24,7 @@ impl Exchange {
         };
         match key::send(redis, host, command) {
             Some(token) => {
+                self.dispatched = true;
                 self.phase = Phase::Claiming(token, k);
                 Step::Pause
             }
@@ -203,8 +204,9 @@ impl Exchange {
         let command = k.settle(ip, host, answer, hold)?;
         let redis = ip.shared.as_ref()?;
         let token = key::send(redis, host, &command);
-        if token.is_none() {
-            k.settled(ip, host, None, &[]);
+        match token {
+            Some(_) => self.dispatched = true,
+            None => k.settled(ip, host, None, &[]),
         }
         token
     }

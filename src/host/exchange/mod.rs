@@ -173,6 +173,9 @@ pub struct Exchange {
     /// The body is too large to hold: it streams to the application once and is never
     /// replayed (`retry.body_too_large: stream`).
     streaming: bool,
+    /// This request made a `dispatch_http_call` (an attempt, or a call to the shared store):
+    /// on Kong's host its answer may close the client's connection (`crate::reconnect`).
+    dispatched: bool,
 }
 
 impl Exchange {
@@ -255,6 +258,7 @@ impl Exchange {
             renew_at: None,
             key_at_body: false,
             streaming: false,
+            dispatched: false,
         };
         if keyed
             && ex

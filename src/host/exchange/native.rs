@@ -97,6 +97,9 @@ impl Exchange {
         if let Some(h) = &policy.attempt_count_header {
             host.set_response_header(h, &self.attempt.to_string());
         }
+        if self.closes_connection(host) {
+            host.set_response_header("connection", "close");
+        }
         if self.outcome_unknown() {
             // nginx answered itself after the write was sent: it may be executing. The key is
             // held (Kong's host cannot replace an answer here; nginx's 502/504 goes on).
