@@ -8,6 +8,8 @@ DIST       := dist/rollsafe.wasm
 POD        := target/release/rollsafe-pod
 CHECK      := target/release/examples/check_config
 PROBE      := target/$(TARGET)/release/rollsafe_probe.wasm
+NAMED      := target/rollsafe_named.wasm
+WASM_OPT   := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
 VENV       := .venv
 PY         := $(VENV)/bin/python
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -60,7 +62,12 @@ dist: $(DIST)
 
 $(DIST): .deps-stamp $(WASM)
 	@mkdir -p dist
-	wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types --strip-debug --strip-producers $(WASM) -o $(DIST)
+	$(WASM_OPT) --strip-debug --strip-producers $(WASM) -o $(DIST)
+
+# The same .wasm keeping its function names (make bench: perf names the wasm code on Kong's host).
+$(NAMED): .deps-stamp $(RUST_SRC)
+	CARGO_PROFILE_RELEASE_STRIP=false cargo build --release --target $(TARGET) --target-dir target/named
+	$(WASM_OPT) -g target/named/$(TARGET)/release/rollsafe.wasm -o $(NAMED)
 
 schema:
 	ROLLSAFE_WRITE_SCHEMA=1 cargo test --lib -q config::schema::meta_json
@@ -105,7 +112,7 @@ test-kong: deps dist $(POD)
 # make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
 # packages when missing, and builds the no-op filter it compares with (bench/probe). Kong's host
 # is measured in the same run when KONG_WASM_NGINX names one (it says when it skips it).
-bench: deps $(DIST) $(POD) $(PROBE)
+bench: deps $(DIST) $(POD) $(PROBE) $(NAMED)
 	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done
 	cargo run -q --release --example routing_bench

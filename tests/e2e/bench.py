@@ -19,7 +19,9 @@ price for one read); Envoy's own `retry_policy`; Envoy's `direct_response`.
 Kong's host (an nginx with Kong's ngx_wasm_module, named by KONG_WASM_NGINX) runs its own
 variants in the same rounds when KONG_WASM_NGINX is set: nginx's own proxying (upstream
 keep-alive, as Kong's default pool) with no filter and with the no-op filter, and rollsafe's
-paths there; its CPU is the workers' (/proc), and callgrind counts Envoy only. The shared store
+paths there; its CPU is the workers' (/proc), and callgrind counts Envoy only: on Kong's host
+`perf` samples the worker instead (when it runs here), with Wasmtime's perfmap naming the wasm
+code (a build of the same .wasm that keeps its function names). The shared store
 (Redis behind Webdis) is measured on both hosts beside the node-local one, with the Redis
 commands each request costs.
 
@@ -38,6 +40,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +60,9 @@ CG_WARMUP = int(os.environ.get("BENCH_CALLGRIND_WARMUP", "50"))
 STORE_KEYS = int(os.environ.get("BENCH_STORE_KEYS", "1000000"))
 PROBE = ROOT / "target" / "wasm32-wasip1" / "release" / "rollsafe_probe.wasm"
 RESULTS = ROOT / "bench" / "RESULTS.md"
+# The .wasm with its function names (make bench builds it): perf names rollsafe's wasm code.
+NAMED = ROOT / "target" / "rollsafe_named.wasm"
+PERF = shutil.which("perf")
 
 MAINTENANCE = {
     "windows": [
@@ -152,6 +158,8 @@ class Variant:
     p50_c1: list = field(default_factory=list)
     instr: float | None = None
     round_trips: float | None = None
+    # Kong's host: where its worker's CPU went (`kong_profile`).
+    perf: dict | None = None
 
 
 def variants(pod_clusters) -> list[Variant]:
@@ -526,6 +534,78 @@ def callgrind(harness, v: Variant, clusters) -> float:
     return total / CG_REQUESTS
 
 
+def kong_profile(harness, v: Variant, clusters) -> dict | None:
+    """Where Kong's worker spends its CPU on variant `v`: perf's samples (cpu-clock) while wrk
+    runs it, by where they fell (kernel, nginx and ngx_wasm_module, Wasmtime's calls into and
+    out of the VM, the wasm code, libc), and the wasm functions that took most. `None` when perf
+    cannot sample here or the host wrote no perfmap (a Wasmtime without its profiling
+    feature)."""
+    kw = dict(v.envoy)
+    cfg = kw.pop("config")
+    if "wasm" not in kw and NAMED.exists():
+        kw["wasm"] = NAMED
+    g = Kong(harness, cfg, clusters, log_level="notice",
+             wasm_extra="wasmtime { flag profiler perfmap; }", **kw)
+    harness.gateways.append(g)
+    g.start()
+    data = harness.dir / f"perf-{v.name}.data"
+    maps = []
+    try:
+        if v.prepare:
+            v.prepare(g)
+        wrk(g.port, v.script)
+        master = int((g.dir / "nginx.pid").read_text())
+        worker = int(subprocess.check_output(["pgrep", "-P", str(master)]).split()[0])
+        # (Wasmtime compiled the module in the master, whose map the worker's code is.)
+        perfmap = Path(f"/tmp/perf-{master}.map")
+        if not perfmap.exists():
+            return None
+        maps = [perfmap, Path(f"/tmp/perf-{worker}.map")]
+        shutil.copy(perfmap, maps[1])
+        rec = subprocess.Popen([PERF, "record", "-e", "cpu-clock", "-F", "2999", "-p",
+                                str(worker), "-o", str(data)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        wrk(g.port, v.script)
+        rec.send_signal(signal.SIGINT)
+        rec.wait(timeout=60)
+        out = subprocess.run([PERF, "report", "-i", str(data), "--no-children", "--sort",
+                              "dso,sym", "--stdio", "-g", "none", "-t", "|"],
+                             capture_output=True, text=True, timeout=300).stdout
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    finally:
+        g.stop()
+        for m in maps:
+            m.unlink(missing_ok=True)
+    split: dict[str, float] = {}
+    wasm: list[tuple[float, str]] = []
+    for line in out.splitlines():
+        f = line.split("|")
+        m = re.match(r"\[(.)\]\s+(.*)", f[2].strip()) if len(f) >= 3 else None
+        if not m or not f[0].strip().endswith("%"):
+            continue
+        pct, dso, kind, sym = float(f[0].strip()[:-1]), f[1].strip(), m.group(1), m.group(2)
+        if dso.startswith("[JIT]"):
+            where = "wasm code"
+            wasm.append((pct, re.sub(r"::h[0-9a-f]{16}$|\[[0-9a-f]{16}\]", "", sym)))
+        elif kind == "k":
+            where = "kernel"
+        elif dso == "nginx" and ("wasmtime" in sym or "cranelift" in sym or
+                                 sym.startswith(("wasm_", "<wasmtime"))):
+            where = "Wasmtime"
+        elif dso == "nginx":
+            where = "nginx and ngx_wasm_module"
+        else:
+            where = "libc and the rest"
+        split[where] = split.get(where, 0.0) + pct
+    total = sum(split.values())
+    if not total:
+        return None
+    return {"split": {k: 100 * x / total for k, x in split.items()},
+            "wasm": [(100 * p / total, s) for p, s in sorted(wasm, reverse=True)[:8]]}
+
+
 def store_run(harness, clusters) -> str:
     """STORE_KEYS distinct keys through a store sized for 10,000: refusals, evictions,
     Envoy's memory, and whether the most recent keys still replay."""
@@ -864,6 +944,7 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
     ]
     if kong:
         text += ["", "## Kong's host: every path beside its reference", "", *table(vs, "kong")]
+        text += kong_profile_rows(vs)
     if stores:
         text += ["", "## The shared store", "",
                  f"Redis behind Webdis on loopback (Redis appends every write to its file with "
@@ -877,6 +958,33 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
     if store:
         text += ["", "## The store under a million keys", "", store]
     return "\n".join(text) + "\n"
+
+
+KONG_PROFILED = ["kong_plain_1k", "kong_dispatch_floor_1k", "kong_owned_1k",
+                 "kong_replay_floor_1k", "kong_replay_1k"]
+KONG_WHERE = ["kernel", "nginx and ngx_wasm_module", "Wasmtime", "wasm code", "libc and the rest"]
+
+
+def kong_profile_rows(vs: list[Variant]) -> list[str]:
+    profiled = [v for v in vs if v.perf]
+    if not profiled:
+        return ["", "(Kong's host was not profiled: `perf` could not sample here.)"]
+    rows = ["", "## Kong's host: where the worker's CPU goes", "",
+            "perf's samples of the worker (cpu-clock) while wrk runs the variant, by where they "
+            "fell; Wasmtime is its calls into and out of the VM (hostcalls), the wasm code is "
+            "rollsafe's (or the probe's) as Wasmtime compiled it. Shares of the worker's CPU; "
+            "the kernel's is mostly loopback networking.", "",
+            "| variant | " + " | ".join(KONG_WHERE) + " |",
+            "|---|" + "---:|" * len(KONG_WHERE)]
+    for v in profiled:
+        rows.append(f"| {v.name} | " + " | ".join(
+            f"{v.perf['split'].get(k, 0.0):.1f}%" for k in KONG_WHERE) + " |")
+    for v in profiled:
+        if v.name in ("kong_owned_1k", "kong_replay_1k") and v.perf["wasm"]:
+            rows += ["", f"rollsafe's wasm functions that took most on {v.name} (share of the "
+                     "worker's CPU): " + "; ".join(
+                         f"`{sym}` {pct:.1f}%" for pct, sym in v.perf["wasm"]) + "."]
+    return rows
 
 
 def kong_machine() -> str:
@@ -944,11 +1052,16 @@ def main() -> int:
                 print(f"callgrind {v.name}: {v.instr:,.0f} instructions/request", flush=True)
             with ThreadPoolExecutor(2) as pool:
                 list(pool.map(count, [v for v in vs if v.fixed and v.host == "envoy"]))
+        if KONG_WASM_NGINX and PERF:
+            for v in vs:
+                if v.name in KONG_PROFILED:
+                    v.perf = kong_profile(harness, v, clusters)
+                    print(f"perf {v.name}: {'done' if v.perf else 'no samples'}", flush=True)
         paths = profile()
         million = store_run(harness, clusters) if STORE_KEYS else None
         raw = {v.name: {"rps": v.rps, "cpu_us": v.cpu, "p50_ms": v.p50, "p99_ms": v.p99,
                         "p50_c1_ms": v.p50_c1, "instructions": v.instr,
-                        "redis_commands": v.round_trips} for v in vs}
+                        "redis_commands": v.round_trips, "perf": v.perf} for v in vs}
         raw["webdis_rtt_ms"] = rtt
         raw["profile"] = paths
         raw["million"] = million
@@ -987,6 +1100,7 @@ def report_again(directory: Path) -> int:
         v.rps, v.cpu, v.p50, v.p99, v.p50_c1 = (r["rps"], r["cpu_us"], r["p50_ms"], r["p99_ms"],
                                                 r["p50_c1_ms"])
         v.instr, v.round_trips = r["instructions"], r["redis_commands"]
+        v.perf = r.get("perf")
     text = report(vs, raw["million"], raw["webdis_rtt_ms"], raw["profile"], directory)
     RESULTS.write_text(text)
     readme_block(text)

@@ -27,11 +27,8 @@ impl Exchange {
             self.target = route_cluster(host);
         }
         let target = self.target.clone().unwrap_or_default();
-        let forward = forward_headers(self.replay_headers());
-        let headers: Vec<(&str, &str)> = forward
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        self.replay_headers();
+        let headers = forward_headers(&self.headers);
         match host.dispatch(&target, &headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
@@ -204,29 +201,21 @@ fn route_cluster(host: &impl Host) -> Option<String> {
 }
 
 /// The request headers rollsafe sends on a dispatched attempt.
-fn forward_headers(all: &[(String, String)]) -> Vec<(String, String)> {
+fn forward_headers(all: &[(String, String)]) -> Vec<(&str, &str)> {
     let authority = find(all, ":authority")
         .or_else(|| find(all, "host"))
         .unwrap_or("localhost");
-    let mut out = vec![
-        (
-            ":method".to_string(),
-            find(all, ":method").unwrap_or("GET").to_string(),
-        ),
-        (
-            ":path".to_string(),
-            find(all, ":path").unwrap_or("/").to_string(),
-        ),
-        (":authority".to_string(), authority.to_string()),
-        (
-            ":scheme".to_string(),
-            find(all, ":scheme").unwrap_or("http").to_string(),
-        ),
-    ];
+    let mut out = Vec::with_capacity(all.len() + 4);
+    out.extend([
+        (":method", find(all, ":method").unwrap_or("GET")),
+        (":path", find(all, ":path").unwrap_or("/")),
+        (":authority", authority),
+        (":scheme", find(all, ":scheme").unwrap_or("http")),
+    ]);
     out.extend(
         all.iter()
             .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k) && k != "host")
-            .cloned(),
+            .map(|(k, v)| (k.as_str(), v.as_str())),
     );
     out
 }
@@ -334,7 +323,7 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let f = forward_headers(&all);
-        let names: Vec<&str> = f.iter().map(|(k, _)| k.as_str()).collect();
+        let names: Vec<&str> = f.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             names,
             [
@@ -345,6 +334,9 @@ mod tests {
                 "idempotency-key"
             ]
         );
-        assert_eq!(find(&f, ":authority"), Some("api.example"));
+        assert_eq!(
+            f.iter().find(|(k, _)| *k == ":authority"),
+            Some(&(":authority", "api.example"))
+        );
     }
 }
