@@ -734,6 +734,9 @@ REASONS = {
     "routing": "`:method` (only writes are hashed) and a lookup for a client-supplied group header, "
                "which is absent: one_read + an absent lookup",
     "idempotency": "one lookup of the key header (absent on these GETs)",
+    "kong_idempotency": "one lookup of the key header (absent on these GETs), as on Envoy, where "
+                        "instructions are counted; on Kong's host only the CPU median, within a "
+                        "microsecond of the no-op filter's noise",
     "maintenance": "one clock read",
     "maint_notice": "one clock read; the notice is one more comparison outside its period",
     "maint_schedule": "one clock read and the `:path` and `:method` reads that tell the schedule "
@@ -751,8 +754,13 @@ REASONS = {
                 "make: the header map, the route's name, the claim and its completion in shared "
                 "data, the metric (\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
-                     "connection: the floor alone (the no-op filter dispatching the body and "
-                     "answering) is far above plain proxying; carrying attempt 1 by proxy_pass "
+                     "connection, so the floor alone (the no-op filter dispatching the body and "
+                     "answering, closing the client's connection after 32 requests as rollsafe "
+                     "does) is far above plain proxying, and the host keeps each call's buffers "
+                     "until the client's connection closes (kong_dispatch_kept_1k); beside the "
+                     "floor, rollsafe's own wasm code (the hashes, the bucket's records, the "
+                     "attempt's headers and the answer's copies: \"Kong's host: where the worker's "
+                     "CPU goes\") and its shared-data calls. Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
     "replay_1k": "beside the floor, the header map (the key, method, path, scope and digest), the "
