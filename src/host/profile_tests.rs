@@ -122,15 +122,20 @@ fn paths() -> Vec<(&'static str, Calls)> {
     out
 }
 
+/// `PROFILE_REPEAT` (default 1).
+fn repeat() -> usize {
+    std::env::var("PROFILE_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 /// Runs the paths `PROFILE_REPEAT` times (default once): under callgrind, a native profile of
 /// rollsafe's own code on each path (hashing, encoding, copies), which the host's JIT hides.
 #[test]
 #[ignore = "prints the profile for make bench"]
 fn profile_paths() {
-    let repeat: usize = std::env::var("PROFILE_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let repeat = repeat();
     for _ in 1..repeat {
         std::hint::black_box(paths());
     }
@@ -186,10 +191,7 @@ fn hostcall_counts_stay_as_profiled() {
 #[test]
 #[ignore = "a profiling loop, run under callgrind"]
 fn profile_loop() {
-    let repeat: usize = std::env::var("PROFILE_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let repeat = repeat();
     let owned = std::env::var("PROFILE_PATH").is_ok_and(|p| p == "owned");
     let host = FakeHost::at(1_000_000);
     let p = plan(
