@@ -153,10 +153,9 @@ impl Request {
                     match &plan.routing {
                         None => return Verdict::Continue,
                         Some(rp) if !rp.hashes(&method) => {
-                            // Only rollsafe names groups: a client must not pick its own.
-                            if host.request_header(&rp.group_header).is_some() {
-                                host.remove_request_header(&rp.group_header);
-                            }
+                            // Routing picks no group for it; it only drops a client's own.
+                            let one_by_one = Headers { host, all: None };
+                            let _ = self.route(rp, &one_by_one, &method, false, &mut now);
                             return Verdict::Continue;
                         }
                         Some(_) => {}

@@ -927,6 +927,43 @@ fn methods_not_listed_pass_to_the_host_after_one_read_and_keyed_ones_stay_owned(
     }
 }
 
+/// `retry.methods` with routing: a GET routing does not hash is the host's after `:method`
+/// and the group header's lookup (no header map), and a client's own group header is dropped.
+#[test]
+fn methods_not_listed_and_not_hashed_pass_with_a_clients_group_dropped() {
+    for kind in [HostKind::Kong, HostKind::Envoy] {
+        let cfg = r#"{"retry":{"target":"orders:80","methods":["POST"]},
+                      "routing":{"groups":[{"name":"a","target":"pods-a:80"},
+                                           {"name":"b","target":"pods-b:80"}]}}"#;
+        let host = FakeHost::at(1_000);
+        let mut get = configured(&host, kind, cfg);
+        host.set_request(&[
+            (":method", "GET"),
+            (":path", "/orders"),
+            ("x-rollsafe-group", "b"),
+        ]);
+        assert_eq!(get.on_request_headers(&host, true), Verdict::Continue);
+        assert_eq!(
+            host.header_reads(),
+            2,
+            "{kind:?}: :method and the group header"
+        );
+        assert_eq!(
+            host.calls.borrow().get("request header map"),
+            None,
+            "{kind:?}"
+        );
+        assert!(
+            !host
+                .request_headers()
+                .iter()
+                .any(|(k, _)| k == "x-rollsafe-group"),
+            "{kind:?}: the client's group is dropped"
+        );
+        assert!(host.dispatches().is_empty(), "{kind:?}");
+    }
+}
+
 #[test]
 fn an_empty_methods_list_is_refused_naming_the_field() {
     let host = FakeHost::at(0);
