@@ -176,18 +176,18 @@ pub fn decode_ref(value: &[u8]) -> Option<RecordRef<'_>> {
 }
 
 /// A bucket's bytes as read (`RSB1`, then per way its record's length, 0 when free, and the
-/// record) and where each way's whole record lies: records are read in place, and a write
-/// copies the ways it does not change as they are.
+/// record) and where each way's bytes lie: records are read in place when asked for, and a
+/// write copies the ways it does not change as they are.
 #[derive(Debug, Clone)]
 pub struct BucketBytes {
     raw: Vec<u8>,
-    /// Per way, the byte range of a whole record (`None`: free, or not a record).
+    /// Per way, the byte range it holds (`None`: past the end of what was read).
     spans: Vec<Option<(usize, usize)>>,
 }
 
 impl BucketBytes {
-    /// A bucket of `ways` ways: a way that is not a whole record is free, and a value that is
-    /// not a bucket at all (never written, or foreign bytes) is all free.
+    /// A bucket of `ways` ways. A way that is not a whole record reads as free, and a value that
+    /// is not a bucket at all (never written, or foreign bytes) is all free.
     pub fn parse(raw: Vec<u8>, ways: usize) -> BucketBytes {
         let mut spans = vec![None; ways];
         let mut r = Reader(&raw);
@@ -196,16 +196,14 @@ impl BucketBytes {
                 let Some(bytes) = r.bytes() else {
                     break;
                 };
-                if decode_ref(bytes).is_some() {
-                    let end = raw.len() - r.0.len();
-                    *span = Some((end - bytes.len(), end));
-                }
+                let end = raw.len() - r.0.len();
+                *span = Some((end - bytes.len(), end));
             }
         }
         BucketBytes { raw, spans }
     }
 
-    /// Way `way`'s record, read in place.
+    /// Way `way`'s record, read in place (`None`: free, or not a record).
     pub fn way(&self, way: usize) -> Option<RecordRef<'_>> {
         let (start, end) = (*self.spans.get(way)?)?;
         decode_ref(self.raw.get(start..end)?)
@@ -223,18 +221,17 @@ impl BucketBytes {
         let mut out = Vec::with_capacity(self.raw.len() + extra + 4 * self.spans.len());
         out.extend_from_slice(BUCKET_MAGIC);
         for (w, span) in self.spans.iter().enumerate() {
-            match rec.filter(|_| w == way) {
+            if w != way {
+                let kept = span.and_then(|(start, end)| self.raw.get(start..end));
+                put_str(&mut out, kept.unwrap_or_default());
+                continue;
+            }
+            match rec {
                 Some(rec) => {
-                    let key_len = rec.key.len();
-                    out.extend_from_slice(&((RECORD_FIXED + key_len) as u32).to_be_bytes());
+                    out.extend_from_slice(&((RECORD_FIXED + rec.key.len()) as u32).to_be_bytes());
                     encode_into(&mut out, rec);
                 }
-                None if w == way => put_str(&mut out, &[]),
-                None => put_str(
-                    &mut out,
-                    span.and_then(|(start, end)| self.raw.get(start..end))
-                        .unwrap_or_default(),
-                ),
+                None => put_str(&mut out, &[]),
             }
         }
         out
