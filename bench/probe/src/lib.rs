@@ -17,6 +17,9 @@
 //!              and answer with the reply's status and body
 //!   `close`    (Kong's host, with `dispatch`) close the client's connection from its 32nd
 //!              request on, as rollsafe does after a call (src/reconnect.rs)
+//!   `webdis=<target>`  (Envoy, with `body` and `store`) what a keyed write on the shared store
+//!              cannot do without: one Webdis call (a `SET` of 100 bytes) before the request
+//!              goes on, and another (a `SET` of the 1 KiB answer) before the answer does
 //! The empty configuration is the no-op filter: the cost of a wasm filter that does nothing.
 
 use proxy_wasm::hostcalls;
@@ -36,6 +39,7 @@ struct Calls {
     store: bool,
     dispatch: Option<String>,
     close: bool,
+    webdis: Option<String>,
 }
 
 proxy_wasm::main! {{
@@ -71,6 +75,9 @@ impl RootContext for Root {
                 w if w.starts_with("dispatch=") => {
                     calls.dispatch = Some(w.trim_start_matches("dispatch=").to_string())
                 }
+                w if w.starts_with("webdis=") => {
+                    calls.webdis = Some(w.trim_start_matches("webdis=").to_string())
+                }
                 _ => {}
             }
         }
@@ -82,7 +89,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http(Rc::clone(&self.calls), 0)))
+        Some(Box::new(Http(Rc::clone(&self.calls), 0, Webdis::None)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -90,11 +97,56 @@ impl RootContext for Root {
     }
 }
 
-/// The calls to make, and the body's size once read (`body`, `dispatch`).
-struct Http(Rc<Calls>, usize);
+/// The calls to make, the body's size once read (`body`, `dispatch`), and which Webdis call
+/// is awaited (`webdis`).
+struct Http(Rc<Calls>, usize, Webdis);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Webdis {
+    None,
+    /// Before the request goes on.
+    Claim,
+    /// Before the answer goes on.
+    Settle,
+}
+
+impl Http {
+    /// One Webdis command (`POST /`, the command as the body), the stream held until it answers.
+    fn webdis(&mut self, target: &str, command: &[u8], awaited: Webdis) -> Action {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", "/"),
+            (":authority", target),
+            ("content-type", "text/plain"),
+        ];
+        let sent = self.dispatch_http_call(
+            target,
+            headers,
+            Some(command),
+            vec![],
+            std::time::Duration::from_secs(30),
+        );
+        if sent.is_err() {
+            let _ = hostcalls::send_http_response(502, vec![], None);
+        }
+        self.2 = awaited;
+        Action::Pause
+    }
+}
 
 impl Context for Http {
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        match std::mem::replace(&mut self.2, Webdis::None) {
+            Webdis::Claim => {
+                let _ = hostcalls::resume_http_request();
+                return;
+            }
+            Webdis::Settle => {
+                let _ = hostcalls::resume_http_response();
+                return;
+            }
+            Webdis::None => {}
+        }
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
@@ -164,6 +216,10 @@ impl HttpContext for Http {
             let _ = hostcalls::send_http_response(200, vec![], Some(&[b'x'; 1024]));
             return Action::Pause;
         }
+        if let Some(target) = &c.webdis {
+            let command = [&b"SET/rollsafe-probe-claim/"[..], &[b'x'; 100]].concat();
+            return self.webdis(target, &command, Webdis::Claim);
+        }
         Action::Continue
     }
 
@@ -175,6 +231,11 @@ impl HttpContext for Http {
             return Action::Pause;
         };
         let _ = hostcalls::set_shared_data("rollsafe/probe/stored", Some(&body), None);
+        let c = Rc::clone(&self.0);
+        if let Some(target) = &c.webdis {
+            let command = [&b"SET/rollsafe-probe-done/"[..], &[b'x'; 1024]].concat();
+            return self.webdis(target, &command, Webdis::Settle);
+        }
         Action::Continue
     }
 
