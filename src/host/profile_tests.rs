@@ -185,38 +185,62 @@ fn hostcall_counts_stay_as_profiled() {
     }
 }
 
-/// One path `PROFILE_REPEAT` times on one plan (`PROFILE_PATH`: `replay`, the default, or
-/// `owned`), for callgrind with `--toggle-collect=*one_request*`: rollsafe's own code per
-/// request, natively and without the plan's set-up (the host's JIT hides it in `make bench`).
+/// One path `PROFILE_REPEAT` times on one plan (`PROFILE_PATH`: `replay`, the default, `owned`
+/// or `configured_writes`), for callgrind with `--toggle-collect=*one_request*`: rollsafe's own
+/// code per request, natively and without the plan's set-up (the host's JIT hides it in
+/// `make bench`).
 #[test]
 #[ignore = "a profiling loop, run under callgrind"]
 fn profile_loop() {
     let repeat = repeat();
-    let owned = std::env::var("PROFILE_PATH").is_ok_and(|p| p == "owned");
+    let path = std::env::var("PROFILE_PATH").unwrap_or_default();
+    let path = match path.as_str() {
+        "owned" => Path::Owned,
+        "configured_writes" => Path::Idle,
+        _ => Path::Replay,
+    };
     let host = FakeHost::at(1_000_000);
-    let p = plan(
-        &host,
-        HostKind::Envoy,
-        if owned { OWNED_ENVOY } else { KEYS_ONLY },
-    );
+    let cfg = match path {
+        Path::Owned => OWNED_ENVOY,
+        Path::Replay => KEYS_ONLY,
+        Path::Idle => CONFIGURED_WRITES_ENVOY,
+    };
+    let p = plan(&host, HostKind::Envoy, cfg);
     let mut first = Request::new(Rc::clone(&p));
     keyed_post(&host, &mut first, "\"bench-replay\"");
     answered(&host, &mut first);
     for i in 0..repeat {
-        one_request(&host, &p, owned, i);
+        one_request(&host, &p, path, i);
         host.calls.borrow_mut().clear();
     }
 }
 
+#[derive(Clone, Copy)]
+enum Path {
+    Owned,
+    Replay,
+    Idle,
+}
+
 #[inline(never)]
-fn one_request(host: &FakeHost, p: &Rc<crate::plan::Plan>, owned: bool, i: usize) {
+fn one_request(host: &FakeHost, p: &Rc<crate::plan::Plan>, path: Path, i: usize) {
     let mut req = Request::new(Rc::clone(p));
-    if owned {
-        keyed_post(host, &mut req, &format!("\"k{i}\""));
-        answered(host, &mut req);
-    } else {
-        keyed_post(host, &mut req, "\"bench-replay\"");
-        req.on_response_headers(host, false);
-        req.on_done(host);
+    match path {
+        Path::Owned => {
+            keyed_post(host, &mut req, &format!("\"k{i}\""));
+            answered(host, &mut req);
+        }
+        Path::Replay => {
+            keyed_post(host, &mut req, "\"bench-replay\"");
+            req.on_response_headers(host, false);
+            req.on_done(host);
+        }
+        Path::Idle => {
+            host.set_request(&[(":method", "GET"), (":path", "/bench"), (":authority", "b")]);
+            req.on_request_headers(host, true);
+            host.set_response(&[(":status", "200")]);
+            req.on_response_headers(host, false);
+            req.on_done(host);
+        }
     }
 }
