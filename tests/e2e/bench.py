@@ -82,13 +82,16 @@ CONFIGURED = {
     "routing": {"groups": GROUPS},
 }
 KIB = "x" * 1024
-OWNED = {"retry": RETRY, "idempotency": {"max_entries": 65536}}
+# 16,384 slots (the default), sized as the README sizes a store: with 1 KiB answers they fit
+# Kong's 64 MiB zone, and a run's keyed writes go on evicting the oldest completions. (65,536
+# did not fit: once the zone was full it refused claims, answered 503 store full.)
+OWNED = {"retry": RETRY, "idempotency": {"max_entries": 16384}}
 # The shared store: Redis behind Webdis, the cluster `store`.
 REDIS = {"store": "redis", "redis": {"target": "store", "cache": True}}
 
 
 def owned(cache: bool) -> dict:
-    return {"retry": RETRY, "idempotency": {"max_entries": 65536, **REDIS,
+    return {"retry": RETRY, "idempotency": {"max_entries": 16384, **REDIS,
                                             "redis": {**REDIS["redis"], "cache": cache}}}
 
 
@@ -149,6 +152,8 @@ class Variant:
     floor: str | None = None
     # The shared store: Redis commands per request are counted.
     store: bool = False
+    # Its answers are refusals (409, 503): not 2xx by design.
+    refuses: bool = False
     rps: list = field(default_factory=list)
     cpu: list = field(default_factory=list)
     p50: list = field(default_factory=list)
@@ -222,10 +227,11 @@ def variants(pod_clusters) -> list[Variant]:
                 script=GET_USER, fixed=("GET", "/bench", {"user-id": "u-1234"}, None)),
         Variant("maint_503", "maintenance window open: 503 + problem", "bare",
                 dict(config={"maintenance": {"windows": [
-                    {"start": "2000-01-01T00:00:00Z", "end": "2099-01-01T00:00:00Z"}]}}, **idle)),
+                    {"start": "2000-01-01T00:00:00Z", "end": "2099-01-01T00:00:00Z"}]}}, **idle),
+                refuses=True),
         Variant("conflict_409", "keyed POST while its key is in flight: 409", "direct_1k",
                 dict(config=long_lease, **proxied), script=post_script("held", path="/held"),
-                prepare=held,
+                prepare=held, refuses=True,
                 fixed=("POST", "/held", {"idempotency-key": '"held"', "content-type": "application/json"},
                        KIB.encode())),
         Variant("plain_1k", "POST 1 KiB proxied, no filter", None, dict(config={}, wasm=None, **proxied),
@@ -347,19 +353,22 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 "(dispatch), first try answers", "kong_plain_1k", dict(config=OWNED, **k),
                 script=post_script(new_key=True), goal="owned", floor="kong_dispatch_floor_1k",
                 host="kong"),
-        # The floor of the dispatch design: the no-op filter holding the body, sending it
-        # with dispatch_http_call and answering with the reply, closing the client's
-        # connection from its 32nd request on as rollsafe does after a call (src/reconnect.rs);
-        # and the same keeping the connection (Kong's host holds each call's buffers until the
+        # The floor of the dispatch design: what Envoy's owned floor does (read the key, hold
+        # and read the body, store the 1 KiB answer in shared data), with the attempt carried
+        # by dispatch_http_call: the request's headers sent along and the reply's given back,
+        # as any filter carrying the attempt itself must, and the client's connection closed
+        # from its 32nd request on as rollsafe does after a call (src/reconnect.rs); and the
+        # same keeping the connection (Kong's host holds each call's buffers until the
         # client's connection closes).
-        Variant("kong_dispatch_floor_1k", "Kong's host: no-op filter holding the body, "
-                "dispatching it and answering with the reply (a connection closed after 32 "
+        Variant("kong_dispatch_floor_1k", "Kong's host: no-op filter reading one header, "
+                "holding the body, dispatching it with the request's headers, storing the 1 KiB "
+                "reply and answering with it and its headers (a connection closed after 32 "
                 "requests)", "kong_plain_1k",
-                dict(config=f"dispatch={pod},close", wasm=PROBE, **k),
+                dict(config=f"method,dispatch={pod},forward,store,close", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
                 "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
-                dict(config=f"dispatch={pod}", wasm=PROBE, **k),
+                dict(config=f"method,dispatch={pod},forward,store", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         # The floor of the other design (attempt 1 carried by proxy_pass): read the key, hold
         # and read the body, store the answer in shared data; nginx proxies.
@@ -428,7 +437,9 @@ def wrk(port: int, script: str | None, connections: int = 8, url: str | None = N
     p99 = re.search(r"99%\s+(\S+)", out)
     if not (n and p50 and p99):
         raise RuntimeError(out)
-    return {"n": int(n.group(1)), "p50": _ms(p50.group(1)), "p99": _ms(p99.group(1))}
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"n": int(n.group(1)), "p50": _ms(p50.group(1)), "p99": _ms(p99.group(1)),
+            "bad": int(bad.group(1)) if bad else 0}
 
 
 def load(harness, vs: list[Variant], clusters, store=None) -> list[float]:
@@ -452,6 +463,10 @@ def load(harness, vs: list[Variant], clusters, store=None) -> list[float]:
             res = wrk(g.port, v.script)
             if not res["n"]:
                 raise RuntimeError(f"{v.name}: no request answered:\n{g.log()[-3000:]}")
+            # A path measured on failures (a floor whose calls fail) would mean nothing.
+            if res["bad"] and not v.refuses:
+                raise RuntimeError(f"{v.name}: {res['bad']} answers were not 2xx:\n"
+                                   f"{g.log()[-3000:]}")
             v.cpu.append((g.cpu_ns() - before) / res["n"] / 1000)
             v.rps.append(res["n"] / SECONDS)
             v.p50.append(res["p50"])
@@ -542,6 +557,16 @@ def callgrind(harness, v: Variant, clusters) -> float:
     return total / CG_REQUESTS
 
 
+def _demangled(symbols: list[str]) -> list[str]:
+    """Rust symbols as source names (binutils' c++filt reads both Rust manglings; this perf
+    does not always demangle what Wasmtime's perfmap names)."""
+    if not symbols or not shutil.which("c++filt"):
+        return symbols
+    out = subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True)
+    names = out.stdout.splitlines()
+    return names if out.returncode == 0 and len(names) == len(symbols) else symbols
+
+
 def kong_profile(harness, v: Variant, clusters) -> dict | None:
     """Where Kong's worker spends its CPU on variant `v`: perf's samples (cpu-clock) while wrk
     runs it, by where they fell (kernel, nginx and ngx_wasm_module, Wasmtime's calls into and
@@ -596,7 +621,7 @@ def kong_profile(harness, v: Variant, clusters) -> dict | None:
         pct, dso, kind, sym = float(f[0].strip()[:-1]), f[1].strip(), m.group(1), m.group(2)
         if dso.startswith("[JIT]"):
             where = "wasm code"
-            wasm.append((pct, re.sub(r"::h[0-9a-f]{16}$|\[[0-9a-f]{16}\]", "", sym)))
+            wasm.append((pct, sym))
         elif kind == "k":
             where = "kernel"
         elif dso == "nginx" and ("wasmtime" in sym or "cranelift" in sym or
@@ -607,6 +632,8 @@ def kong_profile(harness, v: Variant, clusters) -> dict | None:
         else:
             where = "libc and the rest"
         split[where] = split.get(where, 0.0) + pct
+    wasm = [(pct, re.sub(r"::h[0-9a-f]{16}$|\[[0-9a-f]{16}\]", "", sym))
+            for pct, sym in zip([p for p, _ in wasm], _demangled([s for _, s in wasm]))]
     total = sum(split.values())
     if not total:
         return None
@@ -771,13 +798,15 @@ REASONS = {
                 "make: the header map, the route's name, the claim and its completion in shared "
                 "data, the metric (\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
-                     "connection, so the floor alone (the no-op filter dispatching the body and "
-                     "answering, closing the client's connection after 32 requests as rollsafe "
-                     "does) is far above plain proxying, and the host keeps each call's buffers "
-                     "until the client's connection closes (kong_dispatch_kept_1k); beside the "
-                     "floor, rollsafe's own wasm code (the hashes, the bucket's records, the "
-                     "attempt's headers and the answer's copies: \"Kong's host: where the worker's "
-                     "CPU goes\") and its shared-data calls. Carrying attempt 1 by proxy_pass "
+                     "connection, so the floor alone (the no-op filter dispatching the body with "
+                     "the request's headers, storing the reply and answering with it, closing the "
+                     "client's connection after 32 requests as rollsafe does) is far above plain "
+                     "proxying, and the host keeps each call's buffers until the client's "
+                     "connection closes (kong_dispatch_kept_1k); beside the floor, rollsafe's own "
+                     "wasm code (the hashes, the bucket's records and the answer's copies: "
+                     "\"Kong's host: where the worker's CPU goes\") and the calls the floor does "
+                     "not make: the route's id, the claim and its completion in shared data, the "
+                     "metrics. Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
     "replay_1k": "beside the floor, the header map (the key, method, path, scope and digest), the "

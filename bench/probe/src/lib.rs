@@ -17,6 +17,10 @@
 //!              and answer with the reply's status and body
 //!   `close`    (Kong's host, with `dispatch`) close the client's connection from its 32nd
 //!              request on, as rollsafe does after a call (src/reconnect.rs)
+//!   `forward`  (with `dispatch`) send the request's own headers along (the map read once,
+//!              hop-by-hop ones dropped) and answer with the reply's headers, as a filter
+//!              carrying the attempt itself must; with `store`, the reply's body is also
+//!              written to shared data
 //!   `webdis=<target>`  (Envoy, with `body` and `store`) what a keyed write on the shared store
 //!              cannot do without: one Webdis call (a `SET` of 100 bytes) before the request
 //!              goes on, and another (a `SET` of the 1 KiB answer) before the answer does
@@ -39,6 +43,7 @@ struct Calls {
     store: bool,
     dispatch: Option<String>,
     close: bool,
+    forward: bool,
     webdis: Option<String>,
 }
 
@@ -72,6 +77,7 @@ impl RootContext for Root {
                 "body" => calls.body = true,
                 "store" => calls.store = true,
                 "close" => calls.close = true,
+                "forward" => calls.forward = true,
                 w if w.starts_with("dispatch=") => {
                     calls.dispatch = Some(w.trim_start_matches("dispatch=").to_string())
                 }
@@ -156,6 +162,19 @@ impl Context for Http {
             .ok()
             .flatten()
             .unwrap_or_default();
+        if self.0.store {
+            let _ = hostcalls::set_shared_data("rollsafe/probe/stored", Some(&body), None);
+        }
+        let reply_headers = if self.0.forward {
+            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        } else {
+            vec![]
+        };
+        let mut headers: Vec<(&str, &str)> = reply_headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let requests = self
             .0
             .close
@@ -163,12 +182,28 @@ impl Context for Http {
             .and_then(|r| r.ok().flatten())
             .and_then(|v| String::from_utf8(v).ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let headers = match requests {
-            Some(n) if n >= 32 => vec![("connection", "close")],
-            _ => vec![],
-        };
+        if requests.is_some_and(|n| n >= 32) {
+            headers.push(("connection", "close"));
+        }
         let _ = hostcalls::send_http_response(status, headers, Some(&body));
     }
+}
+
+/// Headers that describe one connection, not the message (and `content-length`, which the
+/// host sets for what it sends). Kong's host gives names as the client spelled them.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "host"
+    )
 }
 
 /// A body, read once it is whole (`None` until then: the stream is held).
@@ -193,12 +228,22 @@ impl HttpContext for Http {
         self.1 = body.len();
         if let Some(target) = &c.dispatch {
             let len = body.len().to_string();
-            let headers = vec![
+            let own = if c.forward {
+                hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+            } else {
+                vec![]
+            };
+            let mut headers = vec![
                 (":method", "POST"),
                 (":path", "/bench"),
                 (":authority", target.as_str()),
                 ("content-length", len.as_str()),
             ];
+            headers.extend(
+                own.iter()
+                    .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
             // (Through the Context trait, which files the token so the answer comes back here.)
             let sent = self.dispatch_http_call(
                 target,
