@@ -245,10 +245,11 @@ def variants(pod_clusters) -> list[Variant]:
                 fixed=keyed_fixed),
         # What any filter must do to own a keyed write on Envoy (the route carries attempt 1,
         # the buffer filter after it): read the key, hold the body until whole and read it,
-        # hold the answer's body and write it to shared data.
+        # record the claim in shared data (read and write back a small record) before the
+        # request goes on, hold the answer's body and write it to shared data.
         Variant("owned_floor_1k", "no-op filter reading one header, holding and reading the "
-                "body, storing the 1 KiB answer in shared data", "plain_1k",
-                dict(config="method,body,store", wasm=PROBE, **proxied),
+                "body, recording a claim and storing the 1 KiB answer in shared data",
+                "plain_1k", dict(config="method,body,claim,store", wasm=PROBE, **proxied),
                 script=post_script(new_key=True), fixed=keyed_fixed),
         Variant("owned_redis_1k", "keyed POST 1 KiB on the shared store (Redis via Webdis)",
                 "owned_1k", dict(config=owned(cache=True), **proxied),
@@ -354,27 +355,29 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 script=post_script(new_key=True), goal="owned", floor="kong_dispatch_floor_1k",
                 host="kong"),
         # The floor of the dispatch design: what Envoy's owned floor does (read the key, hold
-        # and read the body, store the 1 KiB answer in shared data), with the attempt carried
+        # and read the body, record the claim, store the 1 KiB answer), with the attempt carried
         # by dispatch_http_call: the request's headers sent along and the reply's given back,
         # as any filter carrying the attempt itself must, and the client's connection closed
         # from its 32nd request on as rollsafe does after a call (src/reconnect.rs); and the
         # same keeping the connection (Kong's host holds each call's buffers until the
         # client's connection closes).
         Variant("kong_dispatch_floor_1k", "Kong's host: no-op filter reading one header, "
-                "holding the body, dispatching it with the request's headers, storing the 1 KiB "
-                "reply and answering with it and its headers (a connection closed after 32 "
-                "requests)", "kong_plain_1k",
-                dict(config=f"method,dispatch={pod},forward,store,close", wasm=PROBE, **k),
+                "holding the body, recording a claim, dispatching the body with the request's "
+                "headers, storing the 1 KiB reply and answering with it and its headers (a "
+                "connection closed after 32 requests)", "kong_plain_1k",
+                dict(config=f"method,claim,dispatch={pod},forward,store,close", wasm=PROBE,
+                     **k),
                 script=post_script(new_key=True), host="kong"),
         Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
                 "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
-                dict(config=f"method,dispatch={pod},forward,store", wasm=PROBE, **k),
+                dict(config=f"method,claim,dispatch={pod},forward,store", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         # The floor of the other design (attempt 1 carried by proxy_pass): read the key, hold
-        # and read the body, store the answer in shared data; nginx proxies.
+        # and read the body, record the claim, store the answer in shared data; nginx proxies.
         Variant("kong_proxy_floor_1k", "Kong's host: no-op filter reading one header, holding "
-                "and reading the body, storing the 1 KiB answer; proxy_pass carries it",
-                "kong_plain_1k", dict(config="method,body,store", wasm=PROBE, **k),
+                "and reading the body, recording a claim, storing the 1 KiB answer; proxy_pass "
+                "carries it", "kong_plain_1k",
+                dict(config="method,body,claim,store", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         # The other design, run by rollsafe itself: with no target to dispatch to, Kong's own
         # proxy_pass carries the keyed write (claimed at the body's end, stored from the
@@ -795,18 +798,19 @@ REASONS = {
                   "CPU only, within a few µs of the no-op filter)",
     "owned_1k": "beside the floor, rollsafe's own wasm code (the fingerprint and scope hashes, the "
                 "bucket's records, the stored response's encoding) and the calls the floor does not "
-                "make: the header map, the route's name, the claim and its completion in shared "
-                "data, the metric (\"Where the instructions go\")",
+                "make: the header map, the route's name, the completion's second write (the "
+                "index record beside the response), the metric (\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
-                     "connection, so the floor alone (the no-op filter dispatching the body with "
-                     "the request's headers, storing the reply and answering with it, closing the "
-                     "client's connection after 32 requests as rollsafe does) is far above plain "
+                     "connection, so the floor alone (the no-op filter recording a claim, "
+                     "dispatching the body with the request's headers, storing the reply and "
+                     "answering with it, closing the client's connection after 32 requests as "
+                     "rollsafe does) is far above plain "
                      "proxying, and the host keeps each call's buffers until the client's "
                      "connection closes (kong_dispatch_kept_1k); beside the floor, rollsafe's own "
                      "wasm code (the hashes, the bucket's records and the answer's copies: "
                      "\"Kong's host: where the worker's CPU goes\") and the calls the floor does "
-                     "not make: the route's id, the claim and its completion in shared data, the "
-                     "metrics. Carrying attempt 1 by proxy_pass "
+                     "not make: the header map, the route's id, the completion's read and second "
+                     "write, the metrics. Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
     "replay_1k": "beside the floor, the header map (the key, method, path, scope and digest), the "
@@ -814,7 +818,9 @@ REASONS = {
     "kong_replay_1k": "beside the floor, the header map, the route's id, the bucket read, the hashes "
                       "and the stored response's decoding",
     "owned_redis_1k": "each Webdis call is a dispatch_http_call, and a keyed write makes two (claim, "
-                      "completion), each an EVAL that Redis appends to its file before answering",
+                      "completion), each an EVAL that Redis appends to its file before answering; "
+                      "through the gateway's dispatch two calls take longer than two round trips "
+                      "measured from a client (the floor)",
 }
 
 

@@ -13,6 +13,8 @@
 //!              answers from the body callback)
 //!   `store`    hold the response body until it is whole, read it, and write it (1 KiB and
 //!              more) to shared data
+//!   `claim`    (with `body`) once the body is whole, read a small shared-data record and
+//!              write it back under its cas: the claim a keyed write records before it goes on
 //!   `dispatch=<target>`  send the whole request body to `<target>` (`dispatch_http_call`)
 //!              and answer with the reply's status and body
 //!   `close`    (Kong's host, with `dispatch`) close the client's connection from its 32nd
@@ -41,6 +43,7 @@ struct Calls {
     reply: bool,
     body: bool,
     store: bool,
+    claim: bool,
     dispatch: Option<String>,
     close: bool,
     forward: bool,
@@ -76,6 +79,7 @@ impl RootContext for Root {
                 "reply" => calls.reply = true,
                 "body" => calls.body = true,
                 "store" => calls.store = true,
+                "claim" => calls.claim = true,
                 "close" => calls.close = true,
                 "forward" => calls.forward = true,
                 w if w.starts_with("dispatch=") => {
@@ -226,6 +230,10 @@ impl HttpContext for Http {
             return Action::Pause;
         };
         self.1 = body.len();
+        if c.claim {
+            let (_, cas) = hostcalls::get_shared_data("rollsafe/probe/claim").unwrap_or_default();
+            let _ = hostcalls::set_shared_data("rollsafe/probe/claim", Some(&[b'c'; 96]), cas);
+        }
         if let Some(target) = &c.dispatch {
             let len = body.len().to_string();
             let own = if c.forward {
