@@ -13,7 +13,7 @@ WASM_OPT   := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutab
 VENV       := .venv
 PY         := $(VENV)/bin/python
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-RUST_SRC   := $(shell find src tests/pod/src -name '*.rs') Cargo.toml Cargo.lock tests/pod/Cargo.toml
+RUST_SRC   := $(shell find src tests/pod/src -name '*.rs') Cargo.toml Cargo.lock tests/pod/Cargo.toml .cargo/config.toml
 
 .PHONY: all build dist run test unit e2e e2e-kong test-kong lint fmt clippy schema bench deps clean fuzz fuzz-smoke
 

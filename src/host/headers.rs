@@ -68,9 +68,27 @@ impl HeaderBlock {
 
     /// A header's value as the client sent it, bytes and all.
     pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
-        self.raw_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        self.find(name.as_bytes())
+    }
+
+    /// The first value of `name` (any case). Walks the lengths and slices only the entries
+    /// whose name is as long as `name`: a keyed request looks up a dozen names, most of them
+    /// absent. (A plain loop: the crate is built for size, which keeps iterator adapters as
+    /// calls.)
+    fn find(&self, name: &[u8]) -> Option<&[u8]> {
+        let raw = self.raw.as_slice();
+        let count = u32_at(raw, 0).unwrap_or(0).min(raw.len() / 8);
+        let mut data = 4 + count * 8;
+        for i in 0..count {
+            let klen = u32_at(raw, 4 + i * 8)?;
+            let vlen = u32_at(raw, 8 + i * 8)?;
+            let v = data.checked_add(klen)?.checked_add(1)?;
+            if klen == name.len() && raw.get(data..v - 1)?.eq_ignore_ascii_case(name) {
+                return raw.get(v..v.checked_add(vlen)?);
+            }
+            data = v.checked_add(vlen)?.checked_add(1)?;
+        }
+        None
     }
 
     /// Every (name, value) as bytes, unchecked: lookups compare names without validating
@@ -94,9 +112,8 @@ impl HeaderBlock {
 
     /// A header's value by case-insensitive name (`None` when it is not UTF-8).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.raw_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        self.find(name.as_bytes())
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 
     pub fn to_pairs(&self) -> Vec<(String, String)> {

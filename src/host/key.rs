@@ -106,12 +106,14 @@ pub fn status_of(resp: &super::CallResponse) -> Option<u16> {
     super::header(&resp.headers, ":status").and_then(|s| s.trim().parse().ok())
 }
 
-/// The caller scope: route and hashed headers, as configured.
-fn scope_id(
+/// What the store is keyed by: the caller scope (route and hashed headers, as configured) and
+/// the key.
+fn store_key(
     ip: &idempotency::Policy,
     kind: HostKind,
     host: &impl Host,
     headers: &HeaderBlock,
+    key: &str,
 ) -> String {
     // Each host names the route its own way (an unnamed Envoy route: the filter's root id,
     // read at configure time).
@@ -125,15 +127,11 @@ fn scope_id(
         .then(|| host.property(path).filter(|v| !v.is_empty()))
         .flatten();
     let fallback = ip.route_fallback.as_deref().map(str::as_bytes);
-    let parts: Vec<Option<&[u8]>> = ip
-        .scope
-        .iter()
-        .map(|p| match p {
-            idempotency::ScopePart::Route => route.as_deref().or(fallback),
-            idempotency::ScopePart::Header(name) => headers.get_bytes(name),
-        })
-        .collect();
-    idempotency::scope_id(&parts)
+    let parts = ip.scope.iter().map(|p| match p {
+        idempotency::ScopePart::Route => route.as_deref().or(fallback),
+        idempotency::ScopePart::Header(name) => headers.get_bytes(name),
+    });
+    idempotency::store_key(parts, key)
 }
 
 /// The body a key is decided on.
@@ -158,8 +156,14 @@ pub fn gate(
     let method = headers.get(":method").unwrap_or("GET");
     let path = headers.get(":path").unwrap_or("/");
     // Read lossily: a key that is not UTF-8 is then not ASCII either, and refused as such.
-    let values: Vec<std::borrow::Cow<'_, str>> = headers.values(&ip.header).collect();
-    let key = match idempotency::parse_key(&values) {
+    // (Two values are enough to tell one from several.)
+    let mut values = headers.values(&ip.header);
+    let parsed = match (values.next(), values.next()) {
+        (None, _) => idempotency::parse_key::<&str>(&[]),
+        (Some(one), None) => idempotency::parse_key(&[one]),
+        (Some(one), Some(two)) => idempotency::parse_key(&[one, two]),
+    };
+    let key = match parsed {
         Ok(key) => key,
         Err(KeyError::Missing) if !ip.required => return Gate::Unkeyed,
         Err(e) => {
@@ -179,9 +183,7 @@ pub fn gate(
             ));
         }
     };
-    let mut store_key = scope_id(ip, kind, host, headers);
-    store_key.push(':');
-    store_key.push_str(&key);
+    let store_key = store_key(ip, kind, host, headers, &key);
     let digest = headers
         .get("content-digest")
         .or_else(|| headers.get("repr-digest"))

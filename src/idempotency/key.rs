@@ -55,9 +55,11 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
     Ok(key)
 }
 
-/// Hex of the first 16 bytes of SHA-256 over the scope parts (a part absent counts as empty),
-/// taken as bytes: credentials that are not UTF-8 still tell callers apart.
-pub fn scope_id(parts: &[Option<&[u8]>]) -> String {
+/// What the store is keyed by: hex of the first 16 bytes of SHA-256 over the scope parts (a
+/// part absent counts as empty), taken as bytes so that credentials that are not UTF-8 still
+/// tell callers apart, then `:` and the key.
+pub fn store_key<'a>(parts: impl IntoIterator<Item = Option<&'a [u8]>>, key: &str) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut h = Sha256::new();
     for p in parts {
         let p = p.unwrap_or_default();
@@ -65,19 +67,16 @@ pub fn scope_id(parts: &[Option<&[u8]>]) -> String {
         h.update(p);
     }
     let digest = h.finalize();
-    hex(digest.get(..16).unwrap_or_default())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
+    let mut out = String::with_capacity(33 + key.len());
+    for b in digest.get(..16).unwrap_or_default() {
         for nibble in [b >> 4, b & 0xf] {
             out.push(char::from(
                 DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
             ));
         }
     }
+    out.push(':');
+    out.push_str(key);
     out
 }
 
