@@ -237,22 +237,23 @@ fn classify_call(resp: CallResponse) -> (Outcome, Option<Answer>) {
     };
     // Envoy's own answers after a failure carry these bodies (an Envoy sidecar in the pod says
     // the same when the application container is gone — equally never reached).
+    // (Compared as bytes: an application's body is not decoded on every answer.)
     let text = resp
         .body
         .get(..resp.body.len().min(512))
         .unwrap_or_default();
-    let text = String::from_utf8_lossy(text);
-    if text.starts_with("upstream connect error or disconnect/reset before headers") {
+    if text.starts_with(b"upstream connect error or disconnect/reset before headers") {
+        let text = String::from_utf8_lossy(text);
         return if text.contains("connection failure") || text.contains("Connection refused") {
             (Outcome::ConnectFailure, None)
         } else {
             (Outcome::Reset, None)
         };
     }
-    if status == 503 && text.starts_with("no healthy upstream") {
+    if status == 503 && text.starts_with(b"no healthy upstream") {
         return (Outcome::ConnectFailure, None);
     }
-    if status == 504 && text.starts_with("upstream request timeout") {
+    if status == 504 && text.starts_with(b"upstream request timeout") {
         return (Outcome::Timeout, None);
     }
     let answer = Answer {
