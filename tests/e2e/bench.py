@@ -1017,9 +1017,13 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
                  f"each round): {med(rtt):.2f} ms.", "",
                  "| variant | Webdis calls per request | p50 one at a time ms | p50 at 8 "
                  "connections ms | CPU µs/req |", "|---|---:|---:|---:|---:|"]
+        def cell(x: float | None) -> str:
+            return "–" if x is None or x != x else f"{x:.2f}"
+
         for v in stores:
-            text.append(f"| {v.name} | {v.round_trips if v.round_trips is not None else float('nan'):.2f} | "
-                        f"{med(v.p50_c1):.2f} | {med(v.p50):.2f} | {med(v.cpu):.1f} |")
+            c1 = med(v.p50_c1) if v.p50_c1 else None
+            text.append(f"| {v.name} | {cell(v.round_trips)} | {cell(c1)} | "
+                        f"{med(v.p50):.2f} | {med(v.cpu):.1f} |")
     if store:
         text += ["", "## The store under a million keys", "", store]
     return "\n".join(text) + "\n"
