@@ -1095,6 +1095,11 @@ def main() -> int:
         print("Kong's host: SKIPPED (set KONG_WASM_NGINX to an nginx built with ngx_wasm_module)",
               flush=True)
     harness = Harness(Path(os.environ["BENCH_DIR"]) if os.environ.get("BENCH_DIR") else None)
+    # The gateways, pods, Redis and Webdis run in sessions of their own, so a signal to the
+    # run's process group does not reach them: a run stopped by SIGTERM or SIGHUP unwinds
+    # through `finally` below, as Ctrl-C does, and leaves nothing listening.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     try:
         pod = harness.pod("bench1", "bench")
         # The pod answers every request with 1 KiB, as the direct_response route does; /held
