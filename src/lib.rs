@@ -26,6 +26,7 @@ pub mod retry;
 pub mod routing;
 pub mod service;
 pub mod shared_store;
+pub mod warnings;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

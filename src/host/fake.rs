@@ -1,7 +1,7 @@
 //! A scriptable in-memory host for native flow tests.
 
 use super::headers::HeaderBlock;
-use super::{header, CallResponse, Host, Level, Metric, SetError};
+use super::{header, CallResponse, Host, Level, Metric, SetError, Warning};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
@@ -59,6 +59,7 @@ pub struct FakeHost {
     pub resumed_responses: Cell<usize>,
     /// Every hostcall the flow made, by kind (the bench's profile of each path).
     pub calls: RefCell<std::collections::BTreeMap<&'static str, usize>>,
+    repeats: RefCell<crate::warnings::Repeats>,
 }
 
 #[derive(Debug, Clone)]
@@ -345,6 +346,10 @@ impl Host for FakeHost {
     fn log(&self, level: Level, message: &str) {
         self.hit("log");
         self.logs.borrow_mut().push((level, message.to_string()));
+    }
+
+    fn admit_warning(&self, warning: Warning) -> Option<u64> {
+        self.repeats.borrow_mut().admit(warning, self.now.get())
     }
 
     fn count(&self, metric: Metric) {

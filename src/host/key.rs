@@ -9,7 +9,7 @@
 
 use super::headers::HeaderBlock;
 use super::reply::Reply;
-use super::{Host, HostKind, HostShared, Level, Metric};
+use super::{Host, HostKind, HostShared, Level, Metric, Warning};
 use crate::idempotency::lifecycle::{
     self, ClaimAnswer, Effect, Event, Note, Phase, Refusal, Rules, Write,
 };
@@ -269,9 +269,8 @@ pub fn claimed(
                 .shared
                 .as_ref()
                 .is_some_and(|r| r.when_unavailable == WhenUnavailable::FailOpen);
-            host.log(
-                Level::Warn,
-                &format!(
+            super::warn(host, Warning::StoreUnavailable, || {
+                format!(
                     "rollsafe: idempotency store unavailable ({}); {}",
                     why.0,
                     if open {
@@ -279,8 +278,8 @@ pub fn claimed(
                     } else {
                         "answered 503"
                     }
-                ),
-            );
+                )
+            });
             // A claim without an answer (a timeout: Envoy's is a 504) may yet land, before its
             // deadline: released, should it. (Webdis's own errors mean it did not.)
             ClaimAnswer::Unavailable {
@@ -356,7 +355,9 @@ fn note(host: &impl Host, n: Note) {
         Note::InFlight => Metric::IdemInFlight,
         Note::Mismatch => Metric::IdemMismatch,
         Note::StoreFull => {
-            host.log(Level::Warn, "rollsafe: idempotency store full");
+            super::warn(host, Warning::StoreFull, || {
+                "rollsafe: idempotency store full".into()
+            });
             Metric::IdemStoreFull
         }
         Note::Evicted => Metric::IdemEvicted,
@@ -466,10 +467,9 @@ impl Key {
                 Effect::Answer(refusal) => reply = Some(refusal_reply(refusal, path)),
                 Effect::Run { protected: true } => protected = true,
                 Effect::InDoubt => self.in_doubt = true,
-                Effect::Run { protected: false } => host.log(
-                    Level::Warn,
-                    "rollsafe: idempotency key not held; the request runs unprotected",
-                ),
+                Effect::Run { protected: false } => super::warn(host, Warning::Unprotected, || {
+                    "rollsafe: idempotency key not held; the request runs unprotected".into()
+                }),
                 _ => {}
             }
         }
@@ -647,18 +647,18 @@ impl Key {
         let word = match shared_store::read_settle(status, body) {
             Ok(written) => Some(written),
             Err(why) => {
-                host.log(
-                    Level::Warn,
-                    &format!(
+                let kept = self.completing.is_some();
+                super::warn(host, Warning::RecordNotWritten, || {
+                    format!(
                         "rollsafe: idempotency record not written to the shared store ({}); {}",
                         why.0,
-                        if self.completing.is_some() {
+                        if kept {
                             "kept on this node only"
                         } else {
                             "the key stays claimed until its lease ends"
                         }
-                    ),
-                );
+                    )
+                });
                 None
             }
         };

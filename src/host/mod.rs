@@ -221,10 +221,27 @@ pub trait Host {
     /// Makes the HTTP context `id` the one later calls act on (root-driven retries, Envoy).
     fn set_effective_context(&self, id: u32) -> bool;
     fn log(&self, level: Level, message: &str);
+    /// Whether a warning of this kind is written now ([`crate::warnings::Repeats`], kept per
+    /// worker): `Some(n)` with `n` held back since the last.
+    fn admit_warning(&self, warning: Warning) -> Option<u64>;
     fn count(&self, metric: Metric);
     /// Shared data (all workers of the node): value and CAS token.
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+}
+
+/// Writes a warning that every request may raise while something is degraded, as
+/// [`crate::warnings`] admits it; the message is built only when it is written.
+pub fn warn(host: &impl Host, warning: Warning, message: impl FnOnce() -> String) {
+    if let Some(held_back) = host.admit_warning(warning) {
+        let mut message = message();
+        if held_back > 0 {
+            message.push_str(&format!(
+                " ({held_back} more like it not logged since the last)"
+            ));
+        }
+        host.log(Level::Warn, &message);
+    }
 }
 
 /// Points the host's own proxying of this request at a group: the group header (seen by the
@@ -237,6 +254,7 @@ pub fn name_group(host: &impl Host, kind: HostKind, header: &str, name: &str, ta
 }
 
 pub use crate::idempotency::SetError;
+pub use crate::warnings::Warning;
 
 /// The host's shared data as the idempotency store sees it, with the host's write rules.
 pub struct HostShared<'a, H: Host>(pub &'a H, pub HostKind);

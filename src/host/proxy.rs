@@ -5,8 +5,9 @@
 
 use super::flow::{self, Request, Verdict};
 use super::scheduler::{Later, Scheduler, Shared};
-use super::{CallResponse, Host, HostKind, HostShared, Level, Metric, SetError};
+use super::{CallResponse, Host, HostKind, HostShared, Level, Metric, SetError, Warning};
 use crate::plan::Plan;
+use crate::warnings::Repeats;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{
@@ -41,6 +42,8 @@ pub struct ProxyHost {
     seed: Rc<Cell<u64>>,
     /// The root's: calls sent on its next tick.
     scheduler: Rc<Scheduler>,
+    /// Warnings written and held back on this worker.
+    repeats: Rc<RefCell<Repeats>>,
 }
 
 impl ProxyHost {
@@ -71,6 +74,7 @@ impl ProxyHost {
                 std::hash::RandomState::new().build_hasher().finish(),
             )),
             scheduler,
+            repeats: Rc::default(),
         }
     }
 }
@@ -247,6 +251,11 @@ impl Host for ProxyHost {
             Err(proxy_wasm::types::Status::CasMismatch) => Err(SetError::CasMismatch),
             Err(_) => Err(SetError::Refused),
         }
+    }
+
+    fn admit_warning(&self, warning: Warning) -> Option<u64> {
+        let now = self.now_ms();
+        self.repeats.try_borrow_mut().ok()?.admit(warning, now)
     }
 
     fn count(&self, metric: Metric) {

@@ -5,7 +5,7 @@
 
 use super::fake::{Dispatched, FakeHost};
 use super::flow::{Request, Verdict};
-use super::{HostKind, Metric};
+use super::{HostKind, Level, Metric};
 use crate::shared_store::{CLAIM_SCRIPT, SETTLE_SCRIPT};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -323,6 +323,51 @@ fn an_unavailable_store_fails_closed_or_open_as_configured() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn an_outage_is_counted_for_every_request_and_logged_once_a_period() {
+    let redis = Redis::default();
+    redis.down.set(true);
+    for kind in [HostKind::Envoy, HostKind::Kong] {
+        let host = FakeHost::at(1_000);
+        let plan = plan(&host, kind, r#","when_unavailable":"fail-open""#);
+        let lines = |what: &str| {
+            host.logs_at(Level::Warn)
+                .into_iter()
+                .filter(|m| m.contains(what))
+                .collect::<Vec<_>>()
+        };
+        let request = |at: u64| {
+            host.now.set(at);
+            post(&host, "k", b"");
+            let mut req = Request::new(Rc::clone(&plan));
+            req.on_request_headers(&host, true);
+            webdis(&host, &redis, &mut req);
+        };
+        for i in 0..5 {
+            request(1_000 + i);
+        }
+        assert_eq!(host.counted(Metric::IdemStoreUnavailable), 5, "{kind:?}");
+        assert_eq!(host.counted(Metric::IdemFailOpen), 5, "{kind:?}");
+        let down = lines("idempotency store unavailable");
+        assert_eq!(
+            down.len(),
+            1,
+            "{kind:?}: one line for five requests: {down:?}"
+        );
+        assert!(!down[0].contains("more like it"), "{kind:?}: {down:?}");
+        assert_eq!(lines("runs unprotected").len(), 1, "{kind:?}");
+        // A period later the next is written, with the four held back.
+        request(1_000 + crate::warnings::PERIOD_MS);
+        let down = lines("idempotency store unavailable");
+        assert_eq!(down.len(), 2, "{kind:?}: {down:?}");
+        assert!(
+            down[1].ends_with("(4 more like it not logged since the last)"),
+            "{kind:?}: {down:?}"
+        );
+        assert_eq!(host.counted(Metric::IdemFailOpen), 6, "{kind:?}");
     }
 }
 

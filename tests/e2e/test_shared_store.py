@@ -181,6 +181,26 @@ def test_webdis_down_fails_open_when_configured(harness):
 
 
 
+def test_an_outage_is_counted_for_every_request_and_logged_once_a_period(harness):
+    """Webdis down, fail-open, a dozen keyed writes: every one runs and (where the gateway has
+    stats) is counted, but each worker writes the outage's warning once in its period, not a
+    line per request."""
+    pod = harness.pod("a1", "a")
+    store, _, a, _ = two_nodes(harness, shared(when_unavailable="fail-open"), pods=[pod])
+    store.webdis.terminate()
+    store.webdis.wait(10)
+    for i in range(12):
+        assert post(a, f'"outage-{i}"', '{"sku": 4}').status == 201
+    assert len(pod.ledger()) == 12, "each ran once, unprotected"
+    workers = getattr(a, "concurrency", None) or a.workers
+    log = a.log()
+    for what in ("idempotency store unavailable", "idempotency key not held"):
+        lines = [line for line in log.splitlines() if f"rollsafe: {what}" in line]
+        assert 1 <= len(lines) <= workers, (what, lines)
+    if a.has_stats:
+        assert a.stats().get("wasmcustom.rollsafe_idempotency_fail_open", 0) == 12
+
+
 def test_a_store_that_stops_answering_costs_at_most_its_timeout(harness):
     """Redis frozen (SIGSTOP): Webdis holds the call; rollsafe gives up at `timeout_ms` and
     answers as configured, without waiting on. The claim it gave up on, run late, does not

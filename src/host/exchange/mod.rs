@@ -29,7 +29,7 @@ pub use native::classify_native;
 use super::headers::HeaderBlock;
 use super::key::{self, Gate, Key};
 use super::reply::Reply;
-use super::{header as find, Host, Level, Metric};
+use super::{header as find, Host, Level, Metric, Warning};
 use crate::plan::{Driver, HostKind, Plan};
 use crate::retry::{BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
 use std::rc::Rc;
@@ -381,14 +381,13 @@ impl Exchange {
         self.settle_key(host, None, false);
         match policy.body_too_large {
             BodyTooLarge::Reject => {
-                host.log(
-                    Level::Warn,
-                    &format!(
+                super::warn(host, Warning::BodyTooLarge, || {
+                    format!(
                         "rollsafe: {} {}: request body {why}; answered 413",
                         self.method(),
                         self.path()
-                    ),
-                );
+                    )
+                });
                 let detail = format!(
                     "The request body is {why} ({} bytes at most), so it cannot be replayed safely.",
                     policy.max_body_bytes
@@ -406,14 +405,13 @@ impl Exchange {
             }
             BodyTooLarge::Stream => self.stream_once(policy, host, why),
             BodyTooLarge::PassThrough => {
-                host.log(
-                    Level::Warn,
-                    &format!(
+                super::warn(host, Warning::BodyTooLarge, || {
+                    format!(
                         "rollsafe: {} {}: request body {why}; forwarded once without retries",
                         self.method(),
                         self.path()
-                    ),
-                );
+                    )
+                });
                 (None, Step::Continue)
             }
         }
