@@ -1,13 +1,14 @@
-//! Which warnings are written. A warning that every request can raise while something is
-//! degraded — the shared store down or full, its records not written, bodies over the limit —
-//! is written at most once a period on each worker, with how many like it were held back: a
-//! store outage or a hostile client must not flood the gateway's log (a line per request is
-//! also a write per request), while the counters still count every one.
+//! Which repeated log lines are written. A line that every request can raise while something
+//! is degraded or overloaded — the shared store down or full, its records not written, bodies
+//! over the limit, calls dropped — is written at most once a period by each filter instance on
+//! each worker, with how many like it were held back: a store outage or a hostile client must
+//! not flood the gateway's log (a line per request is also a write per request), while the
+//! counters still count every one.
 
-/// How often each kind of warning may be written, per worker.
+/// How often each kind of line may be written.
 pub const PERIOD_MS: u64 = 10_000;
 
-/// The warnings a request can raise on every request while something is degraded.
+/// The lines a request can raise on every request while something is degraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Warning {
     /// The shared store did not answer a claim.
@@ -18,32 +19,58 @@ pub enum Warning {
     RecordNotWritten,
     /// A keyed request runs without holding its key.
     Unprotected,
-    /// A body over `max_body_bytes`, refused or forwarded without retries.
+    /// A body over `max_body_bytes`: refused, streamed once, or forwarded without retries.
     BodyTooLarge,
+    /// A call for the root's next tick dropped: too many waiting.
+    CallDropped,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
-/// Per kind: when the next may be written, and how many were held back since the last.
+impl Warning {
+    /// Its place in [`Repeats`] (an exhaustive match: a new kind needs a place below `KINDS`).
+    fn index(self) -> usize {
+        match self {
+            Warning::StoreUnavailable => 0,
+            Warning::StoreFull => 1,
+            Warning::RecordNotWritten => 2,
+            Warning::Unprotected => 3,
+            Warning::BodyTooLarge => 4,
+            Warning::CallDropped => 5,
+        }
+    }
+}
+
+/// Per kind: when the last was written, and how many were held back since.
 #[derive(Debug, Default, Clone)]
 pub struct Repeats {
-    next_ms: [u64; KINDS],
-    held_back: [u64; KINDS],
+    kinds: [Kind; KINDS],
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Kind {
+    last_ms: Option<u64>,
+    held_back: u64,
 }
 
 impl Repeats {
     /// `Some(n)`: write this one, saying that `n` like it were held back before it; `None`:
-    /// hold it back. A clock that went back more than a period opens the gate again rather
-    /// than silencing the warning until it catches up.
+    /// hold it back (the last was written less than a period ago, or — a clock that went
+    /// back — less than a period ahead).
     pub fn admit(&mut self, warning: Warning, now_ms: u64) -> Option<u64> {
-        let i = warning as usize;
-        let (next, held) = (self.next_ms.get_mut(i)?, self.held_back.get_mut(i)?);
-        if now_ms < *next && *next <= now_ms.saturating_add(PERIOD_MS) {
-            *held = held.saturating_add(1);
+        // (A kind without a place is written every time rather than never.)
+        let Some(kind) = self.kinds.get_mut(warning.index()) else {
+            return Some(0);
+        };
+        if kind
+            .last_ms
+            .is_some_and(|last| last.abs_diff(now_ms) < PERIOD_MS)
+        {
+            kind.held_back = kind.held_back.saturating_add(1);
             return None;
         }
-        *next = now_ms.saturating_add(PERIOD_MS);
-        Some(std::mem::take(held))
+        kind.last_ms = Some(now_ms);
+        Some(std::mem::take(&mut kind.held_back))
     }
 }
 
@@ -66,13 +93,18 @@ mod tests {
             (StoreUnavailable, 11_500, None),
             (Unprotected, 14_999, None),
             (Unprotected, 15_000, Some(1)),
-            // The clock went back more than a period: written, not silenced for the gap.
+            // The clock went back less than a period: still held back.
+            (Unprotected, 10_000, None),
+            // More than a period: written, not silenced until the clock catches up.
             (StoreUnavailable, 500, Some(1)),
             (StoreUnavailable, 600, None),
+            // A clock that reads 0 every time (its hostcall failing): the first is written.
             (BodyTooLarge, 0, Some(0)),
-            (StoreFull, u64::MAX - 5, Some(0)),
-            (StoreFull, u64::MAX - 4, None),
+            (BodyTooLarge, 0, None),
+            (StoreFull, u64::MAX, Some(0)),
+            (StoreFull, u64::MAX, None),
             (RecordNotWritten, 7, Some(0)),
+            (CallDropped, 7, Some(0)),
         ];
         for (i, (w, now, want)) in table.into_iter().enumerate() {
             assert_eq!(r.admit(w, now), want, "row {i}: {w:?} at {now}");

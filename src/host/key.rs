@@ -269,7 +269,7 @@ pub fn claimed(
                 .shared
                 .as_ref()
                 .is_some_and(|r| r.when_unavailable == WhenUnavailable::FailOpen);
-            super::warn(host, Warning::StoreUnavailable, || {
+            super::log_limited(host, Level::Warn, Warning::StoreUnavailable, || {
                 format!(
                     "rollsafe: idempotency store unavailable ({}); {}",
                     why.0,
@@ -355,7 +355,7 @@ fn note(host: &impl Host, n: Note) {
         Note::InFlight => Metric::IdemInFlight,
         Note::Mismatch => Metric::IdemMismatch,
         Note::StoreFull => {
-            super::warn(host, Warning::StoreFull, || {
+            super::log_limited(host, Level::Warn, Warning::StoreFull, || {
                 "rollsafe: idempotency store full".into()
             });
             Metric::IdemStoreFull
@@ -467,9 +467,11 @@ impl Key {
                 Effect::Answer(refusal) => reply = Some(refusal_reply(refusal, path)),
                 Effect::Run { protected: true } => protected = true,
                 Effect::InDoubt => self.in_doubt = true,
-                Effect::Run { protected: false } => super::warn(host, Warning::Unprotected, || {
-                    "rollsafe: idempotency key not held; the request runs unprotected".into()
-                }),
+                Effect::Run { protected: false } => {
+                    super::log_limited(host, Level::Warn, Warning::Unprotected, || {
+                        "rollsafe: idempotency key not held; the request runs unprotected".into()
+                    })
+                }
                 _ => {}
             }
         }
@@ -648,7 +650,7 @@ impl Key {
             Ok(written) => Some(written),
             Err(why) => {
                 let kept = self.completing.is_some();
-                super::warn(host, Warning::RecordNotWritten, || {
+                super::log_limited(host, Level::Warn, Warning::RecordNotWritten, || {
                     format!(
                         "rollsafe: idempotency record not written to the shared store ({}); {}",
                         why.0,

@@ -230,9 +230,14 @@ pub trait Host {
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
 }
 
-/// Writes a warning that every request may raise while something is degraded, as
+/// Writes a line that every request may raise while something is degraded, as
 /// [`crate::warnings`] admits it; the message is built only when it is written.
-pub fn warn(host: &impl Host, warning: Warning, message: impl FnOnce() -> String) {
+pub fn log_limited(
+    host: &impl Host,
+    level: Level,
+    warning: Warning,
+    message: impl FnOnce() -> String,
+) {
     if let Some(held_back) = host.admit_warning(warning) {
         let mut message = message();
         if held_back > 0 {
@@ -240,7 +245,7 @@ pub fn warn(host: &impl Host, warning: Warning, message: impl FnOnce() -> String
                 " ({held_back} more like it not logged since the last)"
             ));
         }
-        host.log(Level::Warn, &message);
+        host.log(level, &message);
     }
 }
 

@@ -190,10 +190,9 @@ impl Host for ProxyHost {
             timeout_ms,
         };
         if !self.scheduler.send_later(call) {
-            self.log(
-                Level::Warn,
-                &format!("rollsafe: too many calls waiting for {target:?}; one dropped"),
-            );
+            super::log_limited(self, Level::Warn, Warning::CallDropped, || {
+                format!("rollsafe: too many calls waiting for {target:?}; one dropped")
+            });
         }
     }
 

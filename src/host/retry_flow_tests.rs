@@ -3,7 +3,7 @@
 use super::fake::FakeHost;
 use super::flow::{configure, Request, Verdict};
 use super::scheduler::Scheduler;
-use super::{HostKind, Metric};
+use super::{HostKind, Level, Metric};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -216,6 +216,57 @@ fn body_over_the_limit_can_pass_through_unprotected() {
     assert_eq!(req.on_request_body(&host, 10, false), Verdict::Continue);
     assert_eq!(req.on_response_headers(&host, false), Verdict::Continue);
     assert!(host.dispatches().is_empty() && host.responses().is_empty());
+}
+
+#[test]
+fn bodies_over_the_limit_are_counted_each_and_logged_once_a_period() {
+    // A client sending oversized bodies as fast as it can: each is answered as configured and
+    // counted, but writes one line a period, whichever way the route takes them.
+    for (mode, level) in [
+        ("reject", Level::Warn),
+        ("pass-through", Level::Warn),
+        ("stream", Level::Info),
+    ] {
+        for kind in [HostKind::Envoy, HostKind::Kong] {
+            let host = FakeHost::at(1_000);
+            let cfg = format!(
+                r#"{{"target":"orders:8080","max_body_bytes":1000,"body_too_large":"{mode}"}}"#
+            );
+            let oversized = |at: u64| {
+                host.now.set(at);
+                let mut req = request(&host, kind, &cfg);
+                host.set_request(&[
+                    (":method", "PUT"),
+                    (":path", "/orders/1"),
+                    ("content-length", "20000"),
+                ]);
+                if req.on_request_headers(&host, false) == Verdict::Continue {
+                    req.on_request_body(&host, 0, true);
+                }
+            };
+            let lines = || {
+                host.logs_at(level)
+                    .into_iter()
+                    .filter(|m| m.contains("request body"))
+                    .collect::<Vec<_>>()
+            };
+            for i in 0..4 {
+                oversized(1_000 + i);
+            }
+            assert_eq!(host.counted(Metric::BodyTooLarge), 4, "{mode} {kind:?}");
+            if mode == "reject" {
+                assert_eq!(host.responses().len(), 4, "{mode} {kind:?}: four 413s");
+            }
+            assert_eq!(lines().len(), 1, "{mode} {kind:?}: {:?}", lines());
+            oversized(1_000 + crate::warnings::PERIOD_MS);
+            let lines = lines();
+            assert_eq!(lines.len(), 2, "{mode} {kind:?}: {lines:?}");
+            assert!(
+                lines[1].ends_with("(3 more like it not logged since the last)"),
+                "{mode} {kind:?}: {lines:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -381,7 +381,7 @@ impl Exchange {
         self.settle_key(host, None, false);
         match policy.body_too_large {
             BodyTooLarge::Reject => {
-                super::warn(host, Warning::BodyTooLarge, || {
+                super::log_limited(host, Level::Warn, Warning::BodyTooLarge, || {
                     format!(
                         "rollsafe: {} {}: request body {why}; answered 413",
                         self.method(),
@@ -405,7 +405,7 @@ impl Exchange {
             }
             BodyTooLarge::Stream => self.stream_once(policy, host, why),
             BodyTooLarge::PassThrough => {
-                super::warn(host, Warning::BodyTooLarge, || {
+                super::log_limited(host, Level::Warn, Warning::BodyTooLarge, || {
                     format!(
                         "rollsafe: {} {}: request body {why}; forwarded once without retries",
                         self.method(),

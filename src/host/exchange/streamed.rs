@@ -6,7 +6,7 @@
 
 use super::{Exchange, Step};
 use crate::host::key::{self, Gate, Key};
-use crate::host::{Host, HostKind, Level};
+use crate::host::{Host, HostKind, Level, Warning};
 use crate::plan::Driver;
 use crate::retry::Policy;
 use std::rc::Rc;
@@ -19,14 +19,13 @@ impl Exchange {
         host: &impl Host,
         why: &str,
     ) -> (Option<Exchange>, Step) {
-        host.log(
-            Level::Info,
-            &format!(
+        crate::host::log_limited(host, Level::Info, Warning::BodyTooLarge, || {
+            format!(
                 "rollsafe: {} {}: request body {why}; streamed to the application once, not retried",
                 self.method(),
                 self.path()
-            ),
-        );
+            )
+        });
         self.streaming = true;
         self.body = Vec::new();
         let plan = Rc::clone(&self.plan);
