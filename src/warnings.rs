@@ -25,21 +25,8 @@ pub enum Warning {
     CallDropped,
 }
 
-const KINDS: usize = 6;
-
-impl Warning {
-    /// Its place in [`Repeats`] (an exhaustive match: a new kind needs a place below `KINDS`).
-    fn index(self) -> usize {
-        match self {
-            Warning::StoreUnavailable => 0,
-            Warning::StoreFull => 1,
-            Warning::RecordNotWritten => 2,
-            Warning::Unprotected => 3,
-            Warning::BodyTooLarge => 4,
-            Warning::CallDropped => 5,
-        }
-    }
-}
+/// One place per kind in [`Repeats`], by its discriminant (the last kind is `CallDropped`).
+const KINDS: usize = Warning::CallDropped as usize + 1;
 
 /// Per kind: when the last was written, and how many were held back since.
 #[derive(Debug, Default, Clone)]
@@ -59,7 +46,7 @@ impl Repeats {
     /// back — less than a period ahead).
     pub fn admit(&mut self, warning: Warning, now_ms: u64) -> Option<u64> {
         // (A kind without a place is written every time rather than never.)
-        let Some(kind) = self.kinds.get_mut(warning.index()) else {
+        let Some(kind) = self.kinds.get_mut(warning as usize) else {
             return Some(0);
         };
         if kind

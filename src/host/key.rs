@@ -649,12 +649,11 @@ impl Key {
         let word = match shared_store::read_settle(status, body) {
             Ok(written) => Some(written),
             Err(why) => {
-                let kept = self.completing.is_some();
                 super::log_limited(host, Level::Warn, Warning::RecordNotWritten, || {
                     format!(
                         "rollsafe: idempotency record not written to the shared store ({}); {}",
                         why.0,
-                        if kept {
+                        if self.completing.is_some() {
                             "kept on this node only"
                         } else {
                             "the key stays claimed until its lease ends"

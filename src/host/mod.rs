@@ -221,8 +221,8 @@ pub trait Host {
     /// Makes the HTTP context `id` the one later calls act on (root-driven retries, Envoy).
     fn set_effective_context(&self, id: u32) -> bool;
     fn log(&self, level: Level, message: &str);
-    /// Whether a warning of this kind is written now ([`crate::warnings::Repeats`], kept per
-    /// worker): `Some(n)` with `n` held back since the last.
+    /// Whether a line of this kind is written now ([`crate::warnings::Repeats`], kept per filter
+    /// instance on each worker): `Some(n)` with `n` held back since the last.
     fn admit_warning(&self, warning: Warning) -> Option<u64>;
     fn count(&self, metric: Metric);
     /// Shared data (all workers of the node): value and CAS token.
