@@ -672,6 +672,10 @@ def store_run(harness, clusters) -> str:
             f"{replay.headers.get('idempotent-replayed') == 'true'}")
 
 
+def wasm_size() -> int:
+    return (ROOT / "dist" / "rollsafe.wasm").stat().st_size
+
+
 def machine() -> str:
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -684,7 +688,7 @@ def machine() -> str:
     version = m.group(1) if m else "?"
     return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Envoy {version}, "
             f"wrk -t1 -c8 on loopback, {ROUNDS} rounds × {SECONDS} s, 1 Envoy worker; "
-            f"dist/rollsafe.wasm {(ROOT / 'dist' / 'rollsafe.wasm').stat().st_size:,} bytes")
+            f"dist/rollsafe.wasm {wasm_size():,} bytes")
 
 
 def us_per_instruction(vs: list[Variant]) -> float | None:
@@ -769,7 +773,7 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
                            f"{'reached (≤ 1.1×)' if vr <= 1.1 else 'not reached'}" + why)
             lines.append(f"| {where} | {v.name} p50 | ≤ the local store's p50 + two Webdis round "
                          f"trips | {text} | {verdict} |")
-    size = (ROOT / "dist" / "rollsafe.wasm").stat().st_size
+    size = wasm_size()
     lines.append(f"| both | .wasm size | ≤ 400 KB after wasm-opt | {size:,} bytes | "
                  f"{'met' if size <= 400_000 else 'not met'} |")
     return lines
@@ -1018,7 +1022,7 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
                  "| variant | Webdis calls per request | p50 one at a time ms | p50 at 8 "
                  "connections ms | CPU µs/req |", "|---|---:|---:|---:|---:|"]
         def cell(x: float | None) -> str:
-            return "–" if x is None or x != x else f"{x:.2f}"
+            return "–" if x is None else f"{x:.2f}"
 
         for v in stores:
             c1 = med(v.p50_c1) if v.p50_c1 else None
@@ -1140,6 +1144,7 @@ def main() -> int:
         raw["profile"] = paths
         raw["million"] = million
         raw["machine"] = machine()
+        raw["wasm_size"] = wasm_size()
         raw["kong_machine"] = kong_machine() if KONG_WASM_NGINX else None
         (harness.dir / "bench.json").write_text(json.dumps(raw))
         print(f"raw figures: {harness.dir / 'bench.json'}")
@@ -1157,8 +1162,12 @@ def main() -> int:
 
 def report_again(directory: Path) -> int:
     raw = json.loads((directory / "bench.json").read_text())
-    global machine, kong_machine  # noqa: PLW0603 (the run's own, not this machine's now)
+    global machine, kong_machine, wasm_size  # noqa: PLW0603 (the run's, not this machine's now)
     machine = lambda: raw["machine"]  # noqa: E731
+    # (A run from before wasm_size was recorded: read back from its machine line.)
+    recorded = raw.get("wasm_size") or int(re.sub(
+        ",", "", re.search(r"rollsafe\.wasm ([\d,]+) bytes", raw["machine"]).group(1)))
+    wasm_size = lambda: recorded  # noqa: E731
     kong_machine = lambda: re.sub(  # noqa: E731 (no machine's paths in the results)
         r"^nginx \(.*?\)", "nginx 1.25.3 with Kong's ngx_wasm_module (KONG_WASM_NGINX)",
         raw["kong_machine"] or "")
