@@ -202,6 +202,9 @@ def variants(pod_clusters) -> list[Variant]:
                 dict(config="property", wasm=PROBE, **idle)),
         Variant("shared_read", "no-op filter reading 1 KiB of shared data", "noop",
                 dict(config="shared", wasm=PROBE, **idle)),
+        Variant("shared_read_full", "no-op filter reading 1 KiB of shared data among 16,384 "
+                "entries (a full store), a new one each request", "noop",
+                dict(config="shared,full", wasm=PROBE, **idle)),
         Variant("empty", "rollsafe, empty config", "noop", dict(config={}, **idle), goal="idle"),
         Variant("maintenance", "maintenance alone, outside its windows", "noop",
                 dict(config={"maintenance": MAINTENANCE}, **idle), goal="idle"),
@@ -245,10 +248,13 @@ def variants(pod_clusters) -> list[Variant]:
                 fixed=keyed_fixed),
         # What any filter must do to own a keyed write on Envoy (the route carries attempt 1,
         # the buffer filter after it): read the key, hold the body until whole and read it,
-        # record the claim in shared data (read and write back a small record) before the
-        # request goes on, hold the answer's body and write it to shared data.
+        # record the claim in shared data (read the key's entry and write a small record to
+        # it) before the request goes on, read the answer's headers, hold its body and write
+        # both to the entry. A store keeps one entry per key: each request takes a new one of
+        # 16,384 (rollsafe's default max_entries), so the zone holds what a full store holds.
         Variant("owned_floor_1k", "no-op filter reading one header, holding and reading the "
-                "body, recording a claim and storing the 1 KiB answer in shared data",
+                "body, recording a claim in a new one of 16,384 shared-data entries and storing "
+                "the answer (headers, 1 KiB body) there",
                 "plain_1k", dict(config="method,body,claim,store", wasm=PROBE, **proxied),
                 script=post_script(new_key=True), fixed=keyed_fixed),
         Variant("owned_redis_1k", "keyed POST 1 KiB on the shared store (Redis via Webdis)",
@@ -257,8 +263,9 @@ def variants(pod_clusters) -> list[Variant]:
                 store=True, fixed=keyed_fixed),
         # What a keyed write on the shared store cannot do without beyond the local floor: a
         # Webdis call before the request goes on and another before the answer does.
-        Variant("owned_redis_floor_1k", "owned_floor_1k with a Webdis SET (100 bytes) before the "
-                "request goes on and another (the 1 KiB answer) before the answer does",
+        Variant("owned_redis_floor_1k", "owned_floor_1k's answer stored without its claim, with a "
+                "Webdis SET (100 bytes) before the request goes on and another (the 1 KiB answer) "
+                "before the answer does",
                 "owned_floor_1k", dict(config="method,body,store,webdis=store", wasm=PROBE,
                                        **proxied),
                 script=post_script(new_key=True), fixed=keyed_fixed),
@@ -327,7 +334,10 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
           for name, what, cfg in [("one_read", "one request header", "method"),
                                   ("map_read", "the request header map", "headers"),
                                   ("property_read", "a property (xds.route_name)", "property"),
-                                  ("shared_read", "1 KiB of shared data", "shared")]],
+                                  ("shared_read", "1 KiB of shared data", "shared"),
+                                  ("shared_read_full", "1 KiB of shared data among 16,384 "
+                                   "entries (a full store), a new one each request",
+                                   "shared,full")]],
         Variant("kong_empty", "Kong's host: rollsafe, empty config", "kong_noop",
                 dict(config={}, **k), goal="idle", host="kong"),
         Variant("kong_maintenance", "Kong's host: maintenance alone, outside its windows",
@@ -362,22 +372,23 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
         # same keeping the connection (Kong's host holds each call's buffers until the
         # client's connection closes).
         Variant("kong_dispatch_floor_1k", "Kong's host: no-op filter reading one header, "
-                "holding the body, recording a claim, dispatching the body with the request's "
-                "headers, storing the 1 KiB reply and answering with it and its headers (a "
+                "holding the body, recording a claim in a new one of 16,384 shared-data entries, "
+                "dispatching the body with the request's headers, storing the reply (headers, "
+                "1 KiB body) there under the cas the claim left and answering with it (a "
                 "connection closed after 32 requests)", "kong_plain_1k",
-                dict(config=f"method,claim,dispatch={pod},forward,store,close", wasm=PROBE,
+                dict(config=f"method,claim,cas,dispatch={pod},forward,store,close", wasm=PROBE,
                      **k),
                 script=post_script(new_key=True), host="kong"),
         Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
                 "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
-                dict(config=f"method,claim,dispatch={pod},forward,store", wasm=PROBE, **k),
+                dict(config=f"method,claim,cas,dispatch={pod},forward,store", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         # The floor of the other design (attempt 1 carried by proxy_pass): read the key, hold
         # and read the body, record the claim, store the answer in shared data; nginx proxies.
         Variant("kong_proxy_floor_1k", "Kong's host: no-op filter reading one header, holding "
-                "and reading the body, recording a claim, storing the 1 KiB answer; proxy_pass "
-                "carries it", "kong_plain_1k",
-                dict(config="method,body,claim,store", wasm=PROBE, **k),
+                "and reading the body, recording a claim in a new one of 16,384 entries, storing "
+                "the answer (headers, 1 KiB body) there; proxy_pass carries it", "kong_plain_1k",
+                dict(config="method,body,claim,cas,store", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         # The other design, run by rollsafe itself: with no target to dispatch to, Kong's own
         # proxy_pass carries the keyed write (claimed at the body's end, stored from the
@@ -840,7 +851,9 @@ def prices(vs: list[Variant]) -> list[str]:
     rows = []
     for name, what in [("one_read", "one request header"), ("map_read", "the request header map"),
                        ("property_read", "an absent property (xds.route_name)"),
-                       ("shared_read", "1 KiB of shared data")]:
+                       ("shared_read", "1 KiB of shared data"),
+                       ("shared_read_full", "1 KiB of shared data, a new one of 16,384 entries "
+                        "each request (a full store; Kong's host walks a tree of them)")]:
         v, kv = by.get(name), by.get(f"kong_{name}")
         envoy = (f"{v.instr - noop.instr:+,.0f}" if v and noop and v.instr and noop.instr else "–")
         kong = (f"{med(kv.cpu) - med(knoop.cpu):+.1f}" if kv and knoop else "–")

@@ -6,15 +6,22 @@
 //!   `headers`  read the whole request header map (the SDK's `get_map`)
 //!   `property` read the `xds.route_name` property
 //!   `shared`   read a 1 KiB shared-data value
+//!   `full`     (with `shared`) fill [`ENTRIES`] entries of 1 KiB at configure time and read a
+//!              new one each request: the same read in a zone that holds a full store
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
 //! and on the way, what a keyed write or a replay cannot do without (the floors `make bench`
 //! compares rollsafe's paths with):
 //!   `body`     hold the request body until it is whole and read it once (`reply` then
 //!              answers from the body callback)
-//!   `store`    hold the response body until it is whole, read it, and write it (1 KiB and
-//!              more) to shared data
-//!   `claim`    (with `body`) once the body is whole, read a small shared-data record and
-//!              write it back under its cas: the claim a keyed write records before it goes on
+//!   `store`    keep the answer: read the response's header map, hold its body until it is
+//!              whole, read it, and write both (1 KiB and more) to the request's entry of
+//!              shared data
+//!   `claim`    (with `body`) once the body is whole, read the request's entry of shared data
+//!              and write a small record to it under its cas: the claim a keyed write records
+//!              before it goes on
+//!   `cas`      (Kong's host, with `claim` and `store`) write the answer under the cas the
+//!              claim's write left (Kong's host adds one per write), as a store that keeps
+//!              track of it can, instead of reading the entry again
 //!   `dispatch=<target>`  send the whole request body to `<target>` (`dispatch_http_call`)
 //!              and answer with the reply's status and body
 //!   `close`    (Kong's host, with `dispatch`) close the client's connection from its 32nd
@@ -27,11 +34,36 @@
 //!              cannot do without: one Webdis call (a `SET` of 100 bytes) before the request
 //!              goes on, and another (a `SET` of the 1 KiB answer) before the answer does
 //! The empty configuration is the no-op filter: the cost of a wasm filter that does nothing.
+//!
+//! A request's entry (`claim`, `store`) is one of [`ENTRIES`] shared-data keys, a new one for
+//! each request in turn: a store of keyed answers keeps one per key, and on Kong's host every
+//! shared-data call walks a tree of all the zone's entries (ngx_wasm_module's key-value store
+//! is a red-black tree), so a floor that kept every answer under one key would not pay what
+//! keeping `max_entries` answers costs there.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+use std::cell::Cell;
 use std::rc::Rc;
+
+/// Entries the floor's store cycles through: rollsafe's default `idempotency.max_entries`.
+const ENTRIES: u32 = 16_384;
+
+thread_local! {
+    /// The next request's entry.
+    static NEXT: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The shared-data key of a new request's entry.
+fn next_entry() -> String {
+    let i = NEXT.with(|n| {
+        let i = n.get();
+        n.set((i + 1) % ENTRIES);
+        i
+    });
+    format!("rollsafe/probe/e/{i}")
+}
 
 #[derive(Default, Clone)]
 struct Calls {
@@ -40,10 +72,12 @@ struct Calls {
     headers: bool,
     property: bool,
     shared: bool,
+    full: bool,
     reply: bool,
     body: bool,
     store: bool,
     claim: bool,
+    cas: bool,
     dispatch: Option<String>,
     close: bool,
     forward: bool,
@@ -76,10 +110,12 @@ impl RootContext for Root {
                 "headers" => calls.headers = true,
                 "property" => calls.property = true,
                 "shared" => calls.shared = true,
+                "full" => calls.full = true,
                 "reply" => calls.reply = true,
                 "body" => calls.body = true,
                 "store" => calls.store = true,
                 "claim" => calls.claim = true,
+                "cas" => calls.cas = true,
                 "close" => calls.close = true,
                 "forward" => calls.forward = true,
                 w if w.starts_with("dispatch=") => {
@@ -94,12 +130,22 @@ impl RootContext for Root {
         if calls.shared {
             let _ = hostcalls::set_shared_data("rollsafe/probe/1k", Some(&[b'x'; 1024]), None);
         }
+        if calls.full {
+            for _ in 0..ENTRIES {
+                let _ = hostcalls::set_shared_data(&next_entry(), Some(&[b'x'; 1024]), None);
+            }
+        }
         self.calls = Rc::new(calls);
         true
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http(Rc::clone(&self.calls), 0, Webdis::None)))
+        Some(Box::new(Http {
+            calls: Rc::clone(&self.calls),
+            webdis: Webdis::None,
+            entry: None,
+            answer_headers: Vec::new(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -107,9 +153,17 @@ impl RootContext for Root {
     }
 }
 
-/// The calls to make, the body's size once read (`body`, `dispatch`), and which Webdis call
-/// is awaited (`webdis`).
-struct Http(Rc<Calls>, usize, Webdis);
+struct Http {
+    /// The calls to make.
+    calls: Rc<Calls>,
+    /// Which Webdis call is awaited (`webdis`).
+    webdis: Webdis,
+    /// The request's entry of shared data and the cas to write the answer under (`None`:
+    /// whatever is there, where the host allows it).
+    entry: Option<(String, Option<u32>)>,
+    /// The answer's headers, serialized (`store`).
+    answer_headers: Vec<u8>,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Webdis {
@@ -139,14 +193,46 @@ impl Http {
         if sent.is_err() {
             let _ = hostcalls::send_http_response(502, vec![], None);
         }
-        self.2 = awaited;
+        self.webdis = awaited;
         Action::Pause
+    }
+
+    /// Records the claim in a new entry: reads it, and writes a small record under its cas.
+    fn claim(&mut self) {
+        let key = next_entry();
+        let (_, cas) = hostcalls::get_shared_data(&key).unwrap_or_default();
+        let written = hostcalls::set_shared_data(&key, Some(&[b'c'; 96]), cas).is_ok();
+        let answer_cas = (self.calls.cas && written).then(|| cas.unwrap_or(0) + 1);
+        self.entry = Some((key, answer_cas));
+    }
+
+    /// Writes the answer, its headers and body, to the request's entry (a new one without a
+    /// claim).
+    fn store(&mut self, body: &[u8]) {
+        let (key, cas) = self.entry.take().unwrap_or_else(|| (next_entry(), None));
+        let value = [&self.answer_headers[..], body].concat();
+        let _ = hostcalls::set_shared_data(&key, Some(&value), cas);
+    }
+}
+
+extern "C" {
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, size: *mut usize) -> u32;
+}
+
+/// A header map as the host serializes it (what a store keeps, read without parsing).
+fn map_bytes(map: MapType) -> Vec<u8> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0);
+    // SAFETY: valid out-pointers; the host fills a buffer from `proxy_on_memory_allocate`
+    // (the SDK's `Vec::with_capacity(size)`, forgotten), taken back as that Vec.
+    match unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) } {
+        0 if !data.is_null() => unsafe { Vec::from_raw_parts(data, size, size) },
+        _ => Vec::new(),
     }
 }
 
 impl Context for Http {
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
-        match std::mem::replace(&mut self.2, Webdis::None) {
+        match std::mem::replace(&mut self.webdis, Webdis::None) {
             Webdis::Claim => {
                 let _ = hostcalls::resume_http_request();
                 return;
@@ -166,21 +252,25 @@ impl Context for Http {
             .ok()
             .flatten()
             .unwrap_or_default();
-        if self.0.store {
-            let _ = hostcalls::set_shared_data("rollsafe/probe/stored", Some(&body), None);
-        }
-        let reply_headers = if self.0.forward {
+        let reply_headers = if self.calls.forward {
             hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
         } else {
             vec![]
         };
+        if self.calls.store {
+            for (k, v) in &reply_headers {
+                self.answer_headers
+                    .extend([k.as_bytes(), b": ", v.as_bytes(), b"\n"].concat());
+            }
+            self.store(&body);
+        }
         let mut headers: Vec<(&str, &str)> = reply_headers
             .iter()
             .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let requests = self
-            .0
+            .calls
             .close
             .then(|| hostcalls::get_property(vec!["ngx", "connection_requests"]))
             .and_then(|r| r.ok().flatten())
@@ -222,17 +312,15 @@ fn whole(buffer: BufferType, size: usize, end_of_stream: bool) -> Option<Vec<u8>
 
 impl HttpContext for Http {
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        let c = Rc::clone(&self.0);
+        let c = Rc::clone(&self.calls);
         if !(c.body || c.dispatch.is_some()) {
             return Action::Continue;
         }
         let Some(body) = whole(BufferType::HttpRequestBody, size, end_of_stream) else {
             return Action::Pause;
         };
-        self.1 = body.len();
         if c.claim {
-            let (_, cas) = hostcalls::get_shared_data("rollsafe/probe/claim").unwrap_or_default();
-            let _ = hostcalls::set_shared_data("rollsafe/probe/claim", Some(&[b'c'; 96]), cas);
+            self.claim();
         }
         if let Some(target) = &c.dispatch {
             let len = body.len().to_string();
@@ -276,15 +364,23 @@ impl HttpContext for Http {
         Action::Continue
     }
 
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        // (A dispatched attempt's answer was stored from its call; this is the local reply.)
+        if self.calls.store && self.calls.dispatch.is_none() {
+            self.answer_headers = map_bytes(MapType::HttpResponseHeaders);
+        }
+        Action::Continue
+    }
+
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if !self.0.store {
+        if !self.calls.store {
             return Action::Continue;
         }
         let Some(body) = whole(BufferType::HttpResponseBody, size, end_of_stream) else {
             return Action::Pause;
         };
-        let _ = hostcalls::set_shared_data("rollsafe/probe/stored", Some(&body), None);
-        let c = Rc::clone(&self.0);
+        self.store(&body);
+        let c = Rc::clone(&self.calls);
         if let Some(target) = &c.webdis {
             let command = [&b"SET/rollsafe-probe-done/"[..], &[b'x'; 1024]].concat();
             return self.webdis(target, &command, Webdis::Settle);
@@ -293,7 +389,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let c = Rc::clone(&self.0);
+        let c = Rc::clone(&self.calls);
         if c.clock {
             let _ = hostcalls::get_current_time();
         }
@@ -306,7 +402,9 @@ impl HttpContext for Http {
         if c.property {
             let _ = hostcalls::get_property(vec!["xds", "route_name"]);
         }
-        if c.shared {
+        if c.shared && c.full {
+            let _ = hostcalls::get_shared_data(&next_entry());
+        } else if c.shared {
             let _ = hostcalls::get_shared_data("rollsafe/probe/1k");
         }
         if c.reply && !c.body {
