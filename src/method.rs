@@ -45,6 +45,9 @@ pub fn mask(method: &str) -> u8 {
     1 << (m as u8)
 }
 
+/// The set of every method a config can name (OPTIONS is the last).
+pub const EVERY: u8 = (1 << (Method::OPTIONS as u8 + 1)) - 1;
+
 /// The set of the configured methods.
 pub fn set(methods: &[Method]) -> u8 {
     methods.iter().fold(0, |acc, m| acc | (1 << (*m as u8)))

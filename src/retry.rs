@@ -341,7 +341,7 @@ impl Policy {
     /// Whether every method is rollsafe's (the default): then the method need not be known
     /// before the request's headers are read whole.
     pub fn owns_every_method(&self) -> bool {
-        self.methods == crate::method::set(&all_methods())
+        self.methods == crate::method::EVERY
     }
 
     /// Whether rollsafe owns a request of `method` for its retries (`retry.methods`).
@@ -676,6 +676,17 @@ mod tests {
     fn policy(json: &str) -> Policy {
         let cfg: RetryConfig = serde_json::from_str(json).unwrap();
         Policy::compile(&cfg, "retry").unwrap()
+    }
+
+    #[test]
+    fn every_method_is_the_default_set_and_the_default_owns_every_method() {
+        assert_eq!(crate::method::set(&all_methods()), crate::method::EVERY);
+        assert!(policy("{}").owns_every_method());
+        assert!(
+            policy(r#"{"methods":["GET","HEAD","POST","PUT","PATCH","DELETE","OPTIONS"]}"#)
+                .owns_every_method()
+        );
+        assert!(!policy(r#"{"methods":["POST","PUT","PATCH","DELETE"]}"#).owns_every_method());
     }
 
     fn report(attempt: u32, outcome: Outcome) -> Report {

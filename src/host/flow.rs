@@ -48,7 +48,7 @@ pub struct Request {
     /// response callbacks on both hosts and must be left alone.
     answered_locally: bool,
     /// The upstream exchange, when rollsafe owns it (retries configured).
-    exchange: Option<Exchange>,
+    exchange: Option<Box<Exchange>>,
     /// A maintenance window opens soon: the response announces it.
     notice: Option<Rc<str>>,
     /// The group a hashed request went to, when no exchange tracks it.
@@ -438,18 +438,18 @@ impl Request {
 
     /// When to wake this request (a backoff was scheduled); taken once.
     pub fn take_wake(&mut self) -> Option<u64> {
-        self.exchange.as_mut().and_then(Exchange::take_wake)
+        self.exchange.as_mut().and_then(|e| e.take_wake())
     }
 
     /// Where the request's key stands in its lifecycle (tests).
     #[cfg(test)]
     pub fn key_phase(&self) -> Option<crate::idempotency::lifecycle::Phase> {
-        self.exchange.as_ref().and_then(Exchange::key_phase)
+        self.exchange.as_ref().and_then(|e| e.key_phase())
     }
 
     /// The token of the call this request waits for.
     pub fn pending_call(&self) -> Option<u32> {
-        self.exchange.as_ref().and_then(Exchange::pending)
+        self.exchange.as_ref().and_then(|e| e.pending())
     }
 
     /// A GET or HEAD of the schedule path (query ignored).

@@ -41,6 +41,8 @@ pub struct Key {
     facts: Facts,
     /// Where the claim is, while this request owns the key.
     held: Option<Held>,
+    /// The claim's bucket as this request last wrote it (node-local store, Kong's host).
+    kept: Option<idempotency::Kept>,
     /// Where the key stands in its lifecycle.
     phase: Phase,
     /// An earlier claim of this key ran out of lease unsettled: the attempt says so.
@@ -203,6 +205,7 @@ pub fn gate(
         owner: host.random(),
         facts,
         held: None,
+        kept: None,
         phase: Phase::Absent,
         in_doubt: false,
         lease_until: now + ip.lease_ms,
@@ -223,7 +226,7 @@ pub fn gate(
         k.apply(ip, host, Event::Asked);
         return Gate::Ask(k, command);
     }
-    let claim = idempotency::claim(
+    let mut claim = idempotency::claim(
         &store,
         ip.slots,
         &k.store_key,
@@ -232,8 +235,9 @@ pub fn gate(
         now,
         ip.lease_ms,
     );
-    if let Claim::Claimed { slot, .. } = claim {
-        k.held = Some(Held::Slot(slot));
+    if let Claim::Claimed { slot, kept, .. } = &mut claim {
+        k.held = Some(Held::Slot(*slot));
+        k.kept = kept.take();
     }
     k.decide(
         ip,
@@ -504,7 +508,14 @@ impl Key {
                     ),
                 };
                 let store = HostShared(host, self.kind);
-                let done = idempotency::settle(&store, slot, &self.store_key, self.owner, &settle);
+                let done = idempotency::settle(
+                    &store,
+                    slot,
+                    &self.store_key,
+                    self.owner,
+                    &settle,
+                    &mut self.kept,
+                );
                 match (done, completes) {
                     (true, Some(true)) => note(host, Note::Stored),
                     (true, Some(false)) => note(host, Note::Released),

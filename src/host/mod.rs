@@ -279,4 +279,12 @@ impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
             HostKind::Kong => crate::idempotency::overwrite_checked(self, key, value),
         }
     }
+    fn cas_after_write(&self, cas: u32) -> Option<u32> {
+        match self.1 {
+            // ngx_wasm_module counts each key's writes: one more per write.
+            HostKind::Kong => Some(cas.wrapping_add(1)),
+            // Envoy numbers writes across every key (and worker).
+            HostKind::Envoy => None,
+        }
+    }
 }

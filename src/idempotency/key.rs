@@ -67,17 +67,16 @@ pub fn store_key<'a>(parts: impl IntoIterator<Item = Option<&'a [u8]>>, key: &st
         h.update(p);
     }
     let digest = h.finalize();
-    let mut out = String::with_capacity(33 + key.len());
+    // (Hex as bytes: `String::push` encodes each char as UTF-8, a call per digit here.)
+    let mut out = Vec::with_capacity(33 + key.len());
     for b in digest.get(..16).unwrap_or_default() {
         for nibble in [b >> 4, b & 0xf] {
-            out.push(char::from(
-                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
-            ));
+            out.push(DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'));
         }
     }
-    out.push(':');
-    out.push_str(key);
-    out
+    out.push(b':');
+    out.extend_from_slice(key.as_bytes());
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// What a record keeps of the request it answers, to tell a repeat from a different request

@@ -18,6 +18,24 @@ pub trait Shared {
     fn overwrite(&self, key: &str, value: &[u8]) -> Result<(), SetError> {
         overwrite_checked(self, key, value)
     }
+    /// The cas a value has after a write under `cas`, where the host's rule makes it known
+    /// (Kong's host counts each key's writes; Envoy numbers writes across all keys: `None`).
+    /// A claim then keeps the bucket it wrote ([`Kept`]), and the claim's next write starts
+    /// from it instead of reading the bucket again.
+    fn cas_after_write(&self, _cas: u32) -> Option<u32> {
+        None
+    }
+}
+
+/// A bucket as this request's last write left it, and the cas that write gave it. The next
+/// write of the same claim is made from it under that cas: when nobody wrote the bucket since,
+/// it is the bucket, and one shared-data read is saved (on Kong's host every read walks a tree
+/// of all the zone's entries: bench/RESULTS.md); when somebody did, the write is refused and
+/// the bucket is read as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    bytes: Vec<u8>,
+    cas: u32,
 }
 
 /// `overwrite` where a write must name the current CAS: read it, then write.
@@ -54,6 +72,8 @@ pub enum Claim {
         slot: u32,
         evicted: bool,
         in_doubt: bool,
+        /// The bucket as the claim left it, for the claim's next write (see [`Kept`]).
+        kept: Option<Kept>,
     },
     /// Another request with this key is running; `same` says whether it has this fingerprint.
     InFlight { same: bool, retry_after_ms: u64 },
@@ -125,18 +145,31 @@ impl Bucket {
         self.index * WAYS + way as u32
     }
 
-    /// Writes the bucket with `way` holding `rec` (`None`: free), if nobody wrote it since.
+    /// Writes the bucket with `way` holding `rec` (`None`: free), if nobody wrote it since;
+    /// what it wrote, kept where the host tells the cas it now has.
     fn write(
         &self,
         store: &impl Shared,
         way: usize,
         rec: Option<&RecordRef<'_>>,
-    ) -> Result<(), SetError> {
-        store.set(
-            &bucket_key(self.index),
-            &self.bytes.with(way, rec),
-            self.cas,
-        )
+    ) -> Result<Option<Kept>, SetError> {
+        let bytes = self.bytes.with(way, rec);
+        store.set(&bucket_key(self.index), &bytes, self.cas)?;
+        Ok(store
+            .cas_after_write(self.cas)
+            .map(|cas| Kept { bytes, cas }))
+    }
+
+    /// The bucket `kept` says it is, or else as read now.
+    fn kept_or_read(store: &impl Shared, index: u32, kept: Option<Kept>) -> Option<Bucket> {
+        match kept {
+            Some(Kept { bytes, cas }) => Some(Bucket {
+                index,
+                bytes: BucketBytes::parse(bytes, WAYS as usize),
+                cas,
+            }),
+            None => Bucket::read(store, index),
+        }
     }
 }
 
@@ -214,11 +247,12 @@ pub fn claim(
             state: State::InFlight,
         };
         match bucket.write(store, way, Some(&rec)) {
-            Ok(()) => {
+            Ok(kept) => {
                 return Claim::Claimed {
                     slot: bucket.slot(way),
                     evicted,
                     in_doubt: doubt.is_some(),
+                    kept,
                 }
             }
             Err(SetError::CasMismatch) => continue,
@@ -244,11 +278,20 @@ pub enum Settle {
 /// Applies `settle` to this request's in-flight record in `slot`. Only a record still held by
 /// `owner` under `key` is touched (compare-and-swap), so a stale owner changes nothing; returns
 /// whether the write happened. A completion writes the response first, then flips the index.
-pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool {
+/// `kept`: the bucket as this claim's last write left it (taken; a successful write leaves the
+/// next one).
+pub fn settle(
+    store: &impl Shared,
+    slot: u32,
+    key: &str,
+    owner: u64,
+    settle: &Settle,
+    kept: &mut Option<Kept>,
+) -> bool {
     let (index, way) = (slot / WAYS, (slot % WAYS) as usize);
     let mut response_written = false;
     for _ in 0..CAS_TRIES {
-        let Some(bucket) = Bucket::read(store, index) else {
+        let Some(bucket) = Bucket::kept_or_read(store, index, kept.take()) else {
             return false;
         };
         let Some(mut rec) = bucket.bytes.way(way) else {
@@ -279,7 +322,10 @@ pub fn settle(store: &impl Shared, slot: u32, key: &str, owner: u64, settle: &Se
             }
         };
         match bucket.write(store, way, value.as_ref()) {
-            Ok(()) => return true,
+            Ok(next) => {
+                *kept = next;
+                return true;
+            }
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => {
                 if matches!(settle, Settle::Complete { .. }) {
@@ -326,14 +372,15 @@ pub fn cache(
     if slots == 0 {
         return false;
     }
-    let Claim::Claimed { slot, .. } = claim(store, slots, key, facts, owner, now, 1_000) else {
+    let Claim::Claimed { slot, mut kept, .. } = claim(store, slots, key, facts, owner, now, 1_000)
+    else {
         return false;
     };
     let done = Settle::Complete {
         stored: stored.clone(),
         expires_ms,
     };
-    settle(store, slot, key, owner, &done)
+    settle(store, slot, key, owner, &done, &mut kept)
 }
 
 /// Writes the slot's response, whatever was there (the index CAS is what guards the slot).

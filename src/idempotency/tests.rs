@@ -13,6 +13,8 @@ struct FakeShared {
     /// Runs once just before the next write: another worker's interleaved write.
     interleave: RefCell<Option<Interleaved>>,
     capacity: usize,
+    /// Reads of bucket values, as a host would count them.
+    bucket_reads: std::cell::Cell<usize>,
 }
 
 impl FakeShared {
@@ -22,6 +24,7 @@ impl FakeShared {
             map: RefCell::default(),
             interleave: RefCell::new(None),
             capacity: usize::MAX,
+            bucket_reads: std::cell::Cell::new(0),
         }
     }
     fn raw_set(&self, key: &str, value: &[u8]) {
@@ -33,6 +36,9 @@ impl FakeShared {
 
 impl Shared for FakeShared {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        if key.starts_with("rollsafe/idem/b") {
+            self.bucket_reads.set(self.bucket_reads.get() + 1);
+        }
         self.map.borrow().get(key).cloned()
     }
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
@@ -62,6 +68,14 @@ impl Shared for FakeShared {
             false => self.set(key, value, 0),
         }
     }
+    fn cas_after_write(&self, cas: u32) -> Option<u32> {
+        self.kong.then_some(cas + 1)
+    }
+}
+
+/// A settle with nothing kept from the claim (the bucket is read, as on Envoy).
+fn settle(s: &FakeShared, slot: u32, key: &str, owner: u64, settle: &Settle) -> bool {
+    store::settle(s, slot, key, owner, settle, &mut None)
 }
 
 fn stored(status: u16, body: &str) -> Stored {
@@ -392,6 +406,24 @@ fn key_parsing() {
     assert!(parse_key(&[&"k".repeat(256)]).is_err());
 }
 
+/// The store key is persisted (Redis keys, node-local records): gateways of two versions
+/// sharing a store during an upgrade must name a key alike, so its bytes are pinned here
+/// (computed apart: the first 16 bytes of SHA-256 over each part, length-prefixed).
+#[test]
+fn store_keys_are_the_persisted_format() {
+    assert_eq!(
+        store_key([Some(&b"route-1"[..]), None], "k1"),
+        "feef1aa487561850a7aba8ea9aa8aaa7:k1"
+    );
+    assert_eq!(
+        store_key(
+            [Some(&b"route-1"[..]), Some(&b"\xffcred\x80"[..])],
+            "order 7"
+        ),
+        "6a932e0c4162472ca7d9fc3356089957:order 7"
+    );
+}
+
 #[test]
 fn fingerprint_covers_method_path_and_digest_and_facts_compare_the_length() {
     let base = fingerprint("POST", "/o?x=1", "", b"{\"sku\":3}");
@@ -568,4 +600,103 @@ fn a_bucket_rewrites_one_way_and_keeps_the_others_byte_for_byte() {
     assert!(BucketBytes::parse(b"garbage".to_vec(), 4)
         .ways()
         .all(|(_, r)| r.is_none()));
+}
+
+/// CRC-32 (IEEE), as nginx's `ngx_crc32_long`, a byte at a time through `table`.
+fn crc32(table: &[u32; 256], bytes: &[u8]) -> u32 {
+    !bytes.iter().fold(!0u32, |crc, b| {
+        table[usize::from(crc as u8 ^ b)] ^ (crc >> 8)
+    })
+}
+
+fn crc32_table() -> [u32; 256] {
+    std::array::from_fn(|i| {
+        (0..8).fold(i as u32, |c, _| {
+            (c >> 1) ^ (0xEDB8_8320 & (c & 1).wrapping_neg())
+        })
+    })
+}
+
+/// Kong's host finds a shared-data key by its CRC-32 alone (ngx_wasm_module's key-value store
+/// is a tree of the keys' CRC-32s, and a lookup compares no key): two of rollsafe's names that
+/// collided would be one record there. Every name the largest store uses is told apart, as the
+/// zone `rollsafe` sees it (the namespace cut off) and as the default zone does.
+#[test]
+fn shared_data_names_never_collide_under_crc32_up_to_the_largest_store() {
+    let table = crc32_table();
+    let crc32 = |bytes: &[u8]| crc32(&table, bytes);
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    // Names do collide: these two would be one record on Kong's host.
+    assert_eq!(crc32(b"plumless"), crc32(b"buckeroo"));
+    let slots = 1_000_000;
+    let names = (0..store::buckets(slots))
+        .map(store::bucket_key)
+        .chain((0..slots).map(store::response_key));
+    let mut seen = std::collections::HashSet::new();
+    let mut count = 0;
+    for name in names {
+        let short = name.strip_prefix("rollsafe/").unwrap_or(&name);
+        assert!(
+            seen.insert((0, crc32(short.as_bytes()))),
+            "{name} collides in zone rollsafe"
+        );
+        assert!(
+            seen.insert((1, crc32(name.as_bytes()))),
+            "{name} collides in zone *"
+        );
+        count += 1;
+    }
+    assert_eq!(count, 1_125_000);
+}
+
+/// Kong's host: a claim keeps the bucket it wrote, and its completion writes from it without
+/// reading the bucket again; when another claim wrote the bucket meanwhile, the kept copy is
+/// refused and the bucket read, so that claim is never overwritten. Envoy keeps nothing.
+#[test]
+fn a_completion_writes_the_bucket_its_claim_kept_unless_another_claim_wrote_it_since() {
+    let claimed =
+        |s: &FakeShared, key: &str, owner: u64| match claim(s, 8, key, &FP, owner, 0, 60_000) {
+            Claim::Claimed { slot, kept, .. } => (slot, kept),
+            other => panic!("{key}: {other:?}"),
+        };
+    let complete = done(stored(201, "made"), 90_000);
+
+    let s = FakeShared::new(true);
+    create_slots(&s, 8);
+    let (slot, mut kept) = claimed(&s, "a", 1);
+    assert!(kept.is_some());
+    let reads = s.bucket_reads.get();
+    assert!(store::settle(&s, slot, "a", 1, &complete, &mut kept));
+    assert_eq!(
+        s.bucket_reads.get(),
+        reads,
+        "the completion read the bucket"
+    );
+    assert!(matches!(
+        claim(&s, 8, "a", &FP, 9, 1, 60_000),
+        Claim::Done { same: true, .. }
+    ));
+
+    // (One bucket of eight ways: "c" lands beside "b".)
+    let (slot, mut kept) = claimed(&s, "b", 2);
+    let (_, _) = claimed(&s, "c", 3);
+    let reads = s.bucket_reads.get();
+    assert!(store::settle(&s, slot, "b", 2, &complete, &mut kept));
+    assert_eq!(
+        s.bucket_reads.get(),
+        reads + 1,
+        "a stale copy is read again"
+    );
+    assert!(matches!(
+        claim(&s, 8, "b", &FP, 9, 1, 60_000),
+        Claim::Done { same: true, .. }
+    ));
+    assert!(matches!(
+        claim(&s, 8, "c", &FP, 9, 1, 60_000),
+        Claim::InFlight { same: true, .. }
+    ));
+
+    let envoy = FakeShared::new(false);
+    create_slots(&envoy, 8);
+    assert_eq!(claimed(&envoy, "a", 1).1, None);
 }

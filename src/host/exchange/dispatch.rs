@@ -6,6 +6,7 @@ use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase, Step};
 use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
+use std::borrow::Cow;
 
 impl Exchange {
     pub(super) fn send_attempt(&mut self, policy: &Policy, host: &impl Host) {
@@ -27,8 +28,8 @@ impl Exchange {
             self.target = route_cluster(host);
         }
         let target = self.target.clone().unwrap_or_default();
-        self.replay_headers();
-        let headers = forward_headers(&self.headers);
+        let client = self.client_headers();
+        let headers = forward_headers(&client, &self.headers);
         match host.dispatch(&target, &headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
@@ -200,23 +201,34 @@ fn route_cluster(host: &impl Host) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// The request headers rollsafe sends on a dispatched attempt.
-fn forward_headers(all: &[(String, String)]) -> Vec<(&str, &str)> {
-    let authority = find(all, ":authority")
-        .or_else(|| find(all, "host"))
+/// The request headers rollsafe sends on a dispatched attempt: the client's, then its own.
+fn forward_headers<'a>(
+    client: &'a [(Cow<'a, str>, Cow<'a, str>)],
+    own: &'a [(String, String)],
+) -> Vec<(&'a str, &'a str)> {
+    let find = |name: &str| {
+        client
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    };
+    let authority = find(":authority")
+        .or_else(|| find("host"))
         .unwrap_or("localhost");
-    let mut out = Vec::with_capacity(all.len() + 4);
+    let mut out = Vec::with_capacity(client.len() + own.len() + 4);
     out.extend([
-        (":method", find(all, ":method").unwrap_or("GET")),
-        (":path", find(all, ":path").unwrap_or("/")),
+        (":method", find(":method").unwrap_or("GET")),
+        (":path", find(":path").unwrap_or("/")),
         (":authority", authority),
-        (":scheme", find(all, ":scheme").unwrap_or("http")),
+        (":scheme", find(":scheme").unwrap_or("http")),
     ]);
-    out.extend(
-        all.iter()
-            .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k) && k != "host")
-            .map(|(k, v)| (k.as_str(), v.as_str())),
-    );
+    let pairs = client
+        .iter()
+        .map(|(k, v)| (k.as_ref(), v.as_ref()))
+        .chain(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    out.extend(pairs.filter(|(k, _)| {
+        !k.starts_with(':') && !is_hop_by_hop(k) && !k.eq_ignore_ascii_case("host")
+    }));
     out
 }
 
@@ -310,20 +322,22 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_drop_hop_by_hop_and_keep_the_request() {
-        let all: Vec<(String, String)> = [
+    fn forwarded_headers_drop_hop_by_hop_in_any_case_and_keep_the_request_then_rollsafes() {
+        // (Kong's host gives names as the client spelled them.)
+        let client: Vec<(Cow<str>, Cow<str>)> = [
             (":method", "POST"),
             (":path", "/orders?x=1"),
-            ("host", "api.example"),
-            ("connection", "keep-alive"),
-            ("content-length", "2"),
+            ("Host", "api.example"),
+            ("Connection", "keep-alive"),
+            ("Content-Length", "2"),
             ("idempotency-key", "\"k1\""),
-            ("transfer-encoding", "chunked"),
+            ("Transfer-Encoding", "chunked"),
         ]
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (Cow::Borrowed(*k), Cow::Borrowed(*v)))
         .collect();
-        let f = forward_headers(&all);
+        let own = [("x-group".to_string(), "a".to_string())];
+        let f = forward_headers(&client, &own);
         let names: Vec<&str> = f.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             names,
@@ -332,7 +346,8 @@ mod tests {
                 ":path",
                 ":authority",
                 ":scheme",
-                "idempotency-key"
+                "idempotency-key",
+                "x-group"
             ]
         );
         assert_eq!(

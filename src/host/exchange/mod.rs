@@ -29,9 +29,10 @@ pub use native::classify_native;
 use super::headers::HeaderBlock;
 use super::key::{self, Gate, Key};
 use super::reply::Reply;
-use super::{header as find, Host, Level, Metric, Warning};
+use super::{Host, Level, Metric, Warning};
 use crate::plan::{Driver, HostKind, Plan};
 use crate::retry::{BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
+use std::borrow::Cow;
 use std::rc::Rc;
 
 /// Tells the application that an earlier attempt of this request's key may have executed (its
@@ -96,19 +97,21 @@ struct Answer {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
-/// `content-length`, which the host recomputes for the bytes it actually sends.
+/// `content-length`, which the host recomputes for the bytes it actually sends. In any case:
+/// Kong's host gives names as the client spelled them.
 fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "content-length"
-    )
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// The pod group a hashed request was routed to.
@@ -138,8 +141,8 @@ pub struct Exchange {
     /// retry replays them and Envoy shows no request headers in the response phase. Looked
     /// up in place; turned into `headers` only when a retry or a key needs them.
     block: Option<HeaderBlock>,
-    /// The headers a dispatched attempt carries (see `replay_headers`); until then, only
-    /// what rollsafe adds (the group header).
+    /// What rollsafe adds to a dispatched attempt's headers (the group, in doubt); the
+    /// client's come from `block` (see `client_headers`).
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     declared_len: Option<u64>,
@@ -192,7 +195,7 @@ impl Exchange {
         now: u64,
         routed: Option<Routed>,
         service_target: Option<String>,
-    ) -> (Option<Exchange>, Step) {
+    ) -> (Option<Box<Exchange>>, Step) {
         let group_target = routed.as_ref().and_then(|r| {
             plan.routing
                 .as_ref()
@@ -226,7 +229,7 @@ impl Exchange {
             (HostKind::Envoy, true) => Driver::Native,
             _ => driver,
         };
-        let mut ex = Exchange {
+        let mut ex = Box::new(Exchange {
             plan: Rc::clone(plan),
             driver,
             key: None,
@@ -259,7 +262,7 @@ impl Exchange {
             key_at_body: false,
             streaming: false,
             dispatched: false,
-        };
+        });
         if keyed
             && ex
                 .block
@@ -346,37 +349,34 @@ impl Exchange {
         self.block
             .as_ref()
             .and_then(|b| b.get(":path"))
-            .or_else(|| find(&self.headers, ":path"))
             .unwrap_or("/")
     }
 
-    /// The request's headers as a dispatched attempt replays them, built from the block the
-    /// first time: the client's own group header never passes (only rollsafe names groups).
-    pub(super) fn replay_headers(&mut self) -> &mut Vec<(String, String)> {
-        if let Some(block) = self.block.take() {
-            let plan = Rc::clone(&self.plan);
-            let group = plan.routing.as_ref().map(|rp| rp.group_header.as_str());
-            let mut all: Vec<(String, String)> = block
-                .iter()
-                .filter(|(k, _)| group.is_none_or(|g| !k.eq_ignore_ascii_case(g)))
-                // Only rollsafe says a try is in doubt.
-                .filter(|(k, _)| !k.eq_ignore_ascii_case(IN_DOUBT_HEADER))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            all.append(&mut self.headers);
-            self.headers = all;
-        }
-        &mut self.headers
+    /// The client's headers a dispatched attempt replays, read in place from the block (a
+    /// value that is not UTF-8 is sent lossily): the client's own group and in-doubt headers
+    /// never pass (only rollsafe names groups and says a try is in doubt: `headers`).
+    pub(super) fn client_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+        let group = self
+            .plan
+            .routing
+            .as_ref()
+            .map(|rp| rp.group_header.as_str());
+        self.block
+            .iter()
+            .flat_map(HeaderBlock::iter)
+            .filter(|(k, _)| group.is_none_or(|g| !k.eq_ignore_ascii_case(g)))
+            .filter(|(k, _)| !k.eq_ignore_ascii_case(IN_DOUBT_HEADER))
+            .collect()
     }
 
     /// The body is too large to hold (or the host did not hand it over): the configured
     /// behaviour, logged and counted. A key already claimed is released: nothing ran.
     pub(super) fn body_too_large(
-        mut self,
+        mut self: Box<Self>,
         policy: &Policy,
         host: &impl Host,
         why: &str,
-    ) -> (Option<Exchange>, Step) {
+    ) -> (Option<Box<Exchange>>, Step) {
         host.count(Metric::BodyTooLarge);
         self.settle_key(host, None, false);
         match policy.body_too_large {
@@ -419,12 +419,12 @@ impl Exchange {
 
     /// Request body callback. Returns `None` when the exchange gives up ownership.
     pub fn on_request_body(
-        mut self,
+        mut self: Box<Self>,
         policy: &Policy,
         host: &impl Host,
         size: usize,
         end_of_stream: bool,
-    ) -> (Option<Exchange>, Step) {
+    ) -> (Option<Box<Exchange>>, Step) {
         if matches!(self.phase, Phase::Done) {
             return (Some(self), Step::Pause);
         }

@@ -64,7 +64,7 @@ impl Exchange {
         r.group = next;
         if let Some(g) = rp.groups.get(next) {
             self.target = Some(g.target.clone());
-            for (k, v) in self.replay_headers().iter_mut() {
+            for (k, v) in self.headers.iter_mut() {
                 if k.eq_ignore_ascii_case(&rp.group_header) {
                     *v = g.name.clone();
                 }

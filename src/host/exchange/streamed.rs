@@ -14,11 +14,11 @@ use std::rc::Rc;
 impl Exchange {
     /// The body is too large to hold: its key is decided now, and it goes once.
     pub(super) fn stream_once(
-        mut self,
+        mut self: Box<Self>,
         policy: &Policy,
         host: &impl Host,
         why: &str,
-    ) -> (Option<Exchange>, Step) {
+    ) -> (Option<Box<Exchange>>, Step) {
         crate::host::log_limited(host, Level::Info, Warning::BodyTooLarge, || {
             format!(
                 "rollsafe: {} {}: request body {why}; streamed to the application once, not retried",
