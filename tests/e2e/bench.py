@@ -150,6 +150,9 @@ class Variant:
     host: str = "envoy"  # or "kong" (Kong's host)
     # What the no-op filter does of this path's unavoidable part (a variant's name).
     floor: str | None = None
+    # The no-op filter making the hostcalls rollsafe's design makes on this path (a variant's
+    # name): what is left is rollsafe's own code.
+    design: str | None = None
     # The shared store: Redis commands per request are counted.
     store: bool = False
     # Its answers are refusals (409, 503): not 2xx by design.
@@ -278,12 +281,22 @@ def variants(pod_clusters) -> list[Variant]:
         Variant("replay_1k", "replay of a stored 1 KiB response", "direct_1k",
                 dict(config={"idempotency": {"max_entries": 65536}}, **proxied),
                 script=post_script("bench-replay"), goal="replay", floor="replay_floor_1k",
-                prepare=stored, fixed=replay_fixed),
+                design="replay_design_1k", prepare=stored, fixed=replay_fixed),
         # What any filter must do to replay a keyed POST: read the key, hold the body until
         # whole and read it (the fingerprint covers it), read the stored 1 KiB, answer.
         Variant("replay_floor_1k", "no-op filter reading one header, the body and 1 KiB of shared "
                 "data, answering 1 KiB itself", "direct_1k",
                 dict(config="method,body,shared,reply", wasm=PROBE, **proxied),
+                script=post_script("bench-replay"), fixed=replay_fixed),
+        # The calls rollsafe's replay makes (src/host/profile_tests.rs), made by the no-op
+        # filter: the header map (key, method, path, scope, digest), the route's name (scope),
+        # a clock read, the timeout header a keyed write sets before its body is decided, the
+        # body, the key's index record and the stored answer from shared data, a counter.
+        Variant("replay_design_1k", "no-op filter making a replay's calls: the header map, the "
+                "route's name, a clock read, a request header set, the body, 160 bytes and 1 KiB "
+                "of shared data, a counter; answering 1 KiB itself", "direct_1k",
+                dict(config="clock,headers,property,timeout,body,index,shared,metric,reply",
+                     wasm=PROBE, **proxied),
                 script=post_script("bench-replay"), fixed=replay_fixed),
         Variant("replay_redis_1k", "replay from the shared store (no node cache)", "replay_1k",
                 dict(config={"idempotency": {"max_entries": 65536, **REDIS, "redis": {
@@ -312,6 +325,7 @@ def variants(pod_clusters) -> list[Variant]:
     if only:  # investigations: these variants and their references
         keep = set(only) | {v.ref for v in out if v.name in only and v.ref}
         keep |= {v.floor for v in out if v.name in only and v.floor}
+        keep |= {v.design for v in out if v.name in only and v.design}
         if "replay_1k" in only:
             keep |= {"direct_1k_noop", "reply_floor_1k", "reply_floor_map_1k"}
         out = [v for v in out if v.name in keep]
@@ -403,11 +417,17 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 fixed=keyed_fixed),
         Variant("kong_replay_1k", "Kong's host: replay of a stored 1 KiB response",
                 "kong_plain_1k", dict(config=OWNED, **k), script=post_script("bench-replay"),
-                goal="replay", floor="kong_replay_floor_1k", prepare=stored, host="kong",
-                fixed=replay_fixed),
+                goal="replay", floor="kong_replay_floor_1k", design="kong_replay_design_1k",
+                prepare=stored, host="kong", fixed=replay_fixed),
         Variant("kong_replay_floor_1k", "Kong's host: no-op filter reading one header, the body "
                 "and 1 KiB of shared data, answering 1 KiB itself", "kong_plain_1k",
                 dict(config="method,body,shared,reply", wasm=PROBE, **k),
+                script=post_script("bench-replay"), host="kong"),
+        Variant("kong_replay_design_1k", "Kong's host: no-op filter making a replay's calls: the "
+                "header map, a property, a clock read, the body, 160 bytes and 1 KiB of shared "
+                "data, a counter; answering 1 KiB itself", "kong_plain_1k",
+                dict(config="clock,headers,property,body,index,shared,metric,reply", wasm=PROBE,
+                     **k),
                 script=post_script("bench-replay"), host="kong"),
         Variant("kong_replay_redis_1k", "Kong's host: replay from the shared store (no node "
                 "cache)", "kong_replay_1k", dict(config=owned(cache=False), **k),
@@ -766,6 +786,15 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
             if v.instr and floor.instr:
                 text += f", {floor.instr / v.instr:.2f}× by instructions"
             ok = by_cpu >= 0.95 if not (v.instr and floor.instr) else floor.instr / v.instr >= 0.95
+            design = by.get(v.design) if v.design else None
+            if design and not ok:
+                if v.instr and floor.instr and design.instr:
+                    dr, vr, unit = floor.instr / design.instr, design.instr / v.instr, "instructions"
+                else:
+                    dr, vr, unit = med(floor.cpu) / med(design.cpu), med(design.cpu) / med(v.cpu), "CPU"
+                text += (f"; the no-op filter making the calls a replay makes in rollsafe's design "
+                         f"({design.name}) reaches {dr:.2f}× by {unit}, and rollsafe {vr:.2f}× of "
+                         f"that")
             lines.append(f"| {where} | {v.name} | ≥ 0.95× the no-op filter answering the same bytes "
                          f"({floor.name}) | {text} | {'met' if ok else 'not met' + why} |")
         elif v.goal == "store" and ref and rtt:
@@ -818,8 +847,9 @@ REASONS = {
                   "CPU only, within a few µs of the no-op filter)",
     "owned_1k": "beside the floor, rollsafe's own wasm code (the fingerprint and scope hashes, the "
                 "bucket's records, the stored response's encoding) and the calls the floor does not "
-                "make: the header map, the route's name, the completion's second write (the "
-                "index record beside the response), the metric (\"Where the instructions go\")",
+                "make: the header map, the route's name, the completion's read and second write "
+                "(the index record beside the response; Envoy numbers shared-data writes across "
+                "keys, so the bucket is read again), the metric (\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
                      "connection, so the floor alone (the no-op filter recording a claim, "
                      "dispatching the body with the request's headers, storing the reply and "
@@ -829,14 +859,21 @@ REASONS = {
                      "connection closes (kong_dispatch_kept_1k); beside the floor, rollsafe's own "
                      "wasm code (the hashes, the bucket's records and the answer's copies: "
                      "\"Kong's host: where the worker's CPU goes\") and the calls the floor does "
-                     "not make: the header map, the route's id, the completion's read and second "
-                     "write, the metrics. Carrying attempt 1 by proxy_pass "
+                     "not make: the header map, the route's id, the response entry's read (its "
+                     "cas, to overwrite it) and the completion's second write (the index record "
+                     "beside the response), the metrics; every shared-data call walks a tree of "
+                     "the zone's entries (kong_shared_read_full). Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
-    "replay_1k": "beside the floor, the header map (the key, method, path, scope and digest), the "
-                 "route's name, the bucket read, the hashes and the stored response's decoding",
-    "kong_replay_1k": "beside the floor, the header map, the route's id, the bucket read, the hashes "
-                      "and the stored response's decoding",
+    "replay_1k": "the calls a replay makes here cost more than the floor's: the header map (the "
+                 "key, method, path, scope and digest), the route's name, the timeout header a "
+                 "keyed write sets before its body is decided, the key's index record beside the "
+                 "answer, the counter (replay_design_1k); the rest is rollsafe's own code: the "
+                 "fingerprint and scope hashes, the stored response's decoding, allocation",
+    "kong_replay_1k": "the calls a replay makes here cost more than the floor's: the header map, the "
+                      "route's id, the key's index record beside the answer, the counter "
+                      "(kong_replay_design_1k); the rest is rollsafe's own code: the hashes, the "
+                      "stored response's decoding, allocation",
     "owned_redis_1k": "each Webdis call is a dispatch_http_call, and a keyed write makes two (claim, "
                       "completion), each an EVAL that Redis appends to its file before answering; "
                       "through the gateway's dispatch two calls take longer than two round trips "

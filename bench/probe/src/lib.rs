@@ -8,6 +8,9 @@
 //!   `shared`   read a 1 KiB shared-data value
 //!   `full`     (with `shared`) fill [`ENTRIES`] entries of 1 KiB at configure time and read a
 //!              new one each request: the same read in a zone that holds a full store
+//!   `index`    read a 160-byte shared-data value (a store's index: which entry holds a key)
+//!   `metric`   increment a counter
+//!   `timeout`  set a request header (Envoy's `x-envoy-upstream-rq-timeout-ms`)
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
 //! and on the way, what a keyed write or a replay cannot do without (the floors `make bench`
 //! compares rollsafe's paths with):
@@ -43,7 +46,7 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -73,6 +76,9 @@ struct Calls {
     property: bool,
     shared: bool,
     full: bool,
+    index: bool,
+    metric: Option<u32>,
+    timeout: bool,
     reply: bool,
     body: bool,
     store: bool,
@@ -111,6 +117,12 @@ impl RootContext for Root {
                 "property" => calls.property = true,
                 "shared" => calls.shared = true,
                 "full" => calls.full = true,
+                "index" => calls.index = true,
+                "metric" => {
+                    calls.metric =
+                        hostcalls::define_metric(MetricType::Counter, "probe_requests").ok()
+                }
+                "timeout" => calls.timeout = true,
                 "reply" => calls.reply = true,
                 "body" => calls.body = true,
                 "store" => calls.store = true,
@@ -129,6 +141,9 @@ impl RootContext for Root {
         }
         if calls.shared {
             let _ = hostcalls::set_shared_data("rollsafe/probe/1k", Some(&[b'x'; 1024]), None);
+        }
+        if calls.index {
+            let _ = hostcalls::set_shared_data("rollsafe/probe/index", Some(&[b'i'; 160]), None);
         }
         if calls.full {
             for _ in 0..ENTRIES {
@@ -401,6 +416,19 @@ impl HttpContext for Http {
         }
         if c.property {
             let _ = hostcalls::get_property(vec!["xds", "route_name"]);
+        }
+        if c.index {
+            let _ = hostcalls::get_shared_data("rollsafe/probe/index");
+        }
+        if let Some(id) = c.metric {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+        if c.timeout {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "x-envoy-upstream-rq-timeout-ms",
+                Some("60000"),
+            );
         }
         if c.shared && c.full {
             let _ = hostcalls::get_shared_data(&next_entry());
