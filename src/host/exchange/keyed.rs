@@ -278,9 +278,9 @@ impl Exchange {
     pub(super) fn decide_key(&mut self, policy: &Policy, host: &impl Host) -> Option<Step> {
         self.key_at_body = false;
         let plan = Rc::clone(&self.plan);
-        let (ip, block) = (plan.idempotency.as_ref()?, self.block.as_ref()?);
+        let ip = plan.idempotency.as_ref()?;
         let body = key::Body::Whole(&self.body);
-        match key::gate(ip, plan.host, host, block, body, host.now_ms()) {
+        match key::gate(ip, plan.host, host, &self.block, body, host.now_ms()) {
             Gate::Unkeyed => None,
             Gate::Claimed(k) => {
                 self.took_key(host, Some(k));

@@ -139,8 +139,8 @@ pub struct Exchange {
     method: String,
     /// The request headers as the host gave them (pseudo headers included), kept because a
     /// retry replays them and Envoy shows no request headers in the response phase. Looked
-    /// up in place; turned into `headers` only when a retry or a key needs them.
-    block: Option<HeaderBlock>,
+    /// up in place, and borrowed by a dispatched attempt (`client_headers`).
+    block: HeaderBlock,
     /// What rollsafe adds to a dispatched attempt's headers (the group, in doubt); the
     /// client's come from `block` (see `client_headers`).
     headers: Vec<(String, String)>,
@@ -241,7 +241,7 @@ impl Exchange {
                 .or_else(|| policy.target.clone())
                 .or(service_target),
             method,
-            block: Some(all),
+            block: all,
             headers: Vec::new(),
             body: Vec::new(),
             declared_len,
@@ -263,12 +263,7 @@ impl Exchange {
             streaming: false,
             dispatched: false,
         });
-        if keyed
-            && ex
-                .block
-                .as_ref()
-                .is_some_and(|b| b.get(IN_DOUBT_HEADER).is_some())
-        {
+        if keyed && ex.block.get(IN_DOUBT_HEADER).is_some() {
             // Only rollsafe says a try is in doubt (dispatched attempts drop it too).
             host.remove_request_header(IN_DOUBT_HEADER);
         }
@@ -278,19 +273,11 @@ impl Exchange {
             && has_body
             && plan.idempotency.as_ref().is_some_and(|ip| {
                 // (As bytes: a key that is not UTF-8 is there too, and refused with a 400.)
-                ip.required
-                    || ex
-                        .block
-                        .as_ref()
-                        .is_some_and(|b| b.get_bytes(&ip.header).is_some())
+                ip.required || ex.block.get_bytes(&ip.header).is_some()
             });
-        if let (Some(ip), Some(block), false) = (
-            plan.idempotency.as_ref().filter(|_| keyed),
-            &ex.block,
-            has_body,
-        ) {
+        if let (Some(ip), false) = (plan.idempotency.as_ref().filter(|_| keyed), has_body) {
             // No body: the key is decided now.
-            match key::gate(ip, plan.host, host, block, key::Body::Whole(&[]), now) {
+            match key::gate(ip, plan.host, host, &ex.block, key::Body::Whole(&[]), now) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.took_key(host, Some(k)),
                 Gate::Answer(reply) => {
@@ -346,10 +333,7 @@ impl Exchange {
     }
 
     pub(super) fn path(&self) -> &str {
-        self.block
-            .as_ref()
-            .and_then(|b| b.get(":path"))
-            .unwrap_or("/")
+        self.block.get(":path").unwrap_or("/")
     }
 
     /// The client's headers a dispatched attempt replays, read in place from the block (a
@@ -363,7 +347,6 @@ impl Exchange {
             .map(|rp| rp.group_header.as_str());
         self.block
             .iter()
-            .flat_map(HeaderBlock::iter)
             .filter(|(k, _)| group.is_none_or(|g| !k.eq_ignore_ascii_case(g)))
             .filter(|(k, _)| !k.eq_ignore_ascii_case(IN_DOUBT_HEADER))
             .collect()

@@ -33,10 +33,10 @@ impl Exchange {
             .idempotency
             .as_ref()
             .filter(|ip| self.key_at_body || ip.applies_to(self.method()));
-        if let (Some(ip), Some(block), None) = (keyed, self.block.as_ref(), self.key.as_ref()) {
+        if let (Some(ip), None) = (keyed, self.key.as_ref()) {
             self.key_at_body = false;
             let body = key::Body::Streamed(self.declared_len);
-            match key::gate(ip, plan.host, host, block, body, host.now_ms()) {
+            match key::gate(ip, plan.host, host, &self.block, body, host.now_ms()) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => self.took_key(host, Some(k)),
                 Gate::Answer(reply) => {
