@@ -5,6 +5,8 @@ use super::key::Facts;
 const MAGIC: &[u8; 4] = b"RSI3";
 const RESPONSE_MAGIC: &[u8; 4] = b"RSR1";
 const BUCKET_MAGIC: &[u8; 4] = b"RSB1";
+/// After a bucket's ways: the cas of each way's stored response, where the host makes it known.
+const HINTS_MAGIC: &[u8; 4] = b"RSH1";
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,11 +180,20 @@ pub fn decode_ref(value: &[u8]) -> Option<RecordRef<'_>> {
 /// A bucket's bytes as read (`RSB1`, then per way its record's length, 0 when free, and the
 /// record) and where each way's bytes lie: records are read in place when asked for, and a
 /// write copies the ways it does not change as they are.
+///
+/// After the ways a bucket may carry `RSH1` and, per way, the cas its slot's stored response
+/// had after its last write (0: not known). On Kong's host a write must name the current cas,
+/// and the hint saves reading the response (its bytes, and a walk of the zone's tree) only to
+/// learn it; a hint gone stale is refused by the host like any other stale cas. Versions that
+/// do not know the trailer read the ways and ignore it, and drop it when they write the bucket:
+/// their writes cost the next completion a read, never a wrong record.
 #[derive(Debug, Clone)]
 pub struct BucketBytes {
     raw: Vec<u8>,
     /// Per way, the byte range it holds (`None`: past the end of what was read).
     spans: Vec<Option<(usize, usize)>>,
+    /// Where the ways' response hints start, when the bucket carries them.
+    hints_at: Option<usize>,
 }
 
 impl BucketBytes {
@@ -190,17 +201,27 @@ impl BucketBytes {
     /// is not a bucket at all (never written, or foreign bytes) is all free.
     pub fn parse(raw: Vec<u8>, ways: usize) -> BucketBytes {
         let mut spans = vec![None; ways];
+        let mut hints_at = None;
         let mut r = Reader(&raw);
         if r.take(4) == Some(BUCKET_MAGIC.as_slice()) {
+            let mut whole = true;
             for span in spans.iter_mut() {
                 let Some(bytes) = r.bytes() else {
+                    whole = false;
                     break;
                 };
                 let end = raw.len() - r.0.len();
                 *span = Some((end - bytes.len(), end));
             }
+            if whole && r.take(4) == Some(HINTS_MAGIC.as_slice()) && r.0.len() >= 4 * ways {
+                hints_at = Some(raw.len() - r.0.len());
+            }
         }
-        BucketBytes { raw, spans }
+        BucketBytes {
+            raw,
+            spans,
+            hints_at,
+        }
     }
 
     /// Way `way`'s record, read in place (`None`: free, or not a record).
@@ -214,11 +235,26 @@ impl BucketBytes {
         (0..self.spans.len()).map(|w| (w, self.way(w)))
     }
 
+    /// The cas way `way`'s stored response had after its last write, if the bucket knows it.
+    pub fn response_cas(&self, way: usize) -> Option<u32> {
+        let at = self.hints_at?.checked_add(way.checked_mul(4)?)?;
+        let b: [u8; 4] = self.raw.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_be_bytes(b)).filter(|c| *c != 0)
+    }
+
     /// The bucket's bytes with way `way` holding `rec` (`None`: free), the other ways as they
-    /// were.
-    pub fn with(&self, way: usize, rec: Option<&RecordRef<'_>>) -> Vec<u8> {
+    /// were; `response_cas`: the cas way `way`'s response now has, when it was just written
+    /// (the other ways' hints are kept).
+    pub fn with(
+        &self,
+        way: usize,
+        rec: Option<&RecordRef<'_>>,
+        response_cas: Option<u32>,
+    ) -> Vec<u8> {
         let extra = rec.map_or(0, |r| RECORD_FIXED + r.key.len());
-        let mut out = Vec::with_capacity(self.raw.len() + extra + 4 * self.spans.len());
+        let hints = response_cas.is_some() || self.hints_at.is_some();
+        let trailer = if hints { 4 + 4 * self.spans.len() } else { 0 };
+        let mut out = Vec::with_capacity(self.raw.len() + extra + 4 * self.spans.len() + trailer);
         out.extend_from_slice(BUCKET_MAGIC);
         for (w, span) in self.spans.iter().enumerate() {
             if w != way {
@@ -232,6 +268,16 @@ impl BucketBytes {
                     encode_into(&mut out, rec);
                 }
                 None => put_str(&mut out, &[]),
+            }
+        }
+        if hints {
+            out.extend_from_slice(HINTS_MAGIC);
+            for w in 0..self.spans.len() {
+                let cas = match response_cas {
+                    Some(cas) if w == way => Some(cas),
+                    _ => self.response_cas(w),
+                };
+                out.extend_from_slice(&cas.unwrap_or(0).to_be_bytes());
             }
         }
         out
@@ -248,7 +294,8 @@ pub fn decode_response(value: &[u8]) -> Option<(u64, Stored)> {
     let status = r.u16()?;
     let body_omitted = r.u8()? != 0;
     let n = r.u32()? as usize;
-    let mut headers = Vec::with_capacity(n.min(64));
+    // (Room for the two headers a replay adds: `host::key`.)
+    let mut headers = Vec::with_capacity(n.min(64) + 2);
     for _ in 0..n {
         headers.push((r.string()?, r.string()?));
     }

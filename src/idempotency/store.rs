@@ -14,9 +14,10 @@ pub trait Shared {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Writes when the stored CAS still equals `cas`.
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
-    /// Writes whatever is there (a value another CAS already guards).
-    fn overwrite(&self, key: &str, value: &[u8]) -> Result<(), SetError> {
-        overwrite_checked(self, key, value)
+    /// Writes whatever is there (a value another CAS already guards); the cas the value now
+    /// has, where the host makes it known ([`Shared::cas_after_write`]).
+    fn overwrite(&self, key: &str, value: &[u8]) -> Result<Option<u32>, SetError> {
+        overwrite_checked(self, key, value).map(|cas| self.cas_after_write(cas))
     }
     /// The cas a value has after a write under `cas`, where the host's rule makes it known
     /// (Kong's host counts each key's writes; Envoy numbers writes across all keys: `None`).
@@ -38,17 +39,18 @@ pub struct Kept {
     cas: u32,
 }
 
-/// `overwrite` where a write must name the current CAS: read it, then write.
+/// `overwrite` where a write must name the current CAS: read it, then write; the cas written
+/// under.
 pub fn overwrite_checked<S: Shared + ?Sized>(
     store: &S,
     key: &str,
     value: &[u8],
-) -> Result<(), SetError> {
+) -> Result<u32, SetError> {
     for _ in 0..CAS_TRIES {
         let cas = store.get(key).map_or(0, |(_, cas)| cas);
         match store.set(key, value, cas) {
             Err(SetError::CasMismatch) => continue,
-            other => return other,
+            other => return other.map(|()| cas),
         }
     }
     Err(SetError::CasMismatch)
@@ -146,14 +148,16 @@ impl Bucket {
     }
 
     /// Writes the bucket with `way` holding `rec` (`None`: free), if nobody wrote it since;
-    /// what it wrote, kept where the host tells the cas it now has.
+    /// what it wrote, kept where the host tells the cas it now has. `response_cas`: the cas the
+    /// way's response has after this request wrote it.
     fn write(
         &self,
         store: &impl Shared,
         way: usize,
         rec: Option<&RecordRef<'_>>,
+        response_cas: Option<u32>,
     ) -> Result<Option<Kept>, SetError> {
-        let bytes = self.bytes.with(way, rec);
+        let bytes = self.bytes.with(way, rec, response_cas);
         store.set(&bucket_key(self.index), &bytes, self.cas)?;
         Ok(store
             .cas_after_write(self.cas)
@@ -246,7 +250,7 @@ pub fn claim(
             expires_ms: now + lease_ms,
             state: State::InFlight,
         };
-        match bucket.write(store, way, Some(&rec)) {
+        match bucket.write(store, way, Some(&rec), None) {
             Ok(kept) => {
                 return Claim::Claimed {
                     slot: bucket.slot(way),
@@ -289,7 +293,8 @@ pub fn settle(
     kept: &mut Option<Kept>,
 ) -> bool {
     let (index, way) = (slot / WAYS, (slot % WAYS) as usize);
-    let mut response_written = false;
+    // Once the response is written: the cas it now has, where the host makes it known.
+    let mut response_cas: Option<Option<u32>> = None;
     for _ in 0..CAS_TRIES {
         let Some(bucket) = Bucket::kept_or_read(store, index, kept.take()) else {
             return false;
@@ -302,14 +307,17 @@ pub fn settle(
         }
         let value = match settle {
             Settle::Complete { stored, expires_ms } => {
-                if !response_written {
-                    if write_response(store, slot, owner, stored).is_err() {
-                        // Too large for what is left of the zone: free the slot rather than
-                        // leave it claimed until the lease runs out.
-                        let _ = bucket.write(store, way, None);
-                        return false;
+                if response_cas.is_none() {
+                    let hint = bucket.bytes.response_cas(way);
+                    match write_response(store, slot, owner, stored, hint) {
+                        Ok(cas) => response_cas = Some(cas),
+                        Err(_) => {
+                            // Too large for what is left of the zone: free the slot rather than
+                            // leave it claimed until the lease runs out.
+                            let _ = bucket.write(store, way, None, None);
+                            return false;
+                        }
                     }
-                    response_written = true;
                 }
                 rec.state = State::Done;
                 rec.expires_ms = *expires_ms;
@@ -321,7 +329,7 @@ pub fn settle(
                 Some(rec)
             }
         };
-        match bucket.write(store, way, value.as_ref()) {
+        match bucket.write(store, way, value.as_ref(), response_cas.flatten()) {
             Ok(next) => {
                 *kept = next;
                 return true;
@@ -329,7 +337,7 @@ pub fn settle(
             Err(SetError::CasMismatch) => continue,
             Err(SetError::Refused) => {
                 if matches!(settle, Settle::Complete { .. }) {
-                    let _ = bucket.write(store, way, None);
+                    let _ = bucket.write(store, way, None, response_cas.flatten());
                 }
                 return false;
             }
@@ -383,14 +391,25 @@ pub fn cache(
     settle(store, slot, key, owner, &done, &mut kept)
 }
 
-/// Writes the slot's response, whatever was there (the index CAS is what guards the slot).
+/// Writes the slot's response, whatever was there (the index CAS is what guards the slot); the
+/// cas it now has, where the host makes it known. `hint`: the cas the bucket says the response
+/// has. The write names it (or 0, "absent", for a slot with no hint), and only a refusal reads
+/// the response for its cas: on Envoy cas 0 is "no check", so the first write is the only one.
 fn write_response(
     store: &impl Shared,
     slot: u32,
     owner: u64,
     stored: &Stored,
-) -> Result<(), SetError> {
-    store.overwrite(&response_key(slot), &encode_response(owner, stored))
+    hint: Option<u32>,
+) -> Result<Option<u32>, SetError> {
+    let key = response_key(slot);
+    let value = encode_response(owner, stored);
+    let guess = hint.unwrap_or(0);
+    match store.set(&key, &value, guess) {
+        Ok(()) => Ok(store.cas_after_write(guess)),
+        Err(SetError::CasMismatch) => store.overwrite(&key, &value),
+        Err(e) => Err(e),
+    }
 }
 
 /// The slot's response, when it belongs to `owner`'s completion.

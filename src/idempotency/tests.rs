@@ -1,3 +1,4 @@
+use super::record::BucketBytes;
 use super::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,6 +16,8 @@ struct FakeShared {
     capacity: usize,
     /// Reads of bucket values, as a host would count them.
     bucket_reads: std::cell::Cell<usize>,
+    /// Reads of stored responses.
+    response_reads: std::cell::Cell<usize>,
 }
 
 impl FakeShared {
@@ -25,6 +28,7 @@ impl FakeShared {
             interleave: RefCell::new(None),
             capacity: usize::MAX,
             bucket_reads: std::cell::Cell::new(0),
+            response_reads: std::cell::Cell::new(0),
         }
     }
     fn raw_set(&self, key: &str, value: &[u8]) {
@@ -38,6 +42,9 @@ impl Shared for FakeShared {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         if key.starts_with("rollsafe/idem/b") {
             self.bucket_reads.set(self.bucket_reads.get() + 1);
+        }
+        if key.ends_with("/r") {
+            self.response_reads.set(self.response_reads.get() + 1);
         }
         self.map.borrow().get(key).cloned()
     }
@@ -62,10 +69,10 @@ impl Shared for FakeShared {
         self.raw_set(key, value);
         Ok(())
     }
-    fn overwrite(&self, key: &str, value: &[u8]) -> Result<(), SetError> {
+    fn overwrite(&self, key: &str, value: &[u8]) -> Result<Option<u32>, SetError> {
         match self.kong {
-            true => overwrite_checked(self, key, value),
-            false => self.set(key, value, 0),
+            true => overwrite_checked(self, key, value).map(|cas| self.cas_after_write(cas)),
+            false => self.set(key, value, 0).map(|()| None),
         }
     }
     fn cas_after_write(&self, cas: u32) -> Option<u32> {
@@ -406,6 +413,19 @@ fn key_parsing() {
     assert!(parse_key(&[&"k".repeat(256)]).is_err());
 }
 
+/// The names of buckets and responses are persisted too: the workers of a Kong reload share
+/// the zone, old and new.
+#[test]
+fn shared_data_names_are_the_persisted_format() {
+    assert_eq!(&*store::bucket_key(0), "rollsafe/idem/b0");
+    assert_eq!(&*store::bucket_key(12_345), "rollsafe/idem/b12345");
+    assert_eq!(&*store::response_key(7), "rollsafe/idem/7/r");
+    assert_eq!(
+        &*store::response_key(u32::MAX),
+        "rollsafe/idem/4294967295/r"
+    );
+}
+
 /// The store key is persisted (Redis keys, node-local records): gateways of two versions
 /// sharing a store during an upgrade must name a key alike, so its bytes are pinned here
 /// (computed apart: the first 16 bytes of SHA-256 over each part, length-prefixed).
@@ -563,7 +583,6 @@ fn config_errors_name_the_field() {
 
 #[test]
 fn a_bucket_rewrites_one_way_and_keeps_the_others_byte_for_byte() {
-    use super::record::BucketBytes;
     let rec = |key: &str, owner: u64| Record {
         key: key.into(),
         facts: FP,
@@ -577,15 +596,15 @@ fn a_bucket_rewrites_one_way_and_keeps_the_others_byte_for_byte() {
         empty.ways().all(|(_, r)| r.is_none()),
         "never written: all free"
     );
-    let one = BucketBytes::parse(empty.with(1, Some(&a.view())), 4);
-    let two_raw = one.with(3, Some(&b.view()));
+    let one = BucketBytes::parse(empty.with(1, Some(&a.view()), None), 4);
+    let two_raw = one.with(3, Some(&b.view()), None);
     let two = BucketBytes::parse(two_raw.clone(), 4);
     let held: Vec<_> = two.ways().map(|(w, r)| (w, r.map(|r| r.owner))).collect();
     assert_eq!(held, [(0, None), (1, Some(1)), (2, None), (3, Some(2))]);
     assert_eq!(two.way(3).map(|r| r.key), Some(&b"bb"[..]));
     // Rewriting way 3 with the same record gives the same bytes; freeing it leaves way 1.
-    assert_eq!(two.with(3, two.way(3).as_ref()), two_raw);
-    let freed = BucketBytes::parse(two.with(3, None), 4);
+    assert_eq!(two.with(3, two.way(3).as_ref(), None), two_raw);
+    let freed = BucketBytes::parse(two.with(3, None, None), 4);
     assert_eq!(freed.way(1), Some(a.view()));
     assert_eq!(freed.way(3), None);
     // A length that runs past the end cuts the bucket there: that way and the rest are free,
@@ -699,4 +718,178 @@ fn a_completion_writes_the_bucket_its_claim_kept_unless_another_claim_wrote_it_s
     let envoy = FakeShared::new(false);
     create_slots(&envoy, 8);
     assert_eq!(claimed(&envoy, "a", 1).1, None);
+}
+
+/// Kong's host: a completion writes its slot's response under the cas the bucket keeps for it
+/// (or as absent, for a slot never answered), without reading the response for it. A hint gone
+/// stale (the response written by someone else, or evicted) and a bucket without hints (what
+/// versions that do not know them write) cost one read, and the completion still lands. Envoy
+/// writes no hints: its first write of the response is its only one.
+#[test]
+fn a_completion_writes_its_response_under_the_cas_the_bucket_keeps() {
+    let complete = |body: &str, expires: u64| done(stored(201, body), expires);
+    let claimed = |s: &FakeShared, key: &str, owner: u64, now: u64| match claim(
+        s, 8, key, &FP, owner, now, 1_000,
+    ) {
+        Claim::Claimed { slot, kept, .. } => (slot, kept),
+        other => panic!("{key}: {other:?}"),
+    };
+    let replayed = |s: &FakeShared, key: &str, now: u64| match claim(s, 8, key, &FP, 99, now, 1_000)
+    {
+        Claim::Done { stored, .. } => String::from_utf8(stored.body).unwrap_or_default(),
+        other => panic!("{key}: {other:?}"),
+    };
+    // (One bucket of eight ways: every key below lands in it.)
+    let s = FakeShared::new(true);
+    create_slots(&s, 8);
+    let hint = |s: &FakeShared, slot: u32| {
+        let (raw, _) = s
+            .map
+            .borrow()
+            .get(&store::bucket_key(0))
+            .cloned()
+            .unwrap_or_default();
+        BucketBytes::parse(raw, 8).response_cas((slot % 8) as usize)
+    };
+
+    // A slot never answered: written as absent, and its cas kept.
+    let (slot, mut kept) = claimed(&s, "a", 1, 0);
+    assert!(store::settle(
+        &s,
+        slot,
+        "a",
+        1,
+        &complete("first", 1_000_000),
+        &mut kept
+    ));
+    assert_eq!(
+        s.response_reads.get(),
+        0,
+        "the response was read for its cas"
+    );
+    let cas = s
+        .map
+        .borrow()
+        .get(&store::response_key(slot))
+        .map(|(_, c)| *c);
+    assert_eq!(hint(&s, slot), cas);
+    assert_eq!(replayed(&s, "a", 10), "first");
+    let reads = s.response_reads.get();
+
+    // The slot again, for another key once "a" expired: written under the kept cas. (Each
+    // completion below expires at the next key's claim.)
+    let (again, mut kept) = claimed(&s, "b", 2, 1_000_000);
+    assert_eq!(again, slot);
+    assert!(store::settle(
+        &s,
+        again,
+        "b",
+        2,
+        &complete("second", 2_000_000),
+        &mut kept
+    ));
+    assert_eq!(
+        s.response_reads.get(),
+        reads,
+        "the response was read for its cas"
+    );
+    assert_eq!(replayed(&s, "b", 1_000_010), "second");
+    let reads = s.response_reads.get();
+
+    // Someone else wrote the response since (a stale owner, another version): refused, read,
+    // written.
+    let (again, mut kept) = claimed(&s, "c", 3, 2_000_000);
+    assert_eq!(again, slot);
+    s.raw_set(&store::response_key(slot), b"foreign");
+    assert!(store::settle(
+        &s,
+        again,
+        "c",
+        3,
+        &complete("third", 3_000_000),
+        &mut kept
+    ));
+    assert_eq!(s.response_reads.get(), reads + 1);
+    assert_eq!(replayed(&s, "c", 2_000_010), "third");
+    let reads = s.response_reads.get();
+
+    // A bucket as a version without hints writes it: the ways alone.
+    let (raw, _) = s
+        .map
+        .borrow()
+        .get(&store::bucket_key(0))
+        .cloned()
+        .unwrap_or_default();
+    let stripped: Vec<u8> = raw[..raw.len() - 4 - 4 * 8].to_vec();
+    assert_eq!(
+        BucketBytes::parse(stripped.clone(), 8).response_cas((slot % 8) as usize),
+        None
+    );
+    s.raw_set(&store::bucket_key(0), &stripped);
+    let (again, mut kept) = claimed(&s, "d", 4, 3_000_000);
+    assert_eq!(again, slot);
+    assert!(store::settle(
+        &s,
+        again,
+        "d",
+        4,
+        &complete("fourth", 4_000_000),
+        &mut kept
+    ));
+    assert_eq!(s.response_reads.get(), reads + 1);
+    assert_eq!(replayed(&s, "d", 3_000_010), "fourth");
+    assert!(hint(&s, slot).is_some());
+
+    let envoy = FakeShared::new(false);
+    create_slots(&envoy, 8);
+    let (slot, mut kept) = claimed(&envoy, "a", 1, 0);
+    assert!(store::settle(
+        &envoy,
+        slot,
+        "a",
+        1,
+        &complete("first", 1_000_000),
+        &mut kept
+    ));
+    assert_eq!(envoy.response_reads.get(), 0);
+    assert_eq!(hint(&envoy, slot), None);
+    let (raw, _) = envoy
+        .map
+        .borrow()
+        .get(&store::bucket_key(0))
+        .cloned()
+        .unwrap_or_default();
+    assert!(!raw.windows(4).any(|w| w == b"RSH1"));
+}
+
+/// A bucket with hints reads as the same ways as without them: versions that read only the
+/// ways (and stop after the last) see the same records.
+#[test]
+fn hints_follow_the_ways_and_change_none_of_them() {
+    let rec = |key: &str| Record {
+        key: key.to_string(),
+        facts: FP,
+        owner: 7,
+        expires_ms: 9,
+        state: State::Done,
+    };
+    let (a, b) = (rec("a"), rec("b"));
+    let empty = BucketBytes::parse(Vec::new(), 4);
+    let plain = BucketBytes::parse(empty.with(1, Some(&a.view()), None), 4);
+    let plain = plain.with(2, Some(&b.view()), None);
+    let hinted = BucketBytes::parse(plain.clone(), 4).with(2, Some(&b.view()), Some(5));
+    assert_eq!(&hinted[..plain.len()], plain.as_slice());
+    let read = BucketBytes::parse(hinted, 4);
+    assert_eq!(read.way(1), Some(a.view()));
+    assert_eq!(read.way(2), Some(b.view()));
+    assert_eq!(
+        (0..4).map(|w| read.response_cas(w)).collect::<Vec<_>>(),
+        [None, None, Some(5), None]
+    );
+    // Another way's write keeps the hint; a truncated trailer is no hint.
+    let kept = read.with(0, Some(&a.view()), None);
+    assert_eq!(BucketBytes::parse(kept.clone(), 4).response_cas(2), Some(5));
+    let cut = BucketBytes::parse(kept[..kept.len() - 1].to_vec(), 4);
+    assert_eq!(cut.response_cas(2), None);
+    assert_eq!(cut.way(0), Some(a.view()));
 }

@@ -866,9 +866,10 @@ REASONS = {
                      "connection closes (kong_dispatch_kept_1k); beside the floor, rollsafe's own "
                      "wasm code (the hashes, the bucket's records and the answer's copies: "
                      "\"Kong's host: where the worker's CPU goes\") and the calls the floor does "
-                     "not make: the header map, the route's id, the response entry's read (its "
-                     "cas, to overwrite it) and the completion's second write (the index record "
-                     "beside the response), the metrics; every shared-data call walks a tree of "
+                     "not make: the header map, the route's id, the completion's second write "
+                     "(the index record beside the response, which keeps the response's cas so "
+                     "that it is written without being read), the metrics; every shared-data "
+                     "call walks a tree of "
                      "the zone's entries (kong_shared_read_full). Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
