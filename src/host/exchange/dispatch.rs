@@ -9,10 +9,12 @@ use crate::retry::{self, Outcome, Policy};
 use std::borrow::Cow;
 
 impl Exchange {
-    pub(super) fn send_attempt(&mut self, policy: &Policy, host: &impl Host) {
+    /// `now`: the clock as this callback read it already, if it did (each read is a hostcall).
+    pub(super) fn send_attempt(&mut self, policy: &Policy, host: &impl Host, now: Option<u64>) {
         if self.attempt == 0 {
-            self.cover_lease(policy, host);
-            let elapsed = host.now_ms().saturating_sub(self.started_ms);
+            let now = now.unwrap_or_else(|| host.now_ms());
+            self.cover_lease(policy, host, now);
+            let elapsed = now.saturating_sub(self.started_ms);
             let remaining = policy.deadline_ms.saturating_sub(elapsed).max(1);
             self.next_timeout_ms =
                 policy.attempt_timeout_ms(self.method(), self.key_enforced(), remaining);

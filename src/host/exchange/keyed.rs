@@ -59,7 +59,7 @@ impl Exchange {
         match self.driver {
             Driver::Native => {
                 // Only now do the headers (and then the body) go on to the route.
-                self.begin_route_attempt(policy, host);
+                self.begin_route_attempt(policy, host, None);
                 host.resume_request();
                 Step::Continue
             }
@@ -68,7 +68,7 @@ impl Exchange {
                 Step::Continue
             }
             Driver::Dispatch => {
-                self.send_attempt(policy, host);
+                self.send_attempt(policy, host, None);
                 self.held_for_attempt()
             }
         }
@@ -170,11 +170,11 @@ impl Exchange {
         }
     }
 
-    /// The first attempt starts: the key's lease must outlast anything the exchange can still
-    /// do (written only when the body took long enough to eat into it).
-    pub(super) fn cover_lease(&mut self, policy: &Policy, host: &impl Host) {
+    /// The first attempt starts (`now`): the key's lease must outlast anything the exchange can
+    /// still do (written only when the body took long enough to eat into it).
+    pub(super) fn cover_lease(&mut self, policy: &Policy, host: &impl Host, now: u64) {
         let plan = Rc::clone(&self.plan);
-        let mut until = host.now_ms() + policy.longest_exchange_ms();
+        let mut until = now + policy.longest_exchange_ms();
         if self.keyed_write() {
             // Its attempts wait for their answer up to the deadline.
             until = until.max(self.started_ms + policy.deadline_ms);
@@ -219,15 +219,15 @@ impl Exchange {
         }
     }
 
-    /// The route's attempt (or the buffering of its answer) is still going: a key's lease must
-    /// not run out under it. Renewed when half of it is left, as long as the attempt lasts.
-    pub(super) fn renew_lease(&mut self, host: &impl Host) {
+    /// The route's attempt (or the buffering of its answer) is still going at `now`: a key's
+    /// lease must not run out under it. Renewed when half of it is left, as long as the attempt
+    /// lasts.
+    pub(super) fn renew_lease(&mut self, host: &impl Host, now: u64) {
         self.renew_at = None;
         let plan = Rc::clone(&self.plan);
         let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) else {
             return;
         };
-        let now = host.now_ms();
         if k.lease_until()
             .is_some_and(|until| until <= now + ip.lease_ms / 2)
         {
@@ -273,14 +273,19 @@ impl Exchange {
         }
     }
 
-    /// The body is whole: the key of a request with a body is decided now. `None`: no answer
-    /// and nothing asked, the exchange goes on; else what the stream does meanwhile.
-    pub(super) fn decide_key(&mut self, policy: &Policy, host: &impl Host) -> Option<Step> {
+    /// The body is whole (at `now`): the key of a request with a body is decided now. `None`:
+    /// no answer and nothing asked, the exchange goes on; else what the stream does meanwhile.
+    pub(super) fn decide_key(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        now: u64,
+    ) -> Option<Step> {
         self.key_at_body = false;
         let plan = Rc::clone(&self.plan);
         let ip = plan.idempotency.as_ref()?;
         let body = key::Body::Whole(&self.body);
-        match key::gate(ip, plan.host, host, &self.block, body, host.now_ms()) {
+        match key::gate(ip, plan.host, host, &self.block, body, now) {
             Gate::Unkeyed => None,
             Gate::Claimed(k) => {
                 self.took_key(host, Some(k));

@@ -303,7 +303,7 @@ impl Exchange {
         }
         match driver {
             Driver::Dispatch if !has_body => {
-                ex.send_attempt(policy, host);
+                ex.send_attempt(policy, host, Some(now));
                 let step = ex.held_for_attempt();
                 (Some(ex), step)
             }
@@ -321,7 +321,7 @@ impl Exchange {
                         host.set_request_header("x-envoy-upstream-rq-timeout-ms", &deadline);
                     }
                 } else {
-                    ex.begin_route_attempt(policy, host);
+                    ex.begin_route_attempt(policy, host, Some(now));
                 }
                 (Some(ex), Step::Continue)
             }
@@ -442,19 +442,23 @@ impl Exchange {
         }
         self.body = body;
         self.body_done = true;
+        // (One clock read serves the key's decision and the lease its attempt starts.)
+        let mut now = None;
         if self.key_at_body {
-            if let Some(step) = self.decide_key(policy, host) {
+            let at = host.now_ms();
+            now = Some(at);
+            if let Some(step) = self.decide_key(policy, host, at) {
                 return (Some(self), step);
             }
         }
         match self.driver {
             Driver::Dispatch => {
-                self.send_attempt(policy, host);
+                self.send_attempt(policy, host, now);
                 let step = self.held_for_attempt();
                 (Some(self), step)
             }
             Driver::Native => {
-                self.begin_route_attempt(policy, host);
+                self.begin_route_attempt(policy, host, now);
                 (Some(self), Step::Continue)
             }
         }
@@ -551,7 +555,7 @@ impl Exchange {
         let now = host.now_ms();
         self.next_timeout_ms = timeout_ms;
         if wait_ms == 0 {
-            self.send_attempt(policy, host);
+            self.send_attempt(policy, host, Some(now));
         } else {
             self.phase = Phase::Backoff { at: now + wait_ms };
             self.wake_at = Some(now + wait_ms);
@@ -562,10 +566,10 @@ impl Exchange {
     pub fn on_wake(&mut self, policy: &Policy, host: &impl Host) {
         let now = host.now_ms();
         match self.phase {
-            Phase::Backoff { at } if now >= at => self.send_attempt(policy, host),
+            Phase::Backoff { at } if now >= at => self.send_attempt(policy, host, Some(now)),
             Phase::Answering => self.answer_unknown(policy, host),
             Phase::Attempt(Carrier::Route) if self.renew_at.is_some_and(|at| now >= at) => {
-                self.renew_lease(host)
+                self.renew_lease(host, now)
             }
             _ => {}
         }

@@ -21,16 +21,29 @@ pub(super) struct Storing {
 impl Exchange {
     /// Attempt 1 is the route's own request: it starts with the headers and is complete once
     /// the held body is released to it.
-    pub(super) fn begin_route_attempt(&mut self, policy: &Policy, host: &impl Host) {
+    /// `now`: the clock as this callback read it already, if it did (each read is a hostcall).
+    pub(super) fn begin_route_attempt(
+        &mut self,
+        policy: &Policy,
+        host: &impl Host,
+        now: Option<u64>,
+    ) {
         self.route_started = true;
         self.attempt = 1;
         self.phase = Phase::Attempt(Carrier::Route);
         if self.body_done {
             self.route_complete = true;
-            self.cover_lease(policy, host);
+            // (Only a key has a lease to cover.)
+            let now = self
+                .key
+                .is_some()
+                .then(|| now.unwrap_or_else(|| host.now_ms()));
+            if let Some(now) = now {
+                self.cover_lease(policy, host, now);
+            }
             self.attempt_sent(host);
-            if self.key_enforced() {
-                self.renew_lease(host);
+            if let (Some(now), true) = (now, self.key_enforced()) {
+                self.renew_lease(host, now);
             }
         }
     }

@@ -76,14 +76,14 @@ impl Exchange {
                     host.set_request_header(super::IN_DOUBT_HEADER, "true");
                 }
                 self.driver = Driver::Native;
-                self.begin_route_attempt(policy, host);
+                self.begin_route_attempt(policy, host, None);
                 if resume {
                     host.resume_request();
                 }
                 Step::Continue
             }
             HostKind::Kong => {
-                self.cover_lease(policy, host);
+                self.cover_lease(policy, host, host.now_ms());
                 self.hand_to_proxy_pass(host, "a body too large to hold");
                 Step::Continue
             }
