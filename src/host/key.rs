@@ -219,7 +219,7 @@ pub fn gate(
             let same = cached.same_as(&k.facts);
             let answer = ClaimAnswer::Held(Claim::Done { same, stored });
             // (Already in this node's cache: not cached again.)
-            return k.decide(ip, host, Event::ClaimAnswered(answer), path, false);
+            return k.decide(ip, host, Event::ClaimAnswered(answer), path);
         }
         let rec = k.record(now + ip.lease_ms);
         let command = redis.claim(&k.store_key, &rec, ip.lease_ms, ip.ttl_ms, now);
@@ -244,7 +244,6 @@ pub fn gate(
         host,
         Event::ClaimAnswered(ClaimAnswer::Held(claim)),
         path,
-        false,
     )
 }
 
@@ -291,7 +290,7 @@ pub fn claimed(
             }
         }
     };
-    match k.decide(ip, host, Event::ClaimAnswered(answer), path, true) {
+    match k.decide(ip, host, Event::ClaimAnswered(answer), path) {
         Gate::Claimed(k) => Ok(Some(k)),
         Gate::Unkeyed => Ok(None),
         Gate::Answer(reply) => Err(reply),
@@ -450,21 +449,20 @@ impl Key {
         rest
     }
 
-    /// A claim's answer, decided: what the exchange does next. `cache`: a replay from the
-    /// shared store is kept on this node.
+    /// A claim's answer, decided: what the exchange does next (a replay from the shared store
+    /// is kept on this node, as the lifecycle asks).
     fn decide(
         mut self,
         ip: &idempotency::Policy,
         host: &impl Host,
         event: Event,
         path: &str,
-        cache: bool,
     ) -> Gate {
         let mut reply = None;
         let mut protected = false;
         for effect in self.apply(ip, host, event) {
             match effect {
-                Effect::Cache(stored) if cache && ip.shared.is_some() => {
+                Effect::Cache(stored) if ip.shared.is_some() => {
                     self.completing = Some((stored, host.now_ms() + ip.ttl_ms));
                     self.keep_on_node(ip, host);
                 }

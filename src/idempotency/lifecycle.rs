@@ -160,7 +160,10 @@ pub fn step(phase: Phase, event: Event, rules: Rules) -> (Phase, Vec<Effect>) {
     use Phase as P;
     match (phase, event) {
         (P::Absent, Event::Asked) => (P::Claiming, vec![E::Hold]),
-        (P::Absent | P::Claiming, Event::ClaimAnswered(answer)) => claim_answered(answer, rules),
+        // (An answer to a claim that was asked is the shared store's: a replay from it is kept
+        // on this node. One answered here came from this node already.)
+        (P::Absent, Event::ClaimAnswered(answer)) => claim_answered(answer, rules, false),
+        (P::Claiming, Event::ClaimAnswered(answer)) => claim_answered(answer, rules, true),
         (P::Claimed, Event::AttemptSent) => (P::Sent, vec![]),
         (P::Claimed | P::Sent, Event::OutcomeUnknown) => (
             P::LeftToLease,
@@ -223,7 +226,7 @@ pub fn step(phase: Phase, event: Event, rules: Rules) -> (Phase, Vec<Effect>) {
     }
 }
 
-fn claim_answered(answer: ClaimAnswer, rules: Rules) -> (Phase, Vec<Effect>) {
+fn claim_answered(answer: ClaimAnswer, rules: Rules, from_store: bool) -> (Phase, Vec<Effect>) {
     use Effect as E;
     match answer {
         ClaimAnswer::Won { evicted, in_doubt } => {
@@ -256,7 +259,7 @@ fn claim_answered(answer: ClaimAnswer, rules: Rules) -> (Phase, Vec<Effect>) {
                     }),
                 ],
             ),
-            Claim::Done { same: true, stored } => (
+            Claim::Done { same: true, stored } if from_store => (
                 Phase::Refused,
                 vec![
                     E::Note(Note::Replayed),
@@ -264,9 +267,14 @@ fn claim_answered(answer: ClaimAnswer, rules: Rules) -> (Phase, Vec<Effect>) {
                     E::Answer(Refusal::Replay(stored)),
                 ],
             ),
+            // (The answer is the only copy a replay needs: a stored response is a deep copy.)
+            Claim::Done { same: true, stored } => (
+                Phase::Refused,
+                vec![E::Note(Note::Replayed), E::Answer(Refusal::Replay(stored))],
+            ),
             Claim::Claimed {
                 evicted, in_doubt, ..
-            } => claim_answered(ClaimAnswer::Won { evicted, in_doubt }, rules),
+            } => claim_answered(ClaimAnswer::Won { evicted, in_doubt }, rules, from_store),
             Claim::Full if rules.run_when_full => (
                 Phase::Unprotected,
                 vec![E::Note(Note::StoreFull), E::Run { protected: false }],
@@ -357,6 +365,8 @@ mod tests {
              vec![E::Note(Note::Mismatch), E::Answer(Refusal::Mismatch)]),
             (P::Claiming, held(done(true)), STRICT, P::Refused,
              vec![E::Note(Note::Replayed), E::Cache(stored()), E::Answer(Refusal::Replay(stored()))]),
+            (P::Absent, held(done(true)), STRICT, P::Refused,
+             vec![E::Note(Note::Replayed), E::Answer(Refusal::Replay(stored()))]),
             (P::Absent, held(Claim::Full), STRICT, P::Refused,
              vec![E::Note(Note::StoreFull), E::Answer(Refusal::StoreFull)]),
             (P::Absent, held(Claim::Full), LENIENT, P::Unprotected,
