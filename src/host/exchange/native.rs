@@ -21,6 +21,7 @@ pub(super) struct Storing {
 impl Exchange {
     /// Attempt 1 is the route's own request: it starts with the headers and is complete once
     /// the held body is released to it.
+    ///
     /// `now`: the clock as this callback read it already, if it did (each read is a hostcall).
     pub(super) fn begin_route_attempt(
         &mut self,
