@@ -727,139 +727,67 @@ fn a_completion_writes_the_bucket_its_claim_kept_unless_another_claim_wrote_it_s
 /// writes no hints: its first write of the response is its only one.
 #[test]
 fn a_completion_writes_its_response_under_the_cas_the_bucket_keeps() {
-    let complete = |body: &str, expires: u64| done(stored(201, body), expires);
-    let claimed = |s: &FakeShared, key: &str, owner: u64, now: u64| match claim(
-        s, 8, key, &FP, owner, now, 1_000,
-    ) {
-        Claim::Claimed { slot, kept, .. } => (slot, kept),
-        other => panic!("{key}: {other:?}"),
+    // Claims slot 0 for `key` at `at` (the key before it expired then), completes it with
+    // `body` until the next key's turn, checks the replay, and returns the response reads the
+    // completion made.
+    let round = |s: &FakeShared, key: &str, at: u64, body: &str| -> usize {
+        let before = s.response_reads.get();
+        let (slot, mut kept) = match claim(s, 8, key, &FP, at + 1, at, 1_000) {
+            Claim::Claimed { slot, kept, .. } => (slot, kept),
+            other => panic!("{key}: {other:?}"),
+        };
+        assert_eq!(slot, 0, "{key}");
+        let complete = done(stored(201, body), at + 1_000_000);
+        assert!(store::settle(s, slot, key, at + 1, &complete, &mut kept));
+        let reads = s.response_reads.get() - before;
+        match claim(s, 8, key, &FP, 99, at + 10, 1_000) {
+            Claim::Done { stored, .. } => assert_eq!(stored.body, body.as_bytes()),
+            other => panic!("{key}: {other:?}"),
+        }
+        reads
     };
-    let replayed = |s: &FakeShared, key: &str, now: u64| match claim(s, 8, key, &FP, 99, now, 1_000)
-    {
-        Claim::Done { stored, .. } => String::from_utf8(stored.body).unwrap_or_default(),
-        other => panic!("{key}: {other:?}"),
-    };
-    // (One bucket of eight ways: every key below lands in it.)
-    let s = FakeShared::new(true);
-    create_slots(&s, 8);
-    let hint = |s: &FakeShared, slot: u32| {
+    let bucket = |s: &FakeShared| {
         let (raw, _) = s
             .map
             .borrow()
             .get(&store::bucket_key(0))
             .cloned()
             .unwrap_or_default();
-        BucketBytes::parse(raw, 8).response_cas((slot % 8) as usize)
+        raw
     };
+    // (One bucket of eight ways: every key lands in it, in way 0 once the last one expired.)
+    let s = FakeShared::new(true);
+    create_slots(&s, 8);
 
-    // A slot never answered: written as absent, and its cas kept.
-    let (slot, mut kept) = claimed(&s, "a", 1, 0);
-    assert!(store::settle(
-        &s,
-        slot,
-        "a",
-        1,
-        &complete("first", 1_000_000),
-        &mut kept
-    ));
-    assert_eq!(
-        s.response_reads.get(),
-        0,
-        "the response was read for its cas"
-    );
-    let cas = s
-        .map
-        .borrow()
-        .get(&store::response_key(slot))
-        .map(|(_, c)| *c);
-    assert_eq!(hint(&s, slot), cas);
-    assert_eq!(replayed(&s, "a", 10), "first");
-    let reads = s.response_reads.get();
-
-    // The slot again, for another key once "a" expired: written under the kept cas. (Each
-    // completion below expires at the next key's claim.)
-    let (again, mut kept) = claimed(&s, "b", 2, 1_000_000);
-    assert_eq!(again, slot);
-    assert!(store::settle(
-        &s,
-        again,
-        "b",
-        2,
-        &complete("second", 2_000_000),
-        &mut kept
-    ));
-    assert_eq!(
-        s.response_reads.get(),
-        reads,
-        "the response was read for its cas"
-    );
-    assert_eq!(replayed(&s, "b", 1_000_010), "second");
-    let reads = s.response_reads.get();
-
+    // A slot never answered: written as absent, and the cas its write left is kept.
+    assert_eq!(round(&s, "a", 0, "first"), 0, "read for its cas");
+    let cas = s.map.borrow().get(&store::response_key(0)).map(|(_, c)| *c);
+    assert_eq!(BucketBytes::parse(bucket(&s), 8).response_cas(0), cas);
+    // The slot again: written under the kept cas.
+    assert_eq!(round(&s, "b", 1_000_000, "second"), 0, "read for its cas");
     // Someone else wrote the response since (a stale owner, another version): refused, read,
     // written.
-    let (again, mut kept) = claimed(&s, "c", 3, 2_000_000);
-    assert_eq!(again, slot);
-    s.raw_set(&store::response_key(slot), b"foreign");
-    assert!(store::settle(
-        &s,
-        again,
-        "c",
-        3,
-        &complete("third", 3_000_000),
-        &mut kept
-    ));
-    assert_eq!(s.response_reads.get(), reads + 1);
-    assert_eq!(replayed(&s, "c", 2_000_010), "third");
-    let reads = s.response_reads.get();
-
-    // A bucket as a version without hints writes it: the ways alone.
-    let (raw, _) = s
-        .map
-        .borrow()
-        .get(&store::bucket_key(0))
-        .cloned()
-        .unwrap_or_default();
-    let stripped: Vec<u8> = raw[..raw.len() - 4 - 4 * 8].to_vec();
+    s.raw_set(&store::response_key(0), b"foreign");
+    assert_eq!(round(&s, "c", 2_000_000, "third"), 1);
+    // A bucket as a version without hints writes it, the ways alone: read, written, and the
+    // hint is back.
+    let raw = bucket(&s);
+    let stripped = raw
+        .get(..raw.len() - 4 - 4 * 8)
+        .unwrap_or_default()
+        .to_vec();
     assert_eq!(
-        BucketBytes::parse(stripped.clone(), 8).response_cas((slot % 8) as usize),
+        BucketBytes::parse(stripped.clone(), 8).response_cas(0),
         None
     );
     s.raw_set(&store::bucket_key(0), &stripped);
-    let (again, mut kept) = claimed(&s, "d", 4, 3_000_000);
-    assert_eq!(again, slot);
-    assert!(store::settle(
-        &s,
-        again,
-        "d",
-        4,
-        &complete("fourth", 4_000_000),
-        &mut kept
-    ));
-    assert_eq!(s.response_reads.get(), reads + 1);
-    assert_eq!(replayed(&s, "d", 3_000_010), "fourth");
-    assert!(hint(&s, slot).is_some());
+    assert_eq!(round(&s, "d", 3_000_000, "fourth"), 1);
+    assert!(BucketBytes::parse(bucket(&s), 8).response_cas(0).is_some());
 
     let envoy = FakeShared::new(false);
     create_slots(&envoy, 8);
-    let (slot, mut kept) = claimed(&envoy, "a", 1, 0);
-    assert!(store::settle(
-        &envoy,
-        slot,
-        "a",
-        1,
-        &complete("first", 1_000_000),
-        &mut kept
-    ));
-    assert_eq!(envoy.response_reads.get(), 0);
-    assert_eq!(hint(&envoy, slot), None);
-    let (raw, _) = envoy
-        .map
-        .borrow()
-        .get(&store::bucket_key(0))
-        .cloned()
-        .unwrap_or_default();
-    assert!(!raw.windows(4).any(|w| w == b"RSH1"));
+    assert_eq!(round(&envoy, "a", 0, "first"), 0);
+    assert!(!bucket(&envoy).windows(4).any(|w| w == b"RSH1"));
 }
 
 /// A bucket with hints reads as the same ways as without them: versions that read only the
