@@ -6,10 +6,16 @@ from tests.e2e.harness import GATEWAY, Harness
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "envoy_only(reason): the scenario does not apply on Kong's host (says why)")
+    config.addinivalue_line(
+        "markers", "kong_only(reason): the scenario does not apply on Envoy (says why)")
 
 
 def pytest_collection_modifyitems(config, items):
     if GATEWAY != "kong":
+        for item in items:
+            marker = item.get_closest_marker("kong_only")
+            if marker:
+                item.add_marker(pytest.mark.skip(reason=f"Kong's host only: {marker.args[0]}"))
         return
     for item in items:
         marker = item.get_closest_marker("envoy_only")

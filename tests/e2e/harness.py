@@ -577,8 +577,10 @@ class Kong:
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  body_buffer: str = "1m", http_extra: str = "", keepalive: int = 0,
                  log_level: str = "info", fill_target: bool = True, wasm_extra: str = "",
-                 **_ignored):
+                 zone: str = "64m", **_ignored):
         self.harness = harness
+        # The `rollsafe` shm zone's size (a test of a zone too small for the store).
+        self.zone = zone
         # More of the `wasm {}` block (a profiling run: `wasmtime { flag profiler perfmap; }`).
         self.wasm_extra = wasm_extra
         # A config without retry.target gets the Service's address (bare nginx has no
@@ -702,7 +704,7 @@ pid {self.dir}/nginx.pid;
 events {{ worker_connections 4096; }}
 wasm {{
   {modules}
-  shm_kv rollsafe 64m;
+  shm_kv rollsafe {self.zone};
   {self.wasm_extra}
 }}
 http {{

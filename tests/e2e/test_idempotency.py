@@ -324,6 +324,51 @@ def test_fifty_thousand_keys_through_a_store_for_five_thousand_are_never_refused
         assert stats["wasmcustom.rollsafe_idempotency_replays"] == 20
 
 
+def sweep(port, n):
+    """Keyed POSTs `key-0` … on one keep-alive connection: per key its status and, for a 201,
+    whether it was a replay, for a 503 its problem type."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    out = []
+    for k in range(n):
+        conn.request("POST", "/o", b"{}", {"idempotency-key": f"key-{k}"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status == 503:
+            out.append((503, json.loads(body).get("type")))
+        else:
+            out.append((resp.status, resp.getheader("idempotent-replayed")))
+        if resp.getheader("connection") == "close":
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.close()
+    return out
+
+
+@pytest.mark.kong_only("Envoy's shared data has no size bound to outgrow")
+def test_a_zone_too_small_for_the_store_refuses_keys_and_runs_none_twice(harness):
+    """Kong's host: a `rollsafe` shm zone smaller than the store needs evicts (`slru`, its
+    default), index records among what it drops. A key whose record was dropped is refused as
+    `when_full` (a 503 problem) and a replay whose answer was dropped gets 409: degraded and
+    counted, never a key run twice (README, sizing)."""
+    pod = harness.pod("a1", "a")
+    pod.script({"status": 201, "body": "x" * 1024, "count": 100_000, "commit": True})
+    # 4,096 slots of 1 KiB answers need ~6 MiB.
+    gw = harness.envoy(config("dispatch", {"max_entries": 4096}), {"group-a": [pod]}, zone="1m")
+    full = "urn:problem-type:rollsafe:idempotency-store-full"
+    first = sweep(gw.port, 3000)
+    assert set(first) <= {(201, None), (503, full)}, collections.Counter(first)
+    assert len(pod.ledger()) == first.count((201, None))
+    again = sweep(gw.port, 3000)
+    assert set(again) <= {(201, "true"), (201, None), (409, None), (503, full)}, \
+        collections.Counter(again)
+    # (The premise: the zone could not keep every answer.)
+    assert again.count((201, "true")) < len(again)
+    runs = collections.Counter(e["idempotency_key"] for e in pod.ledger())
+    assert max(runs.values()) == 1, [k for k, n in runs.items() if n > 1][:5]
+    # A key that ran before is replayed or refused, never run again.
+    assert all(not (a == (201, None) and b == (201, None)) for a, b in zip(first, again))
+
+
 def test_a_store_full_of_requests_in_flight_answers_when_full_and_recovers(harness):
     pod = harness.pod("a1", "a")
     envoy = harness.envoy(config("native", {"max_entries": 16}), {"group-a": [pod]})
