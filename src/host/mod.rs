@@ -271,15 +271,6 @@ impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
         self.0.shared_set(key, value, cas)
     }
-    fn overwrite(&self, key: &str, value: &[u8]) -> Result<Option<u32>, SetError> {
-        match self.1 {
-            // cas 0 is "no check" on Envoy: one write, without reading the old value first.
-            HostKind::Envoy => self.0.shared_set(key, value, 0).map(|()| None),
-            // On Kong's host cas 0 means "absent": the current cas is read first.
-            HostKind::Kong => crate::idempotency::overwrite_checked(self, key, value)
-                .map(|cas| self.cas_after_write(cas)),
-        }
-    }
     fn cas_after_write(&self, cas: u32) -> Option<u32> {
         match self.1 {
             // ngx_wasm_module counts each key's writes: one more per write.

@@ -25,8 +25,7 @@ pub use key::{fingerprint, fingerprint_streamed, parse_key, store_key, Facts, Ke
 pub use policy::{IdempotencyConfig, Policy, ScopePart, StoreKind, WhenFull};
 pub use record::{decode, decode_response, encode, encode_response, Record, State, Stored};
 pub use store::{
-    cache, cached, claim, create_slots, overwrite_checked, settle, Claim, Kept, SetError, Settle,
-    Shared,
+    cache, cached, claim, create_slots, settle, Claim, Kept, SetError, Settle, Shared,
 };
 
 #[cfg(test)]

@@ -14,11 +14,6 @@ pub trait Shared {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Writes when the stored CAS still equals `cas`.
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
-    /// Writes whatever is there (a value another CAS already guards); the cas the value now
-    /// has, where the host makes it known ([`Shared::cas_after_write`]).
-    fn overwrite(&self, key: &str, value: &[u8]) -> Result<Option<u32>, SetError> {
-        overwrite_checked(self, key, value).map(|cas| self.cas_after_write(cas))
-    }
     /// The cas a value has after a write under `cas`, where the host's rule makes it known
     /// (Kong's host counts each key's writes; Envoy numbers writes across all keys: `None`).
     /// A claim then keeps the bucket it wrote ([`Kept`]), and the claim's next write starts
@@ -39,9 +34,9 @@ pub struct Kept {
     cas: u32,
 }
 
-/// `overwrite` where a write must name the current CAS: read it, then write; the cas written
-/// under.
-pub fn overwrite_checked<S: Shared + ?Sized>(
+/// Writes whatever is there, where a write must name the current CAS: read it, then write; the
+/// cas written under.
+fn overwrite_checked<S: Shared + ?Sized>(
     store: &S,
     key: &str,
     value: &[u8],
@@ -407,7 +402,9 @@ fn write_response(
     let guess = hint.unwrap_or(0);
     match store.set(&key, &value, guess) {
         Ok(()) => Ok(store.cas_after_write(guess)),
-        Err(SetError::CasMismatch) => store.overwrite(&key, &value),
+        Err(SetError::CasMismatch) => {
+            overwrite_checked(store, &key, &value).map(|cas| store.cas_after_write(cas))
+        }
         Err(e) => Err(e),
     }
 }

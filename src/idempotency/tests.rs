@@ -69,12 +69,6 @@ impl Shared for FakeShared {
         self.raw_set(key, value);
         Ok(())
     }
-    fn overwrite(&self, key: &str, value: &[u8]) -> Result<Option<u32>, SetError> {
-        match self.kong {
-            true => overwrite_checked(self, key, value).map(|cas| self.cas_after_write(cas)),
-            false => self.set(key, value, 0).map(|()| None),
-        }
-    }
     fn cas_after_write(&self, cas: u32) -> Option<u32> {
         self.kong.then_some(cas + 1)
     }
