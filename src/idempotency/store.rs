@@ -291,6 +291,8 @@ pub fn settle(
     // Once the response is written: the cas it now has, where the host makes it known.
     let mut response_cas: Option<Option<u32>> = None;
     for _ in 0..CAS_TRIES {
+        // A kept bucket may be stale: only a bucket read now proves the slot still ours.
+        let read_now = kept.is_none();
         let Some(bucket) = Bucket::kept_or_read(store, index, kept.take()) else {
             return false;
         };
@@ -304,8 +306,11 @@ pub fn settle(
             Settle::Complete { stored, expires_ms } => {
                 if response_cas.is_none() {
                     let hint = bucket.bytes.response_cas(way);
-                    match write_response(store, slot, owner, stored, hint) {
+                    match write_response(store, slot, owner, stored, hint, read_now) {
                         Ok(cas) => response_cas = Some(cas),
+                        // Refused under the kept hint: someone wrote the response since,
+                        // maybe a newer claim of the slot; read the bucket before overwriting.
+                        Err(SetError::CasMismatch) if !read_now => continue,
                         Err(_) => {
                             // Too large for what is left of the zone: free the slot rather than
                             // leave it claimed until the lease runs out.
@@ -386,23 +391,26 @@ pub fn cache(
     settle(store, slot, key, owner, &done, &mut kept)
 }
 
-/// Writes the slot's response, whatever was there (the index CAS is what guards the slot); the
-/// cas it now has, where the host makes it known. `hint`: the cas the bucket says the response
-/// has. The write names it (or 0, "absent", for a slot with no hint), and only a refusal reads
-/// the response for its cas: on Envoy cas 0 is "no check", so the first write is the only one.
+/// Writes the slot's response; the cas it now has, where the host makes it known. `hint`: the
+/// cas the bucket says the response has. The write names it (or 0, "absent", for a slot with no
+/// hint): on Envoy cas 0 is "no check", so the first write is the only one. A refusal means the
+/// response changed since the hint; with `owned` (the bucket was just read and names this
+/// claim: the index CAS is what guards the slot) the response is read for its cas and
+/// overwritten, else the refusal is returned.
 fn write_response(
     store: &impl Shared,
     slot: u32,
     owner: u64,
     stored: &Stored,
     hint: Option<u32>,
+    owned: bool,
 ) -> Result<Option<u32>, SetError> {
     let key = response_key(slot);
     let value = encode_response(owner, stored);
     let guess = hint.unwrap_or(0);
     match store.set(&key, &value, guess) {
         Ok(()) => Ok(store.cas_after_write(guess)),
-        Err(SetError::CasMismatch) => {
+        Err(SetError::CasMismatch) if owned => {
             overwrite_checked(store, &key, &value).map(|cas| store.cas_after_write(cas))
         }
         Err(e) => Err(e),

@@ -784,6 +784,43 @@ fn a_completion_writes_its_response_under_the_cas_the_bucket_keeps() {
     assert!(!bucket(&envoy).windows(4).any(|w| w == b"RSH1"));
 }
 
+/// A completion whose claim was taken over (its lease ran out, another request claimed the slot
+/// and completed) changes nothing, on both hosts: on Kong's host its copy of the bucket still
+/// names it, and its hinted write of the response is refused, which must send it back to the
+/// bucket rather than overwrite the newer answer.
+#[test]
+fn a_completion_that_lost_its_slot_leaves_the_newer_answer() {
+    for kong in [true, false] {
+        let s = FakeShared::new(kong);
+        create_slots(&s, 8);
+        let (slot, mut stale) = match claim(&s, 8, "a", &FP, 1, 0, 1_000) {
+            Claim::Claimed { slot, kept, .. } => (slot, kept),
+            other => panic!("{other:?}"),
+        };
+        // "a" ran out of lease; "b" takes its slot and completes.
+        let (b_slot, mut kept) = match claim(&s, 8, "b", &FP, 2, 2_000, 1_000) {
+            Claim::Claimed { slot, kept, .. } => (slot, kept),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            b_slot, slot,
+            "kong={kong}: the expired claim's slot is reused"
+        );
+        let b_done = done(stored(201, "b"), 1_000_000);
+        assert!(store::settle(&s, b_slot, "b", 2, &b_done, &mut kept));
+        // "a" completes late, from what its claim kept.
+        let a_done = done(stored(201, "a"), 1_000_000);
+        assert!(
+            !store::settle(&s, slot, "a", 1, &a_done, &mut stale),
+            "kong={kong}: not its slot any more"
+        );
+        match claim(&s, 8, "b", &FP, 3, 3_000, 1_000) {
+            Claim::Done { stored, .. } => assert_eq!(stored.body, b"b", "kong={kong}"),
+            other => panic!("kong={kong}: b's answer lost: {other:?}"),
+        }
+    }
+}
+
 /// A bucket with hints reads as the same ways as without them: versions that read only the
 /// ways (and stop after the last) see the same records.
 #[test]
