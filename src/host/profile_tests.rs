@@ -195,8 +195,8 @@ fn hostcall_counts_stay_as_profiled() {
     }
 }
 
-/// One path `PROFILE_REPEAT` times on one plan (`PROFILE_PATH`: `replay`, the default, `owned`
-/// or `configured_writes`), for callgrind with `--toggle-collect=*one_request*`: rollsafe's own
+/// One path `PROFILE_REPEAT` times on one plan (`PROFILE_PATH`: `replay`, the default, `owned`,
+/// `kong_owned` or `configured_writes`), for callgrind with `--toggle-collect=*one_request*`: rollsafe's own
 /// code per request, natively and without the plan's set-up (the host's JIT hides it in
 /// `make bench`).
 #[test]
@@ -206,16 +206,18 @@ fn profile_loop() {
     let path = std::env::var("PROFILE_PATH").unwrap_or_default();
     let path = match path.as_str() {
         "owned" => Path::Owned,
+        "kong_owned" => Path::KongOwned,
         "configured_writes" => Path::Idle,
         _ => Path::Replay,
     };
     let host = FakeHost::at(1_000_000);
-    let cfg = match path {
-        Path::Owned => OWNED_ENVOY,
-        Path::Replay => KEYS_ONLY,
-        Path::Idle => CONFIGURED_WRITES_ENVOY,
+    let (kind, cfg) = match path {
+        Path::Owned => (HostKind::Envoy, OWNED_ENVOY),
+        Path::KongOwned => (HostKind::Kong, OWNED_KONG),
+        Path::Replay => (HostKind::Envoy, KEYS_ONLY),
+        Path::Idle => (HostKind::Envoy, CONFIGURED_WRITES_ENVOY),
     };
-    let p = plan(&host, HostKind::Envoy, cfg);
+    let p = plan(&host, kind, cfg);
     let mut first = Request::new(Rc::clone(&p));
     keyed_post(&host, &mut first, "\"bench-replay\"");
     answered(&host, &mut first);
@@ -228,6 +230,7 @@ fn profile_loop() {
 #[derive(Clone, Copy)]
 enum Path {
     Owned,
+    KongOwned,
     Replay,
     Idle,
 }
@@ -236,7 +239,7 @@ enum Path {
 fn one_request(host: &FakeHost, p: &Rc<crate::plan::Plan>, path: Path, i: usize) {
     let mut req = Request::new(Rc::clone(p));
     match path {
-        Path::Owned => {
+        Path::Owned | Path::KongOwned => {
             keyed_post(host, &mut req, &format!("\"k{i}\""));
             answered(host, &mut req);
         }
