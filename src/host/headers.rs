@@ -1,7 +1,7 @@
 //! A request's header map kept as the host serialised it (proxy-wasm's pairs format: a count,
 //! the lengths, then each name and value NUL-terminated). A request that might be retried keeps
-//! its headers, because Envoy shows none in the response phase; looking a header up in the
-//! block allocates nothing, and the pairs a retry replays are built only when one is due.
+//! its headers, because Envoy shows none in the response phase; a lookup copies nothing, and
+//! the pairs a retry replays are built only when one is due.
 
 use std::borrow::Cow;
 
@@ -23,11 +23,23 @@ pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
     raw
 }
 
-/// The serialised header map. Malformed input (it comes from the host) reads as fewer headers,
-/// never as a trap.
+/// The serialised header map and where each entry lies in it, found in one pass when the block
+/// is made: a keyed request looks up a dozen names, most of them absent, and each lookup then
+/// compares lengths from a table rather than decoding the block again. Malformed input (it
+/// comes from the host) reads as fewer headers, never as a trap.
 #[derive(Debug, Clone, Default)]
 pub struct HeaderBlock {
     raw: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+/// One header's name and value as offsets into the block.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    name: u32,
+    name_len: u32,
+    value: u32,
+    value_len: u32,
 }
 
 fn u32_at(raw: &[u8], at: usize) -> Option<usize> {
@@ -35,9 +47,43 @@ fn u32_at(raw: &[u8], at: usize) -> Option<usize> {
     Some(u32::from_le_bytes(b) as usize)
 }
 
+/// The entries of a block, up to the first that does not fit.
+fn index(raw: &[u8]) -> Vec<Entry> {
+    // Each entry takes at least 8 length bytes: a count larger than the block is a lie.
+    let count = u32_at(raw, 0).unwrap_or(0).min(raw.len() / 8);
+    let mut out = Vec::with_capacity(count);
+    let mut data = 4 + count * 8;
+    for i in 0..count {
+        let entry = (|| {
+            let klen = u32_at(raw, 4 + i * 8)?;
+            let vlen = u32_at(raw, 8 + i * 8)?;
+            let v = data.checked_add(klen)?.checked_add(1)?;
+            let end = v.checked_add(vlen)?;
+            // (Past the end, or offsets beyond u32: the block stops here.)
+            if end > raw.len() {
+                return None;
+            }
+            let e = Entry {
+                name: u32::try_from(data).ok()?,
+                name_len: u32::try_from(klen).ok()?,
+                value: u32::try_from(v).ok()?,
+                value_len: u32::try_from(vlen).ok()?,
+            };
+            data = end.checked_add(1)?;
+            Some(e)
+        })();
+        match entry {
+            Some(e) => out.push(e),
+            None => break,
+        }
+    }
+    out
+}
+
 impl HeaderBlock {
     pub fn from_raw(raw: Vec<u8>) -> Self {
-        HeaderBlock { raw }
+        let entries = index(&raw);
+        HeaderBlock { raw, entries }
     }
 
     /// The block a host would give for these pairs (the fake host, tests).
@@ -46,14 +92,11 @@ impl HeaderBlock {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        HeaderBlock {
-            raw: serialize(&refs),
-        }
+        HeaderBlock::from_raw(serialize(&refs))
     }
 
-    /// Every (name, value), in the host's order; stops at the first entry that does not fit.
-    /// Every (name, value); bytes that are not UTF-8 (a client may send obs-text) read as
-    /// U+FFFD rather than losing the header.
+    /// Every (name, value), in the host's order; bytes that are not UTF-8 (a client may send
+    /// obs-text) read as U+FFFD rather than losing the header.
     pub fn iter(&self) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
         self.raw_iter()
             .map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
@@ -71,42 +114,29 @@ impl HeaderBlock {
         self.find(name.as_bytes())
     }
 
-    /// The first value of `name` (any case). Walks the lengths and slices only the entries
-    /// whose name is as long as `name`: a keyed request looks up a dozen names, most of them
-    /// absent. (A plain loop: the crate is built for size, which keeps iterator adapters as
-    /// calls.)
+    fn slice(&self, at: u32, len: u32) -> &[u8] {
+        let at = at as usize;
+        self.raw.get(at..at + len as usize).unwrap_or_default()
+    }
+
+    /// The first value of `name` (any case): only entries whose name is as long as `name` are
+    /// compared.
     fn find(&self, name: &[u8]) -> Option<&[u8]> {
-        let raw = self.raw.as_slice();
-        let count = u32_at(raw, 0).unwrap_or(0).min(raw.len() / 8);
-        let mut data = 4 + count * 8;
-        for i in 0..count {
-            let klen = u32_at(raw, 4 + i * 8)?;
-            let vlen = u32_at(raw, 8 + i * 8)?;
-            let v = data.checked_add(klen)?.checked_add(1)?;
-            if klen == name.len() && raw.get(data..v - 1)?.eq_ignore_ascii_case(name) {
-                return raw.get(v..v.checked_add(vlen)?);
-            }
-            data = v.checked_add(vlen)?.checked_add(1)?;
-        }
-        None
+        let e = self.entries.iter().find(|e| {
+            e.name_len as usize == name.len()
+                && self.slice(e.name, e.name_len).eq_ignore_ascii_case(name)
+        })?;
+        Some(self.slice(e.value, e.value_len))
     }
 
     /// Every (name, value) as bytes, unchecked: lookups compare names without validating
     /// every header's UTF-8.
     fn raw_iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let raw = self.raw.as_slice();
-        let count = u32_at(raw, 0).unwrap_or(0);
-        // Each entry takes at least 8 length bytes: a count larger than the block is a lie.
-        let count = count.min(raw.len() / 8);
-        let mut data = 4 + count * 8;
-        (0..count).map_while(move |i| {
-            let klen = u32_at(raw, 4 + i * 8)?;
-            let vlen = u32_at(raw, 8 + i * 8)?;
-            let k = raw.get(data..data.checked_add(klen)?)?;
-            let vstart = data.checked_add(klen)?.checked_add(1)?;
-            let v = raw.get(vstart..vstart.checked_add(vlen)?)?;
-            data = vstart.checked_add(vlen)?.checked_add(1)?;
-            Some((k, v))
+        self.entries.iter().map(|e| {
+            (
+                self.slice(e.name, e.name_len),
+                self.slice(e.value, e.value_len),
+            )
         })
     }
 
