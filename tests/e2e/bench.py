@@ -210,6 +210,11 @@ def variants(pod_clusters) -> list[Variant]:
                 dict(config="headers", wasm=PROBE, **idle)),
         Variant("property_read", "no-op filter reading a property (xds.route_name)", "noop",
                 dict(config="property", wasm=PROBE, **idle)),
+        # Not a hostcall: what a keyed request's persisted formats cost to compute, whoever
+        # computes them (the fingerprint over a 1 KiB body, the store key).
+        Variant("hashes", "no-op filter computing a keyed request's hashes: SipHash-1-3 of 1 KiB "
+                "and two SHA-256 (the fingerprint and store key rollsafe's records pin)", "noop",
+                dict(config="hashes", wasm=PROBE, **idle)),
         Variant("shared_read", "no-op filter reading 1 KiB of shared data", "noop",
                 dict(config="shared", wasm=PROBE, **idle)),
         Variant("shared_read_full", "no-op filter reading 1 KiB of shared data among 16,384 "
@@ -350,14 +355,17 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
         Variant("kong_noop", "Kong's host: GET, the no-op wasm filter", "kong_bare",
                 dict(config="", wasm=PROBE, **k), host="kong"),
         # The host's price for one hostcall of each kind (CPU: no instruction counts here).
-        *[Variant(f"kong_{name}", f"Kong's host: GET, the no-op filter reading {what}", "kong_noop",
+        *[Variant(f"kong_{name}", f"Kong's host: GET, the no-op filter {what}", "kong_noop",
                   dict(config=cfg, wasm=PROBE, **k), host="kong")
-          for name, what, cfg in [("one_read", "one request header", "method"),
-                                  ("map_read", "the request header map", "headers"),
-                                  ("property_read", "a property (xds.route_name)", "property"),
-                                  ("shared_read", "1 KiB of shared data", "shared"),
-                                  ("shared_read_full", "1 KiB of shared data among 16,384 "
-                                   "entries (a full store), a new one each request",
+          for name, what, cfg in [("one_read", "reading one request header", "method"),
+                                  ("map_read", "reading the request header map", "headers"),
+                                  ("property_read", "reading a property (xds.route_name)",
+                                   "property"),
+                                  ("hashes", "computing a keyed request's hashes (SipHash-1-3 "
+                                   "of 1 KiB, two SHA-256)", "hashes"),
+                                  ("shared_read", "reading 1 KiB of shared data", "shared"),
+                                  ("shared_read_full", "reading 1 KiB of shared data among "
+                                   "16,384 entries (a full store), a new one each request",
                                    "shared,full")]],
         Variant("kong_empty", "Kong's host: rollsafe, empty config", "kong_noop",
                 dict(config={}, **k), goal="idle", host="kong"),
@@ -852,8 +860,9 @@ REASONS = {
     "kong_configured_writes": "one clock read, `:method` and the group header's lookup",
     "kong_empty": "the price of any filter instance with a configuration on Kong's host (noisy: "
                   "CPU only, within a few µs of the no-op filter)",
-    "owned_1k": "beside the floor, rollsafe's own wasm code (the fingerprint and scope hashes, the "
-                "bucket's records, the stored response's encoding) and the calls the floor does not "
+    "owned_1k": "beside the floor, rollsafe's own wasm code (the fingerprint and scope hashes its "
+                "persisted formats pin, priced apart as `hashes`, the bucket's records, the stored "
+                "response's encoding) and the calls the floor does not "
                 "make: the header map, the route's name, the completion's read and second write "
                 "(the index record beside the response; Envoy numbers shared-data writes across "
                 "keys, so the bucket is read again), the metric (\"Where the instructions go\")",
@@ -864,7 +873,8 @@ REASONS = {
                      "rollsafe does) is far above plain "
                      "proxying, and the host keeps each call's buffers until the client's "
                      "connection closes (kong_dispatch_kept_1k); beside the floor, rollsafe's own "
-                     "wasm code (the hashes, the bucket's records and the answer's copies: "
+                     "wasm code (the hashes its persisted formats pin, priced apart as "
+                     "kong_hashes, the bucket's records and the answer's copies: "
                      "\"Kong's host: where the worker's CPU goes\") and the calls the floor does "
                      "not make: the header map, the route's id, the completion's second write "
                      "(the index record beside the response, which keeps the response's cas so "
@@ -877,11 +887,13 @@ REASONS = {
                  "key, method, path, scope and digest), the route's name, the timeout header a "
                  "keyed write sets before its body is decided, the key's index record beside the "
                  "answer, the counter (replay_design_1k); the rest is rollsafe's own code: the "
-                 "fingerprint and scope hashes, the stored response's decoding, allocation",
+                 "fingerprint and scope hashes its persisted formats pin (priced apart: \"The "
+                 "host's price per hostcall\"), the stored response's decoding, allocation",
     "kong_replay_1k": "the calls a replay makes here cost more than the floor's: the header map, the "
                       "route's id, the key's index record beside the answer, the counter "
-                      "(kong_replay_design_1k); the rest is rollsafe's own code: the hashes, the "
-                      "stored response's decoding, allocation",
+                      "(kong_replay_design_1k); the rest is rollsafe's own code: the hashes its "
+                      "persisted formats pin (kong_hashes), the stored response's decoding, "
+                      "allocation",
     "owned_redis_1k": "each Webdis call is a dispatch_http_call, and a keyed write makes two (claim, "
                       "completion), each an EVAL that Redis appends to its file before answering; "
                       "through the gateway's dispatch two calls take longer than two round trips "
@@ -896,6 +908,9 @@ def prices(vs: list[Variant]) -> list[str]:
     rows = []
     for name, what in [("one_read", "one request header"), ("map_read", "the request header map"),
                        ("property_read", "an absent property (xds.route_name)"),
+                       ("hashes", "no hostcall: the hashes a keyed request's persisted formats "
+                        "pin (SipHash-1-3 of a 1 KiB body and two SHA-256: the fingerprint and "
+                        "the store key)"),
                        ("shared_read", "1 KiB of shared data"),
                        ("shared_read_full", "1 KiB of shared data, a new one of 16,384 entries "
                         "each request (a full store; Kong's host walks a tree of them)")]:
@@ -919,7 +934,10 @@ def profile() -> list[dict]:
 
 # The probe variant that prices one hostcall kind (its instructions over the no-op filter's).
 PRICED = {"request header": "one_read", "request header map": "map_read",
-          "property": "property_read", "shared data read": "shared_read"}
+          "property": "property_read", "shared data read": "shared_read",
+          "hashes (no hostcall)": "hashes"}
+# Paths whose request is keyed: they compute the hashes their formats pin once.
+KEYED_PATHS = {"owned_1k", "kong_owned_1k", "replay_1k", "kong_replay_1k"}
 
 
 def split(directory: Path, name: str) -> dict | None:
@@ -976,14 +994,17 @@ def profile_rows(vs: list[Variant], paths: list[dict]) -> list[str]:
     noop = by.get("noop")
     price = {kind: by[n].instr - noop.instr for kind, n in PRICED.items()
              if noop and noop.instr and n in by and by[n].instr}
-    rows = ["| path | hostcalls per request, by kind | priced (Envoy instructions) | path's "
+    rows = ["| path | hostcalls per request, by kind (and a keyed request's hashes) | priced "
+            "(Envoy instructions) | path's "
             "instructions over its reference | the rest: rollsafe's own code and unpriced calls |",
             "|---|---|---:|---:|---:|"]
     refs = {"configured": "noop", "configured_writes": "noop", "owned_1k": "plain_1k",
             "replay_1k": "direct_1k"}
     for p in paths:
         # (One request each: the profile leaves a keyed path's warm-up request out.)
-        name, calls = p["path"], p["hostcalls"]
+        name, calls = p["path"], dict(p["hostcalls"])
+        if name in KEYED_PATHS:
+            calls["hashes (no hostcall)"] = 1
         kinds = ", ".join(f"{k} {n:g}" for k, n in sorted(calls.items()))
         priced = sum(price.get(k, 0) * n for k, n in calls.items())
         v, ref = by.get(name), by.get(refs.get(name, ""))

@@ -12,6 +12,10 @@
 //!   `metric`   increment a counter
 //!   `timeout`  set a request header (Envoy's `x-envoy-upstream-rq-timeout-ms`)
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
+//!   `hashes`   compute the hashes rollsafe's persisted formats pin for a keyed request of
+//!              1 KiB (src/idempotency/key.rs): SipHash-1-3 (128 bits) over the body and
+//!              SHA-256 over method, path, digest, length and that (the fingerprint), and
+//!              SHA-256 over the scope's parts (the store key); pure computation, no hostcall
 //! and on the way, what a keyed write or a replay cannot do without (the floors `make bench`
 //! compares rollsafe's paths with):
 //!   `body`     hold the request body until it is whole and read it once (`reply` then
@@ -80,6 +84,7 @@ struct Calls {
     metric: Option<u32>,
     timeout: bool,
     reply: bool,
+    hashes: bool,
     body: bool,
     store: bool,
     claim: bool,
@@ -124,6 +129,7 @@ impl RootContext for Root {
                 }
                 "timeout" => calls.timeout = true,
                 "reply" => calls.reply = true,
+                "hashes" => calls.hashes = true,
                 "body" => calls.body = true,
                 "store" => calls.store = true,
                 "claim" => calls.claim = true,
@@ -315,6 +321,29 @@ fn hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// The fingerprint and the store key of a keyed POST of `body` to `/bench` on route `bench`
+/// without credentials, computed as rollsafe computes them (src/idempotency/key.rs).
+fn keyed_hashes(body: &[u8]) -> ([u8; 32], [u8; 32]) {
+    use sha2::{Digest, Sha256};
+    use siphasher::sip128::{Hasher128, SipHasher13};
+    let mut sip = SipHasher13::new_with_keys(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
+    std::hash::Hasher::write(&mut sip, body);
+    let mut h = Sha256::new();
+    for part in [&b"POST"[..], b"/bench", b""] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    h.update((body.len() as u64).to_be_bytes());
+    h.update(sip.finish128().as_bytes());
+    let fingerprint = h.finalize().into();
+    let mut scope = Sha256::new();
+    for part in [&b"bench"[..], b""] {
+        scope.update((part.len() as u32).to_be_bytes());
+        scope.update(part);
+    }
+    (fingerprint, scope.finalize().into())
+}
+
 /// A body, read once it is whole (`None` until then: the stream is held).
 fn whole(buffer: BufferType, size: usize, end_of_stream: bool) -> Option<Vec<u8>> {
     end_of_stream.then(|| {
@@ -429,6 +458,9 @@ impl HttpContext for Http {
                 "x-envoy-upstream-rq-timeout-ms",
                 Some("60000"),
             );
+        }
+        if c.hashes {
+            std::hint::black_box(keyed_hashes(std::hint::black_box(&[b'x'; 1024])));
         }
         if c.shared && c.full {
             let _ = hostcalls::get_shared_data(&next_entry());
