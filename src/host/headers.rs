@@ -54,30 +54,32 @@ fn index(raw: &[u8]) -> Vec<Entry> {
     let mut out = Vec::with_capacity(count);
     let mut data = 4 + count * 8;
     for i in 0..count {
-        let entry = (|| {
-            let klen = u32_at(raw, 4 + i * 8)?;
-            let vlen = u32_at(raw, 8 + i * 8)?;
-            let v = data.checked_add(klen)?.checked_add(1)?;
-            let end = v.checked_add(vlen)?;
-            // (Past the end, or offsets beyond u32: the block stops here.)
-            if end > raw.len() {
-                return None;
-            }
-            let e = Entry {
-                name: u32::try_from(data).ok()?,
-                name_len: u32::try_from(klen).ok()?,
-                value: u32::try_from(v).ok()?,
-                value_len: u32::try_from(vlen).ok()?,
-            };
-            data = end.checked_add(1)?;
-            Some(e)
-        })();
-        match entry {
+        match entry(raw, i, &mut data) {
             Some(e) => out.push(e),
             None => break,
         }
     }
     out
+}
+
+/// Entry `i`, whose name starts at `data` (moved past its value); `None` when it runs past the
+/// block or its offsets do not fit in u32.
+fn entry(raw: &[u8], i: usize, data: &mut usize) -> Option<Entry> {
+    let klen = u32_at(raw, 4 + i * 8)?;
+    let vlen = u32_at(raw, 8 + i * 8)?;
+    let value = data.checked_add(klen)?.checked_add(1)?;
+    let end = value.checked_add(vlen)?;
+    if end > raw.len() {
+        return None;
+    }
+    let e = Entry {
+        name: u32::try_from(*data).ok()?,
+        name_len: u32::try_from(klen).ok()?,
+        value: u32::try_from(value).ok()?,
+        value_len: u32::try_from(vlen).ok()?,
+    };
+    *data = end.checked_add(1)?;
+    Some(e)
 }
 
 impl HeaderBlock {

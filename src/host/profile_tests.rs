@@ -196,9 +196,9 @@ fn hostcall_counts_stay_as_profiled() {
 }
 
 /// One path `PROFILE_REPEAT` times on one plan (`PROFILE_PATH`: `replay`, the default, `owned`,
-/// `kong_owned` or `configured_writes`), for callgrind with `--toggle-collect=*one_request*`: rollsafe's own
-/// code per request, natively and without the plan's set-up (the host's JIT hides it in
-/// `make bench`).
+/// `kong_owned` or `configured_writes`), for callgrind with `--toggle-collect=*one_request*`:
+/// rollsafe's own code per request, natively and without the plan's set-up (the host's JIT
+/// hides it in `make bench`).
 #[test]
 #[ignore = "a profiling loop, run under callgrind"]
 fn profile_loop() {
