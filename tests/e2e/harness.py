@@ -623,7 +623,11 @@ class Kong:
         self.filter_config = self._targets(filter_config)
 
     def _targets(self, cfg):
-        """The filter config with cluster names replaced by their Service's host:port."""
+        """The filter config with cluster names replaced by their Service's host:port (in the
+        no-op filter's words, `word=<cluster>`)."""
+        if isinstance(cfg, str) and not cfg.lstrip().startswith(("{", "[")):
+            words = [w.partition("=") for w in cfg.split(",")]
+            return ",".join(k + (s + self.services.get(v, v) if s else "") for k, s, v in words)
         if not isinstance(cfg, dict):
             return cfg
         cfg = json.loads(json.dumps(cfg))

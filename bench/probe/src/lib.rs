@@ -37,9 +37,10 @@
 //!              hop-by-hop ones dropped) and answer with the reply's headers, as a filter
 //!              carrying the attempt itself must; with `store`, the reply's body is also
 //!              written to shared data
-//!   `webdis=<target>`  (Envoy, with `body` and `store`) what a keyed write on the shared store
-//!              cannot do without: one Webdis call (a `SET` of 100 bytes) before the request
-//!              goes on, and another (a `SET` of the 1 KiB answer) before the answer does
+//!   `webdis=<target>`  (with `store`, and `body` or `dispatch`) what a keyed write on the
+//!              shared store cannot do without: one Webdis call (a `SET` of 100 bytes) before
+//!              the request goes on (or is dispatched), and another (a `SET` of the 1 KiB
+//!              answer) before the answer does
 //! The empty configuration is the no-op filter: the cost of a wasm filter that does nothing.
 //!
 //! A request's entry (`claim`, `store`) is one of [`ENTRIES`] shared-data keys, a new one for
@@ -166,6 +167,8 @@ impl RootContext for Root {
             webdis: Webdis::None,
             entry: None,
             answer_headers: Vec::new(),
+            body: Vec::new(),
+            reply: None,
         }))
     }
 
@@ -184,7 +187,14 @@ struct Http {
     entry: Option<(String, Option<u32>)>,
     /// The answer's headers, serialized (`store`).
     answer_headers: Vec<u8>,
+    /// The request body, held while the Webdis claim is awaited (`dispatch` with `webdis`).
+    body: Vec<u8>,
+    /// The reply to a dispatched attempt, held while the Webdis settle is awaited.
+    reply: Option<Reply>,
 }
+
+/// A dispatched attempt's reply: its status, headers and body.
+type Reply = (u32, Vec<(String, String)>, Vec<u8>);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Webdis {
@@ -234,6 +244,64 @@ impl Http {
         let value = [&self.answer_headers[..], body].concat();
         let _ = hostcalls::set_shared_data(&key, Some(&value), cas);
     }
+
+    /// Sends the whole request body to the `dispatch` target, the request's headers along
+    /// with `forward` (the answer comes back in `on_http_call_response`).
+    fn attempt(&mut self, body: &[u8]) {
+        let Some(target) = self.calls.dispatch.clone() else {
+            return;
+        };
+        let len = body.len().to_string();
+        let own = if self.calls.forward {
+            hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+        } else {
+            vec![]
+        };
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", "/bench"),
+            (":authority", target.as_str()),
+            ("content-length", len.as_str()),
+        ];
+        headers.extend(
+            own.iter()
+                .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        // (Through the Context trait, which files the token so the answer comes back here.)
+        let sent = self.dispatch_http_call(
+            &target,
+            headers,
+            Some(body),
+            vec![],
+            std::time::Duration::from_secs(30),
+        );
+        if sent.is_err() {
+            let _ = hostcalls::send_http_response(502, vec![], None);
+        }
+    }
+
+    /// Answers with a dispatched attempt's reply: its status, its headers but the
+    /// connection's, and its body (closing the client's connection from its 32nd request on
+    /// with `close`).
+    fn answer(&self, status: u32, reply_headers: &[(String, String)], body: &[u8]) {
+        let mut headers: Vec<(&str, &str)> = reply_headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let requests = self
+            .calls
+            .close
+            .then(|| hostcalls::get_property(vec!["ngx", "connection_requests"]))
+            .and_then(|r| r.ok().flatten())
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if requests.is_some_and(|n| n >= 32) {
+            headers.push(("connection", "close"));
+        }
+        let _ = hostcalls::send_http_response(status, headers, Some(body));
+    }
 }
 
 extern "C" {
@@ -254,12 +322,22 @@ fn map_bytes(map: MapType) -> Vec<u8> {
 impl Context for Http {
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
         match std::mem::replace(&mut self.webdis, Webdis::None) {
+            Webdis::Claim if self.calls.dispatch.is_some() => {
+                let body = std::mem::take(&mut self.body);
+                self.attempt(&body);
+                return;
+            }
             Webdis::Claim => {
                 let _ = hostcalls::resume_http_request();
                 return;
             }
             Webdis::Settle => {
-                let _ = hostcalls::resume_http_response();
+                match self.reply.take() {
+                    Some((status, headers, body)) => self.answer(status, &headers, &body),
+                    None => {
+                        let _ = hostcalls::resume_http_response();
+                    }
+                }
                 return;
             }
             Webdis::None => {}
@@ -285,22 +363,14 @@ impl Context for Http {
             }
             self.store(&body);
         }
-        let mut headers: Vec<(&str, &str)> = reply_headers
-            .iter()
-            .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let requests = self
-            .calls
-            .close
-            .then(|| hostcalls::get_property(vec!["ngx", "connection_requests"]))
-            .and_then(|r| r.ok().flatten())
-            .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if requests.is_some_and(|n| n >= 32) {
-            headers.push(("connection", "close"));
+        let c = Rc::clone(&self.calls);
+        if let Some(target) = &c.webdis {
+            self.reply = Some((status, reply_headers, body));
+            let command = [&b"SET/rollsafe-probe-done/"[..], &[b'x'; 1024]].concat();
+            self.webdis(target, &command, Webdis::Settle);
+            return;
         }
-        let _ = hostcalls::send_http_response(status, headers, Some(&body));
+        self.answer(status, &reply_headers, &body);
     }
 }
 
@@ -366,35 +436,13 @@ impl HttpContext for Http {
         if c.claim {
             self.claim();
         }
-        if let Some(target) = &c.dispatch {
-            let len = body.len().to_string();
-            let own = if c.forward {
-                hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
-            } else {
-                vec![]
-            };
-            let mut headers = vec![
-                (":method", "POST"),
-                (":path", "/bench"),
-                (":authority", target.as_str()),
-                ("content-length", len.as_str()),
-            ];
-            headers.extend(
-                own.iter()
-                    .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            );
-            // (Through the Context trait, which files the token so the answer comes back here.)
-            let sent = self.dispatch_http_call(
-                target,
-                headers,
-                Some(&body),
-                vec![],
-                std::time::Duration::from_secs(30),
-            );
-            if sent.is_err() {
-                let _ = hostcalls::send_http_response(502, vec![], None);
+        if c.dispatch.is_some() {
+            if let Some(target) = &c.webdis {
+                self.body = body;
+                let command = [&b"SET/rollsafe-probe-claim/"[..], &[b'x'; 100]].concat();
+                return self.webdis(target, &command, Webdis::Claim);
             }
+            self.attempt(&body);
             return Action::Pause;
         }
         if c.reply {
@@ -417,7 +465,8 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if !self.calls.store {
+        // (A dispatched attempt's answer was stored from its call; this is the local reply.)
+        if !self.calls.store || self.calls.dispatch.is_some() {
             return Action::Continue;
         }
         let Some(body) = whole(BufferType::HttpResponseBody, size, end_of_stream) else {
