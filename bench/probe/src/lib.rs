@@ -214,18 +214,24 @@ impl Http {
             (":authority", target),
             ("content-type", "text/plain"),
         ];
+        self.call(target, headers, command);
+        self.webdis = awaited;
+        Action::Pause
+    }
+
+    /// Sends a call (through the Context trait, which files the token so the answer comes back
+    /// here); one the host refuses is answered 502.
+    fn call(&mut self, target: &str, headers: Vec<(&str, &str)>, body: &[u8]) {
         let sent = self.dispatch_http_call(
             target,
             headers,
-            Some(command),
+            Some(body),
             vec![],
             std::time::Duration::from_secs(30),
         );
         if sent.is_err() {
             let _ = hostcalls::send_http_response(502, vec![], None);
         }
-        self.webdis = awaited;
-        Action::Pause
     }
 
     /// Records the claim in a new entry: reads it, and writes a small record under its cas.
@@ -268,17 +274,7 @@ impl Http {
                 .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
-        // (Through the Context trait, which files the token so the answer comes back here.)
-        let sent = self.dispatch_http_call(
-            &target,
-            headers,
-            Some(body),
-            vec![],
-            std::time::Duration::from_secs(30),
-        );
-        if sent.is_err() {
-            let _ = hostcalls::send_http_response(502, vec![], None);
-        }
+        self.call(&target, headers, body);
     }
 
     /// Answers with a dispatched attempt's reply: its status, its headers but the
