@@ -27,9 +27,10 @@ commands each request costs.
 
 Writes bench/RESULTS.md. Environment: BENCH_ROUNDS (default 7), BENCH_SECONDS (2),
 BENCH_CALLGRIND_REQUESTS (200; 0 skips callgrind), BENCH_FILL (49,152: requests a path that
-takes a new key per request is warmed up with, so its store is measured full), BENCH_STORE_KEYS (1,000,000; 0 skips the
-store run), BENCH_VARIANTS (extra idle variants as JSON: {"name": {config}}), BENCH_ONLY (a
-comma-separated list of variants to run, with their references; RESULTS.md is not written).
+takes a new key per request is warmed up with, so its store is measured full),
+BENCH_STORE_KEYS (1,000,000; 0 skips the store run), BENCH_VARIANTS (extra idle variants as
+JSON: {"name": {config}}), BENCH_ONLY (a comma-separated list of variants to run, with their
+references; RESULTS.md is not written).
 """
 
 from __future__ import annotations
