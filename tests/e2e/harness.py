@@ -270,7 +270,21 @@ class SharedStore:
         return f"{self.ip}:{self.port}"
 
     def start(self) -> "SharedStore":
-        self.start_redis()
+        # A port free_port() found free can be taken before the server binds it (say, as the
+        # source port of a gateway's outgoing connection): Webdis then exits with "Address
+        # already in use", and every keyed write would be answered "store unavailable". A
+        # server that exits at once is started again on new ports.
+        for _ in range(5):
+            self.start_redis()
+            if self.redis.poll() is None:
+                self._start_webdis()
+                if self.webdis.poll() is None:
+                    return self
+                self.stop_redis()
+            self.port, self.redis_port = free_port(), free_port()
+        raise RuntimeError(f"the shared store did not start: see {self.dir}")
+
+    def _start_webdis(self) -> None:
         conf = self.dir / "webdis.json"
         conf.write_text(json.dumps({
             "redis_host": self.ip, "redis_port": self.redis_port, "http_host": self.ip,
@@ -281,7 +295,6 @@ class SharedStore:
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.harness.procs.append(self.webdis)
         wait_for(lambda: self.ping() or self.webdis.poll() is not None, 10, "webdis")
-        return self
 
     def start_redis(self) -> None:
         self.redis = subprocess.Popen(
