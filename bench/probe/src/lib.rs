@@ -254,11 +254,12 @@ impl Http {
     /// Sends the whole request body to the `dispatch` target, the request's headers along
     /// with `forward` (the answer comes back in `on_http_call_response`).
     fn attempt(&mut self, body: &[u8]) {
-        let Some(target) = self.calls.dispatch.clone() else {
+        let calls = Rc::clone(&self.calls);
+        let Some(target) = calls.dispatch.as_deref() else {
             return;
         };
         let len = body.len().to_string();
-        let own = if self.calls.forward {
+        let own = if calls.forward {
             hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
         } else {
             vec![]
@@ -266,7 +267,7 @@ impl Http {
         let mut headers = vec![
             (":method", "POST"),
             (":path", "/bench"),
-            (":authority", target.as_str()),
+            (":authority", target),
             ("content-length", len.as_str()),
         ];
         headers.extend(
@@ -274,7 +275,7 @@ impl Http {
                 .filter(|(k, _)| !k.starts_with(':') && !hop_by_hop(k))
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
-        self.call(&target, headers, body);
+        self.call(target, headers, body);
     }
 
     /// Answers with a dispatched attempt's reply: its status, its headers but the
