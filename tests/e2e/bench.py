@@ -269,7 +269,7 @@ def variants(pod_clusters) -> list[Variant]:
         Variant("owned_1k", "keyed POST 1 KiB, rollsafe owns the exchange, first try answers",
                 "plain_1k", dict(config=OWNED, **proxied),
                 script=post_script(new_key=True), goal="owned", floor="owned_floor_1k",
-                fixed=keyed_fixed),
+                design="owned_design_1k", fixed=keyed_fixed),
         # What any filter must do to own a keyed write on Envoy (the route carries attempt 1,
         # the buffer filter after it): read the key, hold the body until whole and read it,
         # record the claim in shared data (read the key's entry and write a small record to
@@ -280,6 +280,19 @@ def variants(pod_clusters) -> list[Variant]:
                 "body, recording a claim in a new one of 16,384 shared-data entries and storing "
                 "the answer (headers, 1 KiB body) there",
                 "plain_1k", dict(config="method,body,claim,store", wasm=PROBE, **proxied),
+                script=post_script(new_key=True), fixed=keyed_fixed),
+        # The calls rollsafe's owned write makes (src/host/profile_tests.rs), made by the no-op
+        # filter: the floor's, with the header map for the one header (the key, method, path,
+        # scope and digest; a retry sends the headers again), the route's name (scope), a
+        # clock read, the timeout header a keyed write sets before its body is decided, a
+        # counter, and the answer kept in an entry of its own with the index record beside it
+        # (the bucket read again: Envoy numbers shared-data writes across keys).
+        Variant("owned_design_1k", "no-op filter making an owned write's calls: the header map, "
+                "the route's name, a clock read, a request header set, a counter, the body, a "
+                "claim recorded in a new one of 16,384 entries, the answer (headers, 1 KiB body) "
+                "stored in an entry of its own and the claim's entry read again and rewritten",
+                "plain_1k", dict(config="clock,headers,property,timeout,metric,body,claim,store,"
+                                 "complete", wasm=PROBE, **proxied),
                 script=post_script(new_key=True), fixed=keyed_fixed),
         Variant("owned_redis_1k", "keyed POST 1 KiB on the shared store (Redis via Webdis)",
                 "owned_1k", dict(config=owned(cache=True), **proxied),
@@ -401,7 +414,7 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
         Variant("kong_owned_1k", "Kong's host: keyed POST 1 KiB, rollsafe owns the exchange "
                 "(dispatch), first try answers", "kong_plain_1k", dict(config=OWNED, **k),
                 script=post_script(new_key=True), goal="owned", floor="kong_dispatch_floor_1k",
-                host="kong"),
+                design="kong_owned_design_1k", host="kong"),
         # The floor of the dispatch design: what Envoy's owned floor does (read the key, hold
         # and read the body, record the claim, store the 1 KiB answer), with the attempt carried
         # by dispatch_http_call: the request's headers sent along and the reply's given back,
@@ -416,6 +429,17 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 "connection closed after 32 requests)", "kong_plain_1k",
                 dict(config=f"method,claim,cas,dispatch={pod},forward,store,close", wasm=PROBE,
                      **k),
+                script=post_script(new_key=True), host="kong"),
+        # The calls rollsafe's owned write makes on Kong's host, made by the no-op filter: the
+        # dispatch floor's (whose header map, read to send along, also holds the key), with the
+        # route's id, a clock read, two counters, and the answer kept in an entry of its own
+        # with the index record beside it, written under the cas the claim's write left.
+        Variant("kong_owned_design_1k", "Kong's host: no-op filter making an owned write's "
+                "calls: the dispatch floor's with the header map for the one header, a property, "
+                "a clock read, two counters, the answer stored in an entry of its own and the "
+                "claim's entry rewritten under the cas its write left", "kong_plain_1k",
+                dict(config=f"clock,property,metric,metric,claim,cas,complete,dispatch={pod},"
+                            "forward,store,close", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong"),
         Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
                 "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
@@ -825,6 +849,15 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
                          f"part) is {fr:.2f}× plain proxying, and rollsafe {vr:.2f}× the floor")
                 if v.instr and floor.instr:
                     text += f" ({v.instr / floor.instr:.2f}× by instructions)"
+                design = by.get(v.design) if v.design else None
+                if design and vr > 1.1:
+                    if v.instr and floor.instr and design.instr:
+                        dr, dv, unit = design.instr / floor.instr, v.instr / design.instr, "instructions"
+                    else:
+                        dr, dv, unit = med(design.cpu) / med(floor.cpu), med(v.cpu) / med(design.cpu), "CPU"
+                    text += (f"; the no-op filter making the calls an owned write makes in "
+                             f"rollsafe's design ({design.name}) is {dr:.2f}× the floor by {unit}, "
+                             f"and rollsafe {dv:.2f}× of that")
                 verdict = (f"not met; floor {'reached (≤ 1.1×)' if vr <= 1.1 else 'not reached'}"
                            + why)
             lines.append(f"| {where} | {v.name} CPU | ≤ 1.3× plain proxying (else ≤ 1.1× the "
@@ -899,27 +932,29 @@ REASONS = {
     "kong_configured_writes": "one clock read, `:method` and the group header's lookup",
     "kong_empty": "the price of any filter instance with a configuration on Kong's host (noisy: "
                   "CPU only, within a few µs of the no-op filter)",
-    "owned_1k": "beside the floor, rollsafe's own wasm code (the fingerprint and scope hashes its "
-                "persisted formats pin, priced apart as `hashes`, the bucket's records, the stored "
-                "response's encoding) and the calls the floor does not "
-                "make: the header map, the route's name, the completion's read and second write "
-                "(the index record beside the response; Envoy numbers shared-data writes across "
-                "keys, so the bucket is read again), the metric (\"Where the instructions go\")",
+    "owned_1k": "beside the floor, the calls rollsafe's design makes that the floor does not "
+                "(owned_design_1k): the header map, the route's name, the timeout header, the "
+                "counter, and the completion's read and second write (the index record beside "
+                "the response; Envoy numbers shared-data writes across keys, so the bucket is "
+                "read again); the rest, the larger part, is rollsafe's own wasm code: the "
+                "fingerprint and scope hashes its persisted formats pin (priced apart as "
+                "`hashes`), the bucket's records, the stored response's encoding, allocation "
+                "(\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
                      "connection, so the floor alone (the no-op filter recording a claim, "
                      "dispatching the body with the request's headers, storing the reply and "
                      "answering with it, closing the client's connection after 32 requests as "
                      "rollsafe does) is far above plain "
                      "proxying, and the host keeps each call's buffers until the client's "
-                     "connection closes (kong_dispatch_kept_1k); beside the floor, rollsafe's own "
-                     "wasm code (the hashes its persisted formats pin, priced apart as "
-                     "kong_hashes, the bucket's records and the answer's copies: "
-                     "\"Kong's host: where the worker's CPU goes\") and the calls the floor does "
-                     "not make: the header map, the route's id, the completion's second write "
-                     "(the index record beside the response, which keeps the response's cas so "
-                     "that it is written without being read), the metrics; every shared-data "
-                     "call walks a tree of "
-                     "the zone's entries (kong_shared_read_full). Carrying attempt 1 by proxy_pass "
+                     "connection closes (kong_dispatch_kept_1k); beside the floor, the calls rollsafe's "
+                     "design makes that the floor does not (kong_owned_design_1k): the route's "
+                     "id, the completion's second write (the index record beside the response, "
+                     "which keeps the response's cas so that it is written without being read), "
+                     "the counters; every shared-data call walks a tree of the zone's entries "
+                     "(kong_shared_read_full); the rest, the larger part, is rollsafe's own wasm "
+                     "code (the hashes its persisted formats pin, priced apart as kong_hashes, "
+                     "the bucket's records and the answer's copies, allocation: \"Kong's host: "
+                     "where the worker's CPU goes\"). Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
     "replay_1k": "the calls a replay makes here cost more than the floor's: the header map (the "

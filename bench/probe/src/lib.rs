@@ -9,7 +9,7 @@
 //!   `full`     (with `shared`) fill [`ENTRIES`] entries of 1 KiB at configure time and read a
 //!              new one each request: the same read in a zone that holds a full store
 //!   `index`    read a 160-byte shared-data value (a store's index: which entry holds a key)
-//!   `metric`   increment a counter
+//!   `metric`   increment a counter (once for each time the word is listed)
 //!   `timeout`  set a request header (Envoy's `x-envoy-upstream-rq-timeout-ms`)
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
 //!   `hashes`   compute the hashes rollsafe's persisted formats pin for a keyed request of
@@ -29,6 +29,10 @@
 //!   `cas`      (Kong's host, with `claim` and `store`) write the answer under the cas the
 //!              claim's write left (Kong's host adds one per write), as a store that keeps
 //!              track of it can, instead of reading the entry again
+//!   `complete` (with `claim` and `store`) keep the answer as a store that indexes its keys
+//!              does: in an entry of its own (one of [`ENTRIES`] more), then a 96-byte record
+//!              written to the claim's entry, under the cas the claim's write left with `cas`,
+//!              else after reading the entry again for it
 //!   `dispatch=<target>`  send the whole request body to `<target>` (`dispatch_http_call`)
 //!              and answer with the reply's status and body
 //!   `close`    (Kong's host, with `dispatch`) close the client's connection from its 32nd
@@ -83,6 +87,7 @@ struct Calls {
     full: bool,
     index: bool,
     metric: Option<u32>,
+    metrics: u32,
     timeout: bool,
     reply: bool,
     hashes: bool,
@@ -90,6 +95,7 @@ struct Calls {
     store: bool,
     claim: bool,
     cas: bool,
+    complete: bool,
     dispatch: Option<String>,
     close: bool,
     forward: bool,
@@ -125,8 +131,11 @@ impl RootContext for Root {
                 "full" => calls.full = true,
                 "index" => calls.index = true,
                 "metric" => {
-                    calls.metric =
-                        hostcalls::define_metric(MetricType::Counter, "probe_requests").ok()
+                    if calls.metric.is_none() {
+                        calls.metric =
+                            hostcalls::define_metric(MetricType::Counter, "probe_requests").ok();
+                    }
+                    calls.metrics += 1;
                 }
                 "timeout" => calls.timeout = true,
                 "reply" => calls.reply = true,
@@ -135,6 +144,7 @@ impl RootContext for Root {
                 "store" => calls.store = true,
                 "claim" => calls.claim = true,
                 "cas" => calls.cas = true,
+                "complete" => calls.complete = true,
                 "close" => calls.close = true,
                 "forward" => calls.forward = true,
                 w if w.starts_with("dispatch=") => {
@@ -244,11 +254,17 @@ impl Http {
     }
 
     /// Writes the answer, its headers and body, to the request's entry (a new one without a
-    /// claim).
+    /// claim); with `complete`, to an entry of its own and then the claim's record.
     fn store(&mut self, body: &[u8]) {
         let (key, cas) = self.entry.take().unwrap_or_else(|| (next_entry(), None));
         let value = [&self.answer_headers[..], body].concat();
-        let _ = hostcalls::set_shared_data(&key, Some(&value), cas);
+        if !self.calls.complete {
+            let _ = hostcalls::set_shared_data(&key, Some(&value), cas);
+            return;
+        }
+        let _ = hostcalls::set_shared_data(&format!("{key}/r"), Some(&value), None);
+        let cas = cas.or_else(|| hostcalls::get_shared_data(&key).ok().and_then(|(_, c)| c));
+        let _ = hostcalls::set_shared_data(&key, Some(&[b'd'; 96]), cas);
     }
 
     /// Sends the whole request body to the `dispatch` target, the request's headers along
@@ -496,7 +512,9 @@ impl HttpContext for Http {
             let _ = hostcalls::get_shared_data("rollsafe/probe/index");
         }
         if let Some(id) = c.metric {
-            let _ = hostcalls::increment_metric(id, 1);
+            for _ in 0..c.metrics {
+                let _ = hostcalls::increment_metric(id, 1);
+            }
         }
         if c.timeout {
             let _ = hostcalls::set_map_value(
