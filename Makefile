@@ -9,6 +9,7 @@ POD        := target/release/rollsafe-pod
 CHECK      := target/release/examples/check_config
 PROBE      := target/$(TARGET)/release/rollsafe_probe.wasm
 NAMED      := target/rollsafe_named.wasm
+SPEED      := target/rollsafe_speed.wasm
 WASM_OPT   := wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
 VENV       := .venv
 PY         := $(VENV)/bin/python
@@ -69,6 +70,12 @@ $(NAMED): .deps-stamp $(RUST_SRC)
 	CARGO_PROFILE_RELEASE_STRIP=false cargo build --release --target $(TARGET) --target-dir target/named
 	$(WASM_OPT) -g target/named/$(TARGET)/release/rollsafe.wasm -o $(NAMED)
 
+# The same .wasm built for speed (opt-level 2, not "z"): make bench prices what building for
+# size costs the request paths.
+$(SPEED): .deps-stamp $(RUST_SRC)
+	CARGO_PROFILE_RELEASE_OPT_LEVEL=2 cargo build --release --target $(TARGET) --target-dir target/speed
+	$(WASM_OPT) --strip-debug --strip-producers target/speed/$(TARGET)/release/rollsafe.wasm -o $(SPEED)
+
 schema:
 	ROLLSAFE_WRITE_SCHEMA=1 cargo test --lib -q config::schema::meta_json
 
@@ -112,7 +119,7 @@ test-kong: deps dist $(POD)
 # make bench installs wrk (load) and valgrind (callgrind's instruction counts) from Debian's
 # packages when missing, and builds the no-op filter it compares with (bench/probe). Kong's host
 # is measured in the same run when KONG_WASM_NGINX names one (it says when it skips it).
-bench: deps $(DIST) $(POD) $(PROBE) $(NAMED)
+bench: deps $(DIST) $(POD) $(PROBE) $(NAMED) $(SPEED)
 	@for tool in wrk valgrind; do command -v $$tool >/dev/null || { echo "installing $$tool"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$tool; }; done
 	cargo run -q --release --example routing_bench

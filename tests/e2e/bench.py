@@ -64,6 +64,8 @@ PROBE = ROOT / "target" / "wasm32-wasip1" / "release" / "rollsafe_probe.wasm"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 # The .wasm with its function names (make bench builds it): perf names rollsafe's wasm code.
 NAMED = ROOT / "target" / "rollsafe_named.wasm"
+# The same .wasm built for speed (opt-level 2 rather than "z"; Makefile).
+SPEED = ROOT / "target" / "rollsafe_speed.wasm"
 PERF = shutil.which("perf")
 
 MAINTENANCE = {
@@ -294,6 +296,10 @@ def variants(pod_clusters) -> list[Variant]:
                 "plain_1k", dict(config="clock,headers,property,timeout,metric,body,claim,store,"
                                  "complete", wasm=PROBE, **proxied),
                 script=post_script(new_key=True), fixed=keyed_fixed),
+        # What building for size costs: the same paths with the .wasm built at opt-level 2.
+        Variant("owned_1k_speed", "owned_1k, the .wasm built for speed (opt-level 2)", "owned_1k",
+                dict(config=OWNED, wasm=SPEED, **proxied), script=post_script(new_key=True),
+                fixed=keyed_fixed),
         Variant("owned_redis_1k", "keyed POST 1 KiB on the shared store (Redis via Webdis)",
                 "owned_1k", dict(config=owned(cache=True), **proxied),
                 script=post_script(new_key=True), goal="store", floor="owned_redis_floor_1k",
@@ -316,6 +322,10 @@ def variants(pod_clusters) -> list[Variant]:
                 dict(config={"idempotency": {"max_entries": 65536}}, **proxied),
                 script=post_script("bench-replay"), goal="replay", floor="replay_floor_1k",
                 design="replay_design_1k", prepare=stored, fixed=replay_fixed),
+        Variant("replay_1k_speed", "replay_1k, the .wasm built for speed (opt-level 2)",
+                "replay_1k", dict(config={"idempotency": {"max_entries": 65536}}, wasm=SPEED,
+                                  **proxied),
+                script=post_script("bench-replay"), prepare=stored, fixed=replay_fixed),
         # What any filter must do to replay a keyed POST: read the key, hold the body until
         # whole and read it (the fingerprint covers it), read the stored 1 KiB, answer.
         Variant("replay_floor_1k", "no-op filter reading one header, the body and 1 KiB of shared "
@@ -430,6 +440,9 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 dict(config=f"method,claim,cas,dispatch={pod},forward,store,close", wasm=PROBE,
                      **k),
                 script=post_script(new_key=True), host="kong"),
+        Variant("kong_owned_1k_speed", "Kong's host: kong_owned_1k, the .wasm built for speed "
+                "(opt-level 2)", "kong_owned_1k", dict(config=OWNED, wasm=SPEED, **k),
+                script=post_script(new_key=True), host="kong"),
         # The calls rollsafe's owned write makes on Kong's host, made by the no-op filter: the
         # dispatch floor's (whose header map, read to send along, also holds the key), with the
         # route's id, a clock read, two counters, and the answer kept in an entry of its own
@@ -477,6 +490,10 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 "kong_plain_1k", dict(config=OWNED, **k), script=post_script("bench-replay"),
                 goal="replay", floor="kong_replay_floor_1k", design="kong_replay_design_1k",
                 prepare=stored, host="kong", fixed=replay_fixed),
+        Variant("kong_replay_1k_speed", "Kong's host: kong_replay_1k, the .wasm built for speed "
+                "(opt-level 2)", "kong_replay_1k", dict(config=OWNED, wasm=SPEED, **k),
+                script=post_script("bench-replay"), prepare=stored, host="kong",
+                fixed=replay_fixed),
         Variant("kong_replay_floor_1k", "Kong's host: no-op filter reading one header, the body "
                 "and 1 KiB of shared data, answering 1 KiB itself", "kong_plain_1k",
                 dict(config="method,body,shared,reply", wasm=PROBE, **k),
@@ -898,9 +915,27 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
             lines.append(f"| {where} | {v.name} p50 | ≤ the local store's p50 + two Webdis round "
                          f"trips | {text} | {verdict} |")
     size = wasm_size()
-    lines.append(f"| both | .wasm size | ≤ 400 KB after wasm-opt | {size:,} bytes | "
+    lines.append(f"| both | .wasm size | ≤ 400 KB after wasm-opt | {size:,} bytes{speed_note(by)} | "
                  f"{'met' if size <= 400_000 else 'not met'} |")
     return lines
+
+
+def speed_note(by: dict) -> str:
+    """What building for size costs: the `_speed` variants (opt-level 2) beside their paths."""
+    parts = []
+    for name in ("owned_1k", "replay_1k", "kong_owned_1k", "kong_replay_1k"):
+        v, fast = by.get(name), by.get(f"{name}_speed")
+        if not (v and fast):
+            continue
+        if v.instr and fast.instr:
+            parts.append(f"{name} {fast.instr / v.instr - 1:+.1%} instructions")
+        elif v.cpu and fast.cpu:
+            d = statistics.median(fast.cpu) / statistics.median(v.cpu) - 1
+            parts.append(f"{name} {d:+.1%} CPU")
+    if not parts or not SPEED.exists():
+        return ""
+    return (f"; built for speed (opt-level 2, not \"z\") it would be {SPEED.stat().st_size:,} "
+            f"bytes, and the paths would cost: {', '.join(parts)} (the `_speed` variants)")
 
 
 # Why a goal is missed, when it is: the host's price for the hostcalls each path cannot do
@@ -1053,8 +1088,8 @@ def split(directory: Path, name: str) -> dict | None:
 
 
 def split_rows(directory: Path) -> list[str]:
-    names = ["plain_1k", "owned_floor_1k", "owned_1k", "replay_floor_1k", "replay_1k",
-             "noop", "configured"]
+    names = ["plain_1k", "owned_floor_1k", "owned_design_1k", "owned_1k", "replay_floor_1k",
+             "replay_design_1k", "replay_1k", "noop", "configured"]
     rows = ["| variant | Envoy's binary | wasm code (compiled by V8) | other anonymous code | libc "
             "| all |",
             "|---|---:|---:|---:|---:|---:|"]
