@@ -829,6 +829,15 @@ def us_per_instruction(vs: list[Variant]) -> float | None:
     return statistics.median(slopes) if slopes else None
 
 
+def costs(v: Variant, floor: Variant, design: Variant) -> tuple[float, float, str]:
+    """The design floor's cost over the floor's and `v`'s over the design floor's: by
+    instructions where all three were counted, else by median CPU per request."""
+    if v.instr and floor.instr and design.instr:
+        return design.instr / floor.instr, v.instr / design.instr, "instructions"
+    med = statistics.median
+    return med(design.cpu) / med(floor.cpu), med(v.cpu) / med(design.cpu), "CPU"
+
+
 def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
     by = {v.name: v for v in vs}
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
@@ -868,10 +877,7 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
                     text += f" ({v.instr / floor.instr:.2f}× by instructions)"
                 design = by.get(v.design) if v.design else None
                 if design and vr > 1.1:
-                    if v.instr and floor.instr and design.instr:
-                        dr, dv, unit = design.instr / floor.instr, v.instr / design.instr, "instructions"
-                    else:
-                        dr, dv, unit = med(design.cpu) / med(floor.cpu), med(v.cpu) / med(design.cpu), "CPU"
+                    dr, dv, unit = costs(v, floor, design)
                     text += (f"; the no-op filter making the calls an owned write makes in "
                              f"rollsafe's design ({design.name}) is {dr:.2f}× the floor by {unit}, "
                              f"and rollsafe {dv:.2f}× of that")
@@ -889,10 +895,9 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
             ok = by_cpu >= 0.95 if not (v.instr and floor.instr) else floor.instr / v.instr >= 0.95
             design = by.get(v.design) if v.design else None
             if design and not ok:
-                if v.instr and floor.instr and design.instr:
-                    dr, vr, unit = floor.instr / design.instr, design.instr / v.instr, "instructions"
-                else:
-                    dr, vr, unit = med(floor.cpu) / med(design.cpu), med(design.cpu) / med(v.cpu), "CPU"
+                # (Here as speed: the floor's cost over the design's, the design's over rollsafe's.)
+                dc, vc, unit = costs(v, floor, design)
+                dr, vr = 1 / dc, 1 / vc
                 text += (f"; the no-op filter making the calls a replay makes in rollsafe's design "
                          f"({design.name}) reaches {dr:.2f}× by {unit}, and rollsafe {vr:.2f}× of "
                          f"that")
