@@ -84,9 +84,10 @@ pub fn store_key<'a>(parts: impl IntoIterator<Item = Option<&'a [u8]>>, key: &st
 /// (before any upstream is contacted: HOSTS.md; on Envoy with the buffer filter after rollsafe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {
-    /// SHA-256 over method, path and query, the client's body digest (`Content-Digest` /
-    /// `Repr-Digest`, RFC 9530) when it sends one, and the whole body. (The caller scope is
-    /// part of the record's key, so it is not hashed again here.)
+    /// SipHash-1-3 (128 bits) over method, path and query, the client's body digest
+    /// (`Content-Digest` / `Repr-Digest`, RFC 9530) when it sends one, and the whole body,
+    /// then 16 zero bytes ([`fingerprint`]). (The caller scope is part of the record's key, so
+    /// it is not hashed again here.)
     pub fingerprint: [u8; 32],
     /// The body's length; `None` in records that did not know it.
     pub body_len: Option<u64>,
@@ -108,34 +109,44 @@ impl Facts {
 /// path and query and the client's body digest, marked as such so that it never equals a held
 /// body's. Its length is compared apart ([`Facts::body_len`]).
 pub fn fingerprint_streamed(method: &str, path: &str, digest: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for part in [method.as_bytes(), path.as_bytes(), digest.as_bytes()] {
-        h.update((part.len() as u32).to_be_bytes());
-        h.update(part);
-    }
-    h.update(u64::MAX.to_be_bytes());
-    h.finalize().into()
+    fingerprint_of(method, path, digest, None)
 }
 
-/// SHA-256 over method, path and query, the client's body digest, the body's length and the
-/// body's 128-bit SipHash-1-3 (length-prefixed, so parts can't blur).
+/// The fingerprint of a request whose body is held whole: method, path and query, the client's
+/// body digest, the body's length and its bytes.
 ///
-/// The body goes through SipHash rather than SHA-256: SHA-256 of a 1 KiB body was half of
-/// rollsafe's own instructions on a keyed write (bench/RESULTS.md, "Where the instructions
-/// go"), SipHash-1-3 is ~20 times cheaper there, and a fingerprint only tells one request
-/// under a key from another within the key's scope: whoever could make two bodies collide
-/// must know the first body, and knowing it already replays it. (The scope, which may hash
-/// credentials, stays SHA-256.)
+/// SipHash-1-3 with 128 bits, not SHA-256: SHA-256 was the larger part of rollsafe's own
+/// instructions on a keyed write (bench/RESULTS.md, "Where the instructions go"), and a
+/// fingerprint only tells one request under a key from another within the key's scope:
+/// whoever could make two requests collide must know the first one, and knowing it already
+/// replays it. (The scope, which may hash credentials, stays SHA-256: [`store_key`].) The
+/// record keeps 32 bytes, the last 16 zero, so that records of earlier versions, whose
+/// fingerprint was a SHA-256, still read as records: a repeat of one gets 422, never a second
+/// execution.
 pub fn fingerprint(method: &str, path: &str, digest: &str, body: &[u8]) -> [u8; 32] {
+    fingerprint_of(method, path, digest, Some(body))
+}
+
+fn fingerprint_of(method: &str, path: &str, digest: &str, body: Option<&[u8]>) -> [u8; 32] {
     use siphasher::sip128::{Hasher128, SipHasher13};
+    use std::hash::Hasher;
     let mut sip = SipHasher13::new_with_keys(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
-    std::hash::Hasher::write(&mut sip, body);
-    let mut h = Sha256::new();
+    // Length-prefixed parts, so that parts cannot blur; a streamed body's length field is
+    // u64::MAX, which no held body has.
     for part in [method.as_bytes(), path.as_bytes(), digest.as_bytes()] {
-        h.update((part.len() as u32).to_be_bytes());
-        h.update(part);
+        sip.write(&(part.len() as u32).to_be_bytes());
+        sip.write(part);
     }
-    h.update((body.len() as u64).to_be_bytes());
-    h.update(sip.finish128().as_bytes());
-    h.finalize().into()
+    match body {
+        Some(body) => {
+            sip.write(&(body.len() as u64).to_be_bytes());
+            sip.write(body);
+        }
+        None => sip.write(&u64::MAX.to_be_bytes()),
+    }
+    let mut out = [0u8; 32];
+    if let Some(head) = out.get_mut(..16) {
+        head.copy_from_slice(&sip.finish128().as_bytes());
+    }
+    out
 }

@@ -438,6 +438,27 @@ fn store_keys_are_the_persisted_format() {
     );
 }
 
+/// Fingerprints are persisted (records, the shared store, between gateway versions): these
+/// are SipHash-1-3-128 over the length-prefixed parts, computed apart from this crate (a
+/// Python reference of SipHash), then 16 zero bytes.
+#[test]
+fn fingerprints_are_the_persisted_format() {
+    let hex = |f: [u8; 32]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(
+        hex(fingerprint("POST", "/o?x=1", "", b"{\"sku\":3}")),
+        "506f6befdd641c96db9928ebbe0dceae00000000000000000000000000000000"
+    );
+    assert_eq!(
+        hex(fingerprint_streamed("PUT", "/o/7", "sha-256=:x:")),
+        "66017529d92f7e47b45f58f102f5ff7100000000000000000000000000000000"
+    );
+    // A streamed body's fingerprint never equals a held one's, even an empty body's.
+    assert_ne!(
+        fingerprint_streamed("PUT", "/o/7", ""),
+        fingerprint("PUT", "/o/7", "", b"")
+    );
+}
+
 #[test]
 fn fingerprint_covers_method_path_and_digest_and_facts_compare_the_length() {
     let base = fingerprint("POST", "/o?x=1", "", b"{\"sku\":3}");

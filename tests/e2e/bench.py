@@ -223,8 +223,9 @@ def variants(pod_clusters) -> list[Variant]:
                 dict(config="property", wasm=PROBE, **idle)),
         # Not a hostcall: what a keyed request's persisted formats cost to compute, whoever
         # computes them (the fingerprint over a 1 KiB body, the store key).
-        Variant("hashes", "no-op filter computing a keyed request's hashes: SipHash-1-3 of 1 KiB "
-                "and two SHA-256 (the fingerprint and store key rollsafe's records pin)", "noop",
+        Variant("hashes", "no-op filter computing a keyed request's hashes: SipHash-1-3 over 1 KiB "
+                "and the request's parts, and a SHA-256 (the fingerprint and store key "
+                "rollsafe's records pin)", "noop",
                 dict(config="hashes", wasm=PROBE, **idle)),
         Variant("shared_read", "no-op filter reading 1 KiB of shared data", "noop",
                 dict(config="shared", wasm=PROBE, **idle)),
@@ -394,7 +395,7 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                                   ("property_read", "reading a property (xds.route_name)",
                                    "property"),
                                   ("hashes", "computing a keyed request's hashes (SipHash-1-3 "
-                                   "of 1 KiB, two SHA-256)", "hashes"),
+                                   "of 1 KiB, a SHA-256)", "hashes"),
                                   ("shared_read", "reading 1 KiB of shared data", "shared"),
                                   ("shared_read_full", "reading 1 KiB of shared data among "
                                    "16,384 entries (a full store), a new one each request",
@@ -1027,8 +1028,8 @@ def prices(vs: list[Variant]) -> list[str]:
     for name, what in [("one_read", "one request header"), ("map_read", "the request header map"),
                        ("property_read", "an absent property (xds.route_name)"),
                        ("hashes", "no hostcall: the hashes a keyed request's persisted formats "
-                        "pin (SipHash-1-3 of a 1 KiB body and two SHA-256: the fingerprint and "
-                        "the store key)"),
+                        "pin (SipHash-1-3 over a 1 KiB body and the request's parts: the "
+                        "fingerprint; a SHA-256: the store key)"),
                        ("shared_read", "1 KiB of shared data"),
                        ("shared_read_full", "1 KiB of shared data, a new one of 16,384 entries "
                         "each request (a full store; Kong's host walks a tree of them)")]:

@@ -13,9 +13,9 @@
 //!   `timeout`  set a request header (Envoy's `x-envoy-upstream-rq-timeout-ms`)
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
 //!   `hashes`   compute the hashes rollsafe's persisted formats pin for a keyed request of
-//!              1 KiB (src/idempotency/key.rs): SipHash-1-3 (128 bits) over the body and
-//!              SHA-256 over method, path, digest, length and that (the fingerprint), and
-//!              SHA-256 over the scope's parts (the store key); pure computation, no hostcall
+//!              1 KiB (src/idempotency/key.rs): SipHash-1-3 (128 bits) over method, path,
+//!              digest, length and body (the fingerprint), and SHA-256 over the scope's
+//!              parts (the store key); pure computation, no hostcall
 //! and on the way, what a keyed write or a replay cannot do without (the floors `make bench`
 //! compares rollsafe's paths with):
 //!   `body`     hold the request body until it is whole and read it once (`reply` then
@@ -406,19 +406,18 @@ fn hop_by_hop(name: &str) -> bool {
 
 /// The fingerprint and the store key of a keyed POST of `body` to `/bench` on route `bench`
 /// without credentials, computed as rollsafe computes them (src/idempotency/key.rs).
-fn keyed_hashes(body: &[u8]) -> ([u8; 32], [u8; 32]) {
+fn keyed_hashes(body: &[u8]) -> ([u8; 16], [u8; 32]) {
     use sha2::{Digest, Sha256};
     use siphasher::sip128::{Hasher128, SipHasher13};
+    use std::hash::Hasher;
     let mut sip = SipHasher13::new_with_keys(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
-    std::hash::Hasher::write(&mut sip, body);
-    let mut h = Sha256::new();
     for part in [&b"POST"[..], b"/bench", b""] {
-        h.update((part.len() as u32).to_be_bytes());
-        h.update(part);
+        sip.write(&(part.len() as u32).to_be_bytes());
+        sip.write(part);
     }
-    h.update((body.len() as u64).to_be_bytes());
-    h.update(sip.finish128().as_bytes());
-    let fingerprint = h.finalize().into();
+    sip.write(&(body.len() as u64).to_be_bytes());
+    sip.write(body);
+    let fingerprint = sip.finish128().as_bytes();
     let mut scope = Sha256::new();
     for part in [&b"bench"[..], b""] {
         scope.update((part.len() as u32).to_be_bytes());
