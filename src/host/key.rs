@@ -133,7 +133,7 @@ fn store_key(
         idempotency::ScopePart::Route => route.as_deref().or(fallback),
         idempotency::ScopePart::Header(name) => headers.get_bytes(name),
     });
-    idempotency::store_key(parts, key)
+    ip.scopes.borrow_mut().store_key(parts, key)
 }
 
 /// The body a key is decided on.

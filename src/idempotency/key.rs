@@ -59,24 +59,111 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
 /// part absent counts as empty), taken as bytes so that credentials that are not UTF-8 still
 /// tell callers apart, then `:` and the key.
 pub fn store_key<'a>(parts: impl IntoIterator<Item = Option<&'a [u8]>>, key: &str) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    keyed(&scope_digest(parts), key)
+}
+
+/// The first 16 bytes of SHA-256 over the length-prefixed scope parts.
+fn scope_digest<'a>(parts: impl IntoIterator<Item = Option<&'a [u8]>>) -> [u8; 16] {
     let mut h = Sha256::new();
     for p in parts {
         let p = p.unwrap_or_default();
         h.update((p.len() as u32).to_be_bytes());
         h.update(p);
     }
-    let digest = h.finalize();
-    // (Hex as bytes: `String::push` encodes each char as UTF-8, a call per digit here.)
-    let mut out = Vec::with_capacity(33 + key.len());
-    for b in digest.get(..16).unwrap_or_default() {
-        for nibble in [b >> 4, b & 0xf] {
-            out.push(DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+    let mut out = [0u8; 16];
+    if let Some(head) = h.finalize().get(..16) {
+        out.copy_from_slice(head);
+    }
+    out
+}
+
+/// `{hex of digest}:{key}`.
+fn keyed(digest: &[u8; 16], key: &str) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 32];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(digest) {
+        if let [hi, lo] = pair {
+            *hi = DIGITS.get(usize::from(b >> 4)).copied().unwrap_or(b'0');
+            *lo = DIGITS.get(usize::from(b & 0xf)).copied().unwrap_or(b'0');
         }
     }
-    out.push(b':');
-    out.extend_from_slice(key.as_bytes());
-    String::from_utf8(out).unwrap_or_default()
+    let mut out = String::with_capacity(33 + key.len());
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    out.push(':');
+    out.push_str(key);
+    out
+}
+
+/// The scope digests of the callers seen lately, so that a caller's SHA-256 is computed once
+/// rather than on every keyed request (it was the larger part of rollsafe's own instructions
+/// on a replay). A caller is recognised by a 128-bit SipHash of its scope parts under keys
+/// drawn from the host's entropy when the memo is made: no credential is kept, and nobody
+/// can make two callers' tags collide without the keys. A way holds the last caller whose
+/// tag falls to it; a caller who finds another there computes the digest as before, so the
+/// store key is the same with the memo or without it. Memory: 64 ways of 32 bytes.
+pub struct ScopeMemo {
+    keys: (u64, u64),
+    ways: Vec<([u8; 16], [u8; 16])>,
+}
+
+const MEMO_WAYS: usize = 64;
+
+impl ScopeMemo {
+    pub fn new() -> ScopeMemo {
+        use std::hash::{BuildHasher, Hasher};
+        let state = std::hash::RandomState::new();
+        let draw = |salt: u64| {
+            let mut h = state.build_hasher();
+            h.write_u64(salt);
+            h.finish()
+        };
+        ScopeMemo {
+            keys: (draw(1), draw(2)),
+            ways: Vec::new(),
+        }
+    }
+
+    /// [`store_key`], the scope's digest taken from the memo when this caller is in it.
+    pub fn store_key<'a, I>(&mut self, parts: I, key: &str) -> String
+    where
+        I: IntoIterator<Item = Option<&'a [u8]>> + Clone,
+    {
+        use siphasher::sip128::{Hasher128, SipHasher13};
+        use std::hash::Hasher;
+        let mut sip = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        for p in parts.clone() {
+            let p = p.unwrap_or_default();
+            sip.write(&(p.len() as u32).to_be_bytes());
+            sip.write(p);
+        }
+        let tag = sip.finish128().as_bytes();
+        if self.ways.is_empty() {
+            self.ways = vec![([0; 16], [0; 16]); MEMO_WAYS];
+        }
+        let way = usize::from(tag.first().copied().unwrap_or(0)) % MEMO_WAYS;
+        if let Some((t, digest)) = self.ways.get(way) {
+            if *t == tag {
+                return keyed(digest, key);
+            }
+        }
+        let digest = scope_digest(parts);
+        if let Some(w) = self.ways.get_mut(way) {
+            *w = (tag, digest);
+        }
+        keyed(&digest, key)
+    }
+}
+
+impl Default for ScopeMemo {
+    fn default() -> Self {
+        ScopeMemo::new()
+    }
+}
+
+impl std::fmt::Debug for ScopeMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopeMemo").finish_non_exhaustive()
+    }
 }
 
 /// What a record keeps of the request it answers, to tell a repeat from a different request

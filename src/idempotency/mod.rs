@@ -21,7 +21,9 @@ pub mod policy;
 pub mod record;
 pub mod store;
 
-pub use key::{fingerprint, fingerprint_streamed, parse_key, store_key, Facts, KeyError};
+pub use key::{
+    fingerprint, fingerprint_streamed, parse_key, store_key, Facts, KeyError, ScopeMemo,
+};
 pub use policy::{IdempotencyConfig, Policy, ScopePart, StoreKind, WhenFull};
 pub use record::{decode, decode_response, encode, encode_response, Record, State, Stored};
 pub use store::{

@@ -144,6 +144,8 @@ pub struct Policy {
     pub route_fallback: Option<String>,
     /// The fleet-wide store (`store: redis`); `None`: the node-local one.
     pub shared: Option<crate::shared_store::Redis>,
+    /// The scope digests of the callers seen lately (not configuration: a memo).
+    pub scopes: std::cell::RefCell<super::ScopeMemo>,
 }
 
 impl Policy {
@@ -268,6 +270,7 @@ impl Policy {
             when_full: cfg.when_full,
             route_fallback: None,
             shared,
+            scopes: Default::default(),
         })
     }
 

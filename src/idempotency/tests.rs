@@ -438,6 +438,32 @@ fn store_keys_are_the_persisted_format() {
     );
 }
 
+/// The memo of scope digests changes no store key: callers met again (a hit), callers whose
+/// tag falls to a way another holds (300 callers in 64 ways), absent and empty parts.
+#[test]
+fn the_scope_memo_gives_the_store_keys_the_scope_gives() {
+    let mut memo = ScopeMemo::new();
+    let creds: Vec<Vec<u8>> = (0..300u32)
+        .map(|i| format!("Bearer {i}").into_bytes())
+        .collect();
+    for round in 0..3 {
+        for (i, c) in creds.iter().enumerate() {
+            let parts = [Some(&b"route-1"[..]), (i % 7 != 0).then_some(c.as_slice())];
+            let key = format!("k{round}-{i}");
+            assert_eq!(memo.store_key(parts, &key), store_key(parts, &key));
+        }
+    }
+    // An absent part and an empty one are the same caller, as in the scope's format.
+    let absent = [Some(&b"r"[..]), None];
+    let empty = [Some(&b"r"[..]), Some(&b""[..])];
+    assert_eq!(memo.store_key(absent, "k"), memo.store_key(empty, "k"));
+    assert_ne!(
+        memo.store_key([Some(&b"ab"[..]), Some(&b""[..])], "k"),
+        memo.store_key([Some(&b"a"[..]), Some(&b"b"[..])], "k"),
+        "parts do not blur"
+    );
+}
+
 /// Fingerprints are persisted (records, the shared store, between gateway versions): these
 /// are SipHash-1-3-128 over the length-prefixed parts, computed apart from this crate (a
 /// Python reference of SipHash), then 16 zero bytes.
