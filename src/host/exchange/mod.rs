@@ -316,6 +316,9 @@ impl Exchange {
                     // waits for its answer up to the deadline. The router reads this header
                     // with the request's headers, so it is set now, before the key is decided
                     // (a write that then runs unkeyed is not retried after sending anyway).
+                    // Set from the body callback instead, behind the buffer filter, Envoy 1.40
+                    // cut the attempt at the per-try timeout all the same (measured with
+                    // test_exactly_once.py's slow first attempt): replays and 409s pay for it.
                     if !crate::retry::is_idempotent(&ex.method) {
                         let deadline = policy.deadline_ms.to_string();
                         host.set_request_header("x-envoy-upstream-rq-timeout-ms", &deadline);
