@@ -224,8 +224,8 @@ def variants(pod_clusters) -> list[Variant]:
         # Not a hostcall: what a keyed request's persisted formats cost to compute, whoever
         # computes them (the fingerprint over a 1 KiB body, the store key).
         Variant("hashes", "no-op filter computing a keyed request's hashes: SipHash-1-3 over 1 KiB "
-                "and the request's parts, and a SHA-256 (the fingerprint and store key "
-                "rollsafe's records pin)", "noop",
+                "and the request's parts (the fingerprint rollsafe's records pin) and over the "
+                "scope's parts (the caller's tag in rollsafe's memo of scope digests)", "noop",
                 dict(config="hashes", wasm=PROBE, **idle)),
         Variant("shared_read", "no-op filter reading 1 KiB of shared data", "noop",
                 dict(config="shared", wasm=PROBE, **idle)),
@@ -395,7 +395,7 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                                   ("property_read", "reading a property (xds.route_name)",
                                    "property"),
                                   ("hashes", "computing a keyed request's hashes (SipHash-1-3 "
-                                   "of 1 KiB, a SHA-256)", "hashes"),
+                                   "of 1 KiB and of the scope)", "hashes"),
                                   ("shared_read", "reading 1 KiB of shared data", "shared"),
                                   ("shared_read_full", "reading 1 KiB of shared data among "
                                    "16,384 entries (a full store), a new one each request",
@@ -978,8 +978,9 @@ REASONS = {
                 "counter, and the completion's read and second write (the index record beside "
                 "the response; Envoy numbers shared-data writes across keys, so the bucket is "
                 "read again); the rest, the larger part, is rollsafe's own wasm code: the "
-                "fingerprint and scope hashes its persisted formats pin (priced apart as "
-                "`hashes`), the bucket's records, the stored response's encoding, allocation "
+                "fingerprint's SipHash over the body, which its persisted formats pin (priced "
+                "apart as `hashes`), the bucket's records, the stored response's encoding, "
+                "allocation "
                 "(\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
                      "connection, so the floor alone (the no-op filter recording a claim, "
@@ -993,20 +994,21 @@ REASONS = {
                      "which keeps the response's cas so that it is written without being read), "
                      "the counters; every shared-data call walks a tree of the zone's entries "
                      "(kong_shared_read_full); the rest, the larger part, is rollsafe's own wasm "
-                     "code (the hashes its persisted formats pin, priced apart as kong_hashes, "
+                     "code (the fingerprint its persisted formats pin, priced apart as kong_hashes, "
                      "the bucket's records and the answer's copies, allocation: \"Kong's host: "
                      "where the worker's CPU goes\"). Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
     "replay_1k": "the calls a replay makes here cost more than the floor's: the header map (the "
                  "key, method, path, scope and digest), the route's name, the timeout header a "
-                 "keyed write sets before its body is decided, the key's index record beside the "
-                 "answer, the counter (replay_design_1k); the rest is rollsafe's own code: the "
-                 "fingerprint and scope hashes its persisted formats pin (priced apart: \"The "
-                 "host's price per hostcall\"), the stored response's decoding, allocation",
+                 "keyed write sets before its body is decided (Envoy's router does not take it "
+                 "from the body callback), the key's index record beside the answer, the counter "
+                 "(replay_design_1k); the rest is rollsafe's own code: the fingerprint its "
+                 "persisted formats pin (priced apart: \"The host's price per hostcall\"), the "
+                 "stored response's decoding, allocation",
     "kong_replay_1k": "the calls a replay makes here cost more than the floor's: the header map, the "
                       "route's id, the key's index record beside the answer, the counter "
-                      "(kong_replay_design_1k); the rest is rollsafe's own code: the hashes its "
+                      "(kong_replay_design_1k); the rest is rollsafe's own code: the fingerprint its "
                       "persisted formats pin (kong_hashes), the stored response's decoding, "
                       "allocation",
     "owned_redis_1k": "each Webdis call is a dispatch_http_call, and a keyed write makes two (claim, "
@@ -1029,7 +1031,8 @@ def prices(vs: list[Variant]) -> list[str]:
                        ("property_read", "an absent property (xds.route_name)"),
                        ("hashes", "no hostcall: the hashes a keyed request's persisted formats "
                         "pin (SipHash-1-3 over a 1 KiB body and the request's parts: the "
-                        "fingerprint; a SHA-256: the store key)"),
+                        "fingerprint; over the scope's parts: the caller's tag, whose scope "
+                        "SHA-256 is computed once per caller)"),
                        ("shared_read", "1 KiB of shared data"),
                        ("shared_read_full", "1 KiB of shared data, a new one of 16,384 entries "
                         "each request (a full store; Kong's host walks a tree of them)")]:

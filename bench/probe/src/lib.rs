@@ -14,8 +14,9 @@
 //!   `reply`    answer with a local 200 and a 1 KiB body (`send_http_response`)
 //!   `hashes`   compute the hashes rollsafe's persisted formats pin for a keyed request of
 //!              1 KiB (src/idempotency/key.rs): SipHash-1-3 (128 bits) over method, path,
-//!              digest, length and body (the fingerprint), and SHA-256 over the scope's
-//!              parts (the store key); pure computation, no hostcall
+//!              digest, length and body (the fingerprint), and over the scope's parts (the
+//!              tag of the caller's scope digest, whose SHA-256 is computed once per
+//!              caller); pure computation, no hostcall
 //! and on the way, what a keyed write or a replay cannot do without (the floors `make bench`
 //! compares rollsafe's paths with):
 //!   `body`     hold the request body until it is whole and read it once (`reply` then
@@ -404,10 +405,11 @@ fn hop_by_hop(name: &str) -> bool {
     )
 }
 
-/// The fingerprint and the store key of a keyed POST of `body` to `/bench` on route `bench`
-/// without credentials, computed as rollsafe computes them (src/idempotency/key.rs).
-fn keyed_hashes(body: &[u8]) -> ([u8; 16], [u8; 32]) {
-    use sha2::{Digest, Sha256};
+/// What a keyed POST of `body` to `/bench` on route `bench` without credentials hashes, as
+/// rollsafe hashes it (src/idempotency/key.rs): the fingerprint, and the tag that finds the
+/// caller's scope digest in its memo (the scope's SHA-256 is computed once per caller, not per
+/// request).
+fn keyed_hashes(body: &[u8]) -> ([u8; 16], [u8; 16]) {
     use siphasher::sip128::{Hasher128, SipHasher13};
     use std::hash::Hasher;
     let mut sip = SipHasher13::new_with_keys(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
@@ -417,13 +419,12 @@ fn keyed_hashes(body: &[u8]) -> ([u8; 16], [u8; 32]) {
     }
     sip.write(&(body.len() as u64).to_be_bytes());
     sip.write(body);
-    let fingerprint = sip.finish128().as_bytes();
-    let mut scope = Sha256::new();
+    let mut tag = SipHasher13::new_with_keys(0x5eed, 0xcafe);
     for part in [&b"bench"[..], b""] {
-        scope.update((part.len() as u32).to_be_bytes());
-        scope.update(part);
+        tag.write(&(part.len() as u32).to_be_bytes());
+        tag.write(part);
     }
-    (fingerprint, scope.finalize().into())
+    (sip.finish128().as_bytes(), tag.finish128().as_bytes())
 }
 
 /// A body, read once it is whole (`None` until then: the stream is held).
