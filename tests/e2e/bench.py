@@ -382,6 +382,7 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
     reference; every variant is one nginx with one worker."""
     pod = clusters["bench"][0].address
     k = {"concurrency": 1, "keepalive": 64}
+    post = ("POST", "/bench", {"content-type": "application/json"}, KIB.encode())
     return [
         Variant("kong_bare", "Kong's host: GET proxied, no filter", None,
                 dict(config={}, wasm=None, **k), host="kong"),
@@ -418,14 +419,16 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                                                              "target": "bench"}}, **k),
                 goal="idle", host="kong"),
         Variant("kong_plain_1k", "Kong's host: POST 1 KiB proxied, upstream keep-alive, no filter",
-                None, dict(config={}, wasm=None, **k), script=post_script(), host="kong"),
+                None, dict(config={}, wasm=None, **k), script=post_script(), host="kong",
+                fixed=post),
         Variant("kong_plain_close_1k", "Kong's host: POST 1 KiB proxied, a new upstream "
                 "connection each (what a dispatch does)", "kong_plain_1k",
-                dict(config={}, wasm=None, concurrency=1), script=post_script(), host="kong"),
+                dict(config={}, wasm=None, concurrency=1), script=post_script(), host="kong",
+                fixed=post),
         Variant("kong_owned_1k", "Kong's host: keyed POST 1 KiB, rollsafe owns the exchange "
                 "(dispatch), first try answers", "kong_plain_1k", dict(config=OWNED, **k),
                 script=post_script(new_key=True), goal="owned", floor="kong_dispatch_floor_1k",
-                design="kong_owned_design_1k", host="kong"),
+                design="kong_owned_design_1k", host="kong", fixed=keyed_fixed),
         # The floor of the dispatch design: what Envoy's owned floor does (read the key, hold
         # and read the body, record the claim, store the 1 KiB answer), with the attempt carried
         # by dispatch_http_call: the request's headers sent along and the reply's given back,
@@ -440,10 +443,10 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 "connection closed after 32 requests)", "kong_plain_1k",
                 dict(config=f"method,claim,cas,dispatch={pod},forward,store,close", wasm=PROBE,
                      **k),
-                script=post_script(new_key=True), host="kong"),
+                script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         Variant("kong_owned_1k_speed", "Kong's host: kong_owned_1k, the .wasm built for speed "
                 "(opt-level 2)", "kong_owned_1k", dict(config=OWNED, wasm=SPEED, **k),
-                script=post_script(new_key=True), host="kong"),
+                script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         # The calls rollsafe's owned write makes on Kong's host, made by the no-op filter: the
         # dispatch floor's (whose header map, read to send along, also holds the key), with the
         # route's id, a clock read, two counters, and the answer kept in an entry of its own
@@ -454,25 +457,25 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 "claim's entry rewritten under the cas its write left", "kong_plain_1k",
                 dict(config=f"clock,property,metric,metric,claim,cas,complete,dispatch={pod},"
                             "forward,store,close", wasm=PROBE, **k),
-                script=post_script(new_key=True), host="kong"),
+                script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
                 "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
                 dict(config=f"method,claim,cas,dispatch={pod},forward,store", wasm=PROBE, **k),
-                script=post_script(new_key=True), host="kong"),
+                script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         # The floor of the other design (attempt 1 carried by proxy_pass): read the key, hold
         # and read the body, record the claim, store the answer in shared data; nginx proxies.
         Variant("kong_proxy_floor_1k", "Kong's host: no-op filter reading one header, holding "
                 "and reading the body, recording a claim in a new one of 16,384 entries, storing "
                 "the answer (headers, 1 KiB body) there; proxy_pass carries it", "kong_plain_1k",
                 dict(config="method,body,claim,cas,store", wasm=PROBE, **k),
-                script=post_script(new_key=True), host="kong"),
+                script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         # The other design, run by rollsafe itself: with no target to dispatch to, Kong's own
         # proxy_pass carries the keyed write (claimed at the body's end, stored from the
         # response), with no retries by rollsafe.
         Variant("kong_proxied_1k", "Kong's host: keyed POST 1 KiB, attempt 1 carried by "
                 "proxy_pass (no retries)", "kong_plain_1k",
                 dict(config=OWNED, fill_target=False, **k), script=post_script(new_key=True),
-                host="kong"),
+                host="kong", fixed=keyed_fixed),
         Variant("kong_owned_redis_1k", "Kong's host: keyed POST 1 KiB on the shared store",
                 "kong_owned_1k", dict(config=owned(cache=True), **k),
                 script=post_script(new_key=True), goal="store",
@@ -486,7 +489,7 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 "kong_dispatch_floor_1k",
                 dict(config=f"method,dispatch={pod},forward,store,close,webdis=store",
                      wasm=PROBE, **k),
-                script=post_script(new_key=True), host="kong"),
+                script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         Variant("kong_replay_1k", "Kong's host: replay of a stored 1 KiB response",
                 "kong_plain_1k", dict(config=OWNED, **k), script=post_script("bench-replay"),
                 goal="replay", floor="kong_replay_floor_1k", design="kong_replay_design_1k",
@@ -543,8 +546,10 @@ def wrk(port: int, script: str | None, connections: int = 8, url: str | None = N
         args[1:1] = ["-s", path]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     n = re.search(r"(\d+) requests in", out)
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    # (Anchored to the distribution's own lines: the thread stats end in a percentage too,
+    # and "95.50%" followed by the next line's first word once read as a p50 of nan.)
+    p50 = re.search(r"^\s*50%\s+(\S+)\s*$", out, re.M)
+    p99 = re.search(r"^\s*99%\s+(\S+)\s*$", out, re.M)
     if not (n and p50 and p99):
         raise RuntimeError(out)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -659,26 +664,36 @@ def _send(conn_box: list, port: int, fixed, i: int) -> None:
 
 
 def callgrind(harness, v: Variant, clusters) -> float:
-    """Envoy's instructions per request for `v.fixed`, counted by callgrind only while the
-    requests run (start-up and warm-up are not instrumented)."""
+    """The gateway's instructions per request for `v.fixed`, counted by callgrind only while
+    the requests run (start-up and warm-up are not instrumented): Envoy's, or on Kong's host
+    its one worker's (nginx forks it under callgrind; Wasmtime's compiled code runs there as
+    V8's does in Envoy)."""
     out = harness.dir / f"callgrind-{v.name}.out"
-    e = start(harness, v, clusters, wrapper=[
-        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
-        f"--callgrind-out-file={out}"])
+    wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file"]
+    if v.host == "kong":
+        # (callgrind_control reaches a forked worker only when valgrind follows children; a
+        # file per process.)
+        wrapper += ["--trace-children=yes", f"--callgrind-out-file={out}.%p"]
+    else:
+        wrapper += [f"--callgrind-out-file={out}"]
+    e = start(harness, v, clusters, wrapper=wrapper)
     try:
         if v.prepare:
             v.prepare(e)
         box = [None]
         for i in range(CG_WARMUP):
             _send(box, e.port, v.fixed, i)
-        subprocess.run(["callgrind_control", "-i", "on", str(e.proc.pid)], check=True,
-                       capture_output=True)
+        pid = str(e.proc.pid)
+        if v.host == "kong":
+            pid = subprocess.check_output(["pgrep", "-P", pid], text=True).split()[0]
+
+        def control(*args: str) -> None:
+            subprocess.run(["callgrind_control", *args, pid], check=True, capture_output=True)
+        control("-i", "on")
         for i in range(CG_REQUESTS):
             _send(box, e.port, v.fixed, CG_WARMUP + i)
-        subprocess.run(["callgrind_control", "-i", "off", str(e.proc.pid)], check=True,
-                       capture_output=True)
-        subprocess.run(["callgrind_control", "-d", str(e.proc.pid)], check=True,
-                       capture_output=True)
+        control("-i", "off")
+        control("-d")
     finally:
         e.stop()
     total = 0
@@ -812,7 +827,21 @@ def machine() -> str:
     version = m.group(1) if m else "?"
     return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Envoy {version}, "
             f"wrk -t1 -c8 on loopback, {ROUNDS} rounds × {SECONDS} s, 1 Envoy worker; "
-            f"dist/rollsafe.wasm {wasm_size():,} bytes")
+            f"dist/rollsafe.wasm {wasm_size():,} bytes, built from {source_commit()}")
+
+
+def source_commit() -> str:
+    """The commit the .wasm was built from, so that the results say which code they measure
+    (and when the code had changed since)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short=7", "HEAD")
+        changed = git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock")
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit (no git here)"
+    return f"commit {head}" + (" with uncommitted changes to its source" if changed else "")
 
 
 def us_per_instruction(vs: list[Variant]) -> float | None:
@@ -823,7 +852,9 @@ def us_per_instruction(vs: list[Variant]) -> float | None:
     by = {v.name: v for v in vs}
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     slopes = []
-    for v in vs:
+    # (Envoy's alone: on Kong's host a dispatch's connection is kernel work, in the CPU time
+    # and not in the instructions, which would make the slope no rate at all.)
+    for v in (v for v in vs if v.host == "envoy"):
         ref = by.get(v.ref) if v.ref else None
         if ref and v.instr and ref.instr and abs(v.instr - ref.instr) >= 40_000:
             slopes.append((med(v.cpu) - med(ref.cpu)) / (v.instr - ref.instr))
@@ -852,15 +883,19 @@ def verdicts(vs: list[Variant], rtt: list[float]) -> list[str]:
         if v.goal == "idle" and ref:
             d = med(v.cpu) - med(ref.cpu)
             di = (v.instr - ref.instr) if v.instr and ref.instr else None
-            if di is not None and rate:
+            if di is not None and rate and v.host == "envoy":
                 # Judged on the instruction count, which small differences do not drown in.
                 us = di * rate
                 lines.append(f"| {where} | {v.name} idle cost | ≤ +3 µs CPU over the no-op filter | "
                              f"{di:+,.0f} instructions ≈ {us:+.1f} µs (CPU median {d:+.1f} µs) | "
                              f"{'met' if us <= 3 else 'not met' + why} |")
             else:
+                # (Kong's host: by CPU, with its instructions beside it, which this run has no
+                # rate for; see `us_per_instruction`.)
+                counted = (f"{di:+,.0f} instructions" if di is not None
+                           else "no instruction count on this host")
                 lines.append(f"| {where} | {v.name} idle cost | ≤ +3 µs CPU over the no-op filter | "
-                             f"CPU median {d:+.1f} µs (no instruction count on this host) | "
+                             f"CPU median {d:+.1f} µs ({counted}) | "
                              f"{'met' if d <= 3 else 'not met' + why} |")
         elif v.goal == "owned" and ref:
             r = med(v.cpu) / med(ref.cpu)
@@ -955,13 +990,12 @@ REASONS = {
     "routing": "`:method` (only writes are hashed) and a lookup for a client-supplied group header, "
                "which is absent: one_read + an absent lookup",
     "idempotency": "one lookup of the key header (absent on these GETs)",
-    "kong_idempotency": "one lookup of the key header (absent on these GETs), as on Envoy, where "
-                        "instructions are counted; on Kong's host only the CPU median, within a "
+    "kong_idempotency": "one lookup of the key header (absent on these GETs), as on Envoy "
+                        "(`idempotency`); judged on Kong's host by the CPU median, within a "
                         "microsecond of the no-op filter's noise",
     "maintenance": "one clock read",
-    "kong_maintenance": "one clock read, as on Envoy, where instructions are counted "
-                        "(`maintenance`); on Kong's host only the CPU median, whose noise between "
-                        "runs is a few microseconds",
+    "kong_maintenance": "one clock read, as on Envoy (`maintenance`); judged on Kong's host by "
+                        "the CPU median, whose noise between runs is a few microseconds",
     "maint_notice": "one clock read; the notice is one more comparison outside its period",
     "maint_schedule": "one clock read and the `:path` and `:method` reads that tell the schedule "
                       "path from the rest",
@@ -1039,9 +1073,12 @@ def prices(vs: list[Variant]) -> list[str]:
         v, kv = by.get(name), by.get(f"kong_{name}")
         envoy = (f"{v.instr - noop.instr:+,.0f}" if v and noop and v.instr and noop.instr else "–")
         kong = (f"{med(kv.cpu) - med(knoop.cpu):+.1f}" if kv and knoop else "–")
-        rows.append(f"| {what} | {envoy} | {kong} |")
+        kong_instr = (f"{kv.instr - knoop.instr:+,.0f}"
+                      if kv and knoop and kv.instr and knoop.instr else "–")
+        rows.append(f"| {what} | {envoy} | {kong_instr} | {kong} |")
     return (["| hostcall (the no-op filter doing only this) | Envoy instructions per request | "
-             "Kong's host CPU µs per request (noisy) |", "|---|---:|---:|"] + rows)
+             "Kong's host instructions per request | Kong's host CPU µs per request (noisy) |",
+             "|---|---:|---:|---:|"] + rows)
 
 
 def profile() -> list[dict]:
@@ -1113,22 +1150,27 @@ def split_rows(directory: Path) -> list[str]:
 
 def profile_rows(vs: list[Variant], paths: list[dict]) -> list[str]:
     by = {v.name: v for v in vs}
-    noop = by.get("noop")
-    price = {kind: by[n].instr - noop.instr for kind, n in PRICED.items()
-             if noop and noop.instr and n in by and by[n].instr}
+
+    def prices(prefix: str) -> dict:
+        """Each kind's price on one host: its probe variant over its no-op filter."""
+        noop = by.get(f"{prefix}noop")
+        return {kind: by[prefix + n].instr - noop.instr for kind, n in PRICED.items()
+                if noop and noop.instr and prefix + n in by and by[prefix + n].instr}
+    price = {"": prices(""), "kong_": prices("kong_")}
     rows = ["| path | hostcalls per request, by kind (and a keyed request's hashes) | priced "
-            "(Envoy instructions) | path's "
+            "(the host's instructions) | path's "
             "instructions over its reference | the rest: rollsafe's own code and unpriced calls |",
             "|---|---|---:|---:|---:|"]
     refs = {"configured": "noop", "configured_writes": "noop", "owned_1k": "plain_1k",
-            "replay_1k": "direct_1k"}
+            "replay_1k": "direct_1k", "kong_owned_1k": "kong_plain_1k"}
     for p in paths:
         # (One request each: the profile leaves a keyed path's warm-up request out.)
         name, calls = p["path"], dict(p["hostcalls"])
         if name in KEYED_PATHS:
             calls["hashes (no hostcall)"] = 1
         kinds = ", ".join(f"{k} {n:g}" for k, n in sorted(calls.items()))
-        priced = sum(price.get(k, 0) * n for k, n in calls.items())
+        host = "kong_" if name.startswith("kong_") else ""
+        priced = sum(price[host].get(k, 0) * n for k, n in calls.items())
         v, ref = by.get(name), by.get(refs.get(name, ""))
         over = (v.instr - ref.instr) if v and ref and v.instr and ref.instr else None
         rest = f"{over - priced:+,.0f}" if over is not None else "–"
@@ -1182,9 +1224,12 @@ def report(vs: list[Variant], store: str | None, rtt: list[float], paths: list[d
         ("Kong's host: " + kong_machine() + "." if kong else
          "Kong's host: SKIPPED (KONG_WASM_NGINX was not set)."),
         "Only ratios and differences within this one run mean anything: the machine is shared "
-        "and noisy. Instructions (Envoy only: callgrind does not run Kong's host here) are "
-        f"counted by callgrind over a fixed sequence of {CG_REQUESTS} requests sent one at a "
-        "time, and repeat to a fraction of a percent.",
+        "and noisy. Instructions are counted by callgrind (Envoy's process"
+        + (", and on Kong's host its worker's" if any(v.instr for v in vs if v.host == "kong")
+           else ", Envoy only in this run") +
+        "; user space only, so not a dispatch's connection in the kernel) over a fixed "
+        f"sequence of {CG_REQUESTS} requests sent one at a time, and repeat to a fraction of a "
+        "percent.",
         "",
         "## Goals",
         "",
@@ -1334,7 +1379,7 @@ def main() -> int:
                 v.instr = callgrind(harness, v, clusters)
                 print(f"callgrind {v.name}: {v.instr:,.0f} instructions/request", flush=True)
             with ThreadPoolExecutor(2) as pool:
-                list(pool.map(count, [v for v in vs if v.fixed and v.host == "envoy"]))
+                list(pool.map(count, [v for v in vs if v.fixed]))
         if KONG_WASM_NGINX and PERF:
             for v in vs:
                 if v.name in KONG_PROFILED:

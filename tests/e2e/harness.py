@@ -590,8 +590,10 @@ class Kong:
                  concurrency: int = 2, wasm: Path | None = WASM, port: int | None = None,
                  body_buffer: str = "1m", http_extra: str = "", keepalive: int = 0,
                  log_level: str = "info", fill_target: bool = True, wasm_extra: str = "",
-                 zone: str = "64m", **_ignored):
+                 zone: str = "64m", wrapper: list[str] | None = None, **_ignored):
         self.harness = harness
+        # A command nginx runs under (callgrind, counting the worker's instructions).
+        self.wrapper = wrapper or []
         # The `rollsafe` shm zone's size (a test of a zone too small for the store).
         self.zone = zone
         # More of the `wasm {}` block (a profiling run: `wasmtime { flag profiler perfmap; }`).
@@ -748,7 +750,7 @@ http {{
         conf.write_text(self.conf())
         log = open(self.dir / "stdout.log", "ab")
         self.proc = subprocess.Popen(
-            [KONG_WASM_NGINX, "-p", str(self.dir), "-c", str(conf)],
+            [*self.wrapper, KONG_WASM_NGINX, "-p", str(self.dir), "-c", str(conf)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.harness.procs.append(self.proc)
         if wait_ready:
