@@ -110,14 +110,11 @@ impl Announce {
 
 /// RFC 3339, UTC, whole seconds.
 fn utc(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(ms.div_ceil(1000)),
-    )
-    .to_string()
+    crate::dates::rfc3339(ms.div_ceil(1000))
 }
 
 fn http_date(ms: u64) -> String {
-    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    crate::dates::http_date(ms / 1000)
 }
 
 /// `start="<HTTP-date>", end="<HTTP-date>", methods=("POST" "PUT")` (an RFC 8941 dictionary;

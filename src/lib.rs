@@ -15,6 +15,7 @@
 
 pub mod announce;
 pub mod config;
+pub mod dates;
 pub mod host;
 pub mod idempotency;
 pub mod maintenance;

@@ -492,8 +492,7 @@ pub fn parse_utc(text: &str) -> Result<u64, String> {
 
 /// RFC 3339 rendering of ms since the epoch (whole seconds), for problem bodies.
 pub fn format_utc(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(ms.div_ceil(1000));
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::dates::rfc3339(ms.div_ceil(1000))
 }
 
 fn compile_window(w: &WindowConfig, at: &str) -> Result<Window, ConfigError> {

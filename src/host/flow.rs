@@ -490,9 +490,7 @@ impl Request {
         let seconds = until.saturating_sub(now).div_ceil(1000).max(1);
         let retry_after = match format {
             RetryAfterFormat::Delta => seconds.to_string(),
-            RetryAfterFormat::HttpDate => httpdate::fmt_http_date(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(until.div_ceil(1000)),
-            ),
+            RetryAfterFormat::HttpDate => crate::dates::http_date(until.div_ceil(1000)),
         };
         let end = maintenance::format_utc(until);
         let mut ext = serde_json::Map::new();
