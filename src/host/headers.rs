@@ -5,6 +5,20 @@
 
 use std::borrow::Cow;
 
+/// Whether header name `name` is `wanted`, in any case. Lengths and last bytes are compared
+/// here, inline: a request's headers are searched for a dozen names, and at opt-level "z" the
+/// comparison of the bytes is a call (on Kong's host, Wasmtime's compiled code inlines none:
+/// bench/RESULTS.md).
+#[inline(always)]
+pub fn name_is(name: impl AsRef<[u8]>, wanted: impl AsRef<[u8]>) -> bool {
+    let (name, wanted) = (name.as_ref(), wanted.as_ref());
+    // (Equal names have last bytes equal but for ASCII case, which `| 0x20` folds: names of
+    // one length mostly differ there, pseudo-headers and `content-*` alike.)
+    name.len() == wanted.len()
+        && name.last().map(|b| b | 0x20) == wanted.last().map(|b| b | 0x20)
+        && name.eq_ignore_ascii_case(wanted)
+}
+
 /// Header pairs in the ABI's format, as a host call that takes a header map wants them.
 pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
     let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
@@ -27,9 +41,14 @@ pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
 /// is made: a keyed request looks up a dozen names, most of them absent, and each lookup then
 /// compares lengths from a table rather than decoding the block again. Malformed input (it
 /// comes from the host) reads as fewer headers, never as a trap.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HeaderBlock {
-    raw: Vec<u8>,
+    /// The names and values (the block past its count and lengths): as text when all of it is
+    /// UTF-8, checked once, so that each header then reads as `&str` without a check of its
+    /// own (a dispatched attempt reads every one); else as bytes, each read lossily.
+    data: Result<String, Vec<u8>>,
+    /// Where `data` starts in the block, which the entries' offsets count from.
+    base: usize,
     entries: Vec<Entry>,
 }
 
@@ -47,19 +66,21 @@ fn u32_at(raw: &[u8], at: usize) -> Option<usize> {
     Some(u32::from_le_bytes(b) as usize)
 }
 
-/// The entries of a block, up to the first that does not fit.
-fn index(raw: &[u8]) -> Vec<Entry> {
+/// The entries of a block, up to the first that does not fit, and where its names and values
+/// start.
+fn index(raw: &[u8]) -> (Vec<Entry>, usize) {
     // Each entry takes at least 8 length bytes: a count larger than the block is a lie.
     let count = u32_at(raw, 0).unwrap_or(0).min(raw.len() / 8);
     let mut out = Vec::with_capacity(count);
-    let mut data = 4 + count * 8;
+    let start = 4 + count * 8;
+    let mut data = start;
     for i in 0..count {
         match entry(raw, i, &mut data) {
             Some(e) => out.push(e),
             None => break,
         }
     }
-    out
+    (out, start.min(raw.len()))
 }
 
 /// Entry `i`, whose name starts at `data` (moved past its value); `None` when it runs past the
@@ -82,10 +103,25 @@ fn entry(raw: &[u8], i: usize, data: &mut usize) -> Option<Entry> {
     Some(e)
 }
 
+impl Default for HeaderBlock {
+    fn default() -> Self {
+        HeaderBlock {
+            data: Ok(String::new()),
+            base: 0,
+            entries: Vec::new(),
+        }
+    }
+}
+
 impl HeaderBlock {
-    pub fn from_raw(raw: Vec<u8>) -> Self {
-        let entries = index(&raw);
-        HeaderBlock { raw, entries }
+    pub fn from_raw(mut raw: Vec<u8>) -> Self {
+        let (entries, base) = index(&raw);
+        raw.drain(..base);
+        HeaderBlock {
+            data: String::from_utf8(raw).map_err(|e| e.into_bytes()),
+            base,
+            entries,
+        }
     }
 
     /// The block a host would give for these pairs (the fake host, tests).
@@ -100,15 +136,25 @@ impl HeaderBlock {
     /// Every (name, value), in the host's order; bytes that are not UTF-8 (a client may send
     /// obs-text) read as U+FFFD rather than losing the header.
     pub fn iter(&self) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-        self.raw_iter()
-            .map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
+        self.entries.iter().map(|e| {
+            (
+                self.text(e.name, e.name_len),
+                self.text(e.value, e.value_len),
+            )
+        })
     }
 
     /// Every value of a header (any case), read lossily; the other headers are not decoded.
     pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Cow<'a, str>> + 'a {
-        self.raw_iter()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| String::from_utf8_lossy(v))
+        self.entries
+            .iter()
+            .filter(move |e| name_is(self.slice(e.name, e.name_len), name))
+            .map(|e| self.text(e.value, e.value_len))
+    }
+
+    /// How many headers the block holds.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
     }
 
     /// A header's value as the client sent it, bytes and all.
@@ -116,36 +162,51 @@ impl HeaderBlock {
         self.find(name.as_bytes())
     }
 
+    /// Where `len` bytes at `at` in the block lie in `data`.
+    fn range(&self, at: u32, len: u32) -> std::ops::Range<usize> {
+        let at = (at as usize).saturating_sub(self.base);
+        at..at + len as usize
+    }
+
     fn slice(&self, at: u32, len: u32) -> &[u8] {
-        let at = at as usize;
-        self.raw.get(at..at + len as usize).unwrap_or_default()
+        let bytes = match &self.data {
+            Ok(text) => text.as_bytes(),
+            Err(bytes) => bytes,
+        };
+        bytes.get(self.range(at, len)).unwrap_or_default()
+    }
+
+    /// Bytes of the block as text: borrowed when the block is UTF-8, else with U+FFFD for what
+    /// is not.
+    fn text(&self, at: u32, len: u32) -> Cow<'_, str> {
+        match &self.data {
+            Ok(text) => Cow::Borrowed(text.get(self.range(at, len)).unwrap_or_default()),
+            Err(bytes) => {
+                String::from_utf8_lossy(bytes.get(self.range(at, len)).unwrap_or_default())
+            }
+        }
     }
 
     /// The first value of `name` (any case): only entries whose name is as long as `name` are
     /// compared.
     fn find(&self, name: &[u8]) -> Option<&[u8]> {
-        let e = self.entries.iter().find(|e| {
-            e.name_len as usize == name.len()
-                && self.slice(e.name, e.name_len).eq_ignore_ascii_case(name)
-        })?;
+        let e = self.entry(name)?;
         Some(self.slice(e.value, e.value_len))
     }
 
-    /// Every (name, value) as bytes, unchecked: lookups compare names without validating
-    /// every header's UTF-8.
-    fn raw_iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.entries.iter().map(|e| {
-            (
-                self.slice(e.name, e.name_len),
-                self.slice(e.value, e.value_len),
-            )
+    fn entry(&self, name: &[u8]) -> Option<&Entry> {
+        self.entries.iter().find(|e| {
+            e.name_len as usize == name.len() && name_is(self.slice(e.name, e.name_len), name)
         })
     }
 
     /// A header's value by case-insensitive name (`None` when it is not UTF-8).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.find(name.as_bytes())
-            .and_then(|v| std::str::from_utf8(v).ok())
+        let e = self.entry(name.as_bytes())?;
+        match &self.data {
+            Ok(text) => text.get(self.range(e.value, e.value_len)),
+            Err(bytes) => std::str::from_utf8(bytes.get(self.range(e.value, e.value_len))?).ok(),
+        }
     }
 
     pub fn to_pairs(&self) -> Vec<(String, String)> {
@@ -176,8 +237,36 @@ mod tests {
     }
 
     #[test]
+    fn names_compare_in_any_case_and_nothing_else() {
+        for (a, b, same) in [
+            ("Content-Length", "content-length", true),
+            ("IDEMPOTENCY-KEY", "idempotency-key", true),
+            (":method", ":method", true),
+            ("", "", true),
+            ("content-digest", "content-length", false),
+            (":method", ":scheme", false),
+            ("x-a@", "x-a`", false), // equal once `| 0x20` folds them: only letters have case
+            ("host", "hosts", false),
+        ] {
+            assert_eq!(name_is(a, b), same, "{a} {b}");
+            assert_eq!(name_is(a, b), a.eq_ignore_ascii_case(b), "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn only_the_names_and_values_need_be_text() {
+        // (A length of 200 is the byte 0xc8 in the block's binary head, which is no UTF-8.)
+        let long = "é".repeat(100);
+        let b = HeaderBlock::from_raw(serialize(&[("a", &long), ("b", "2")]));
+        assert!(b.data.is_ok());
+        assert_eq!(b.get("a"), Some(long.as_str()));
+        assert_eq!(b.get("B"), Some("2"));
+        assert_eq!(b.values("a").collect::<Vec<_>>(), [long.as_str()]);
+    }
+
+    #[test]
     fn a_malformed_block_reads_as_fewer_headers() {
-        let good = HeaderBlock::from_pairs(&pairs(&[("a", "1"), ("b", "2")])).raw;
+        let good = serialize(&[("a", "1"), ("b", "2")]);
         for cut in 0..good.len() {
             let b = HeaderBlock::from_raw(good[..cut].to_vec());
             assert!(b.iter().count() <= 2);

@@ -7,7 +7,7 @@
 //! ([`Gate::Ask`]): the exchange holds the request until [`claimed`] reads its answer, and
 //! holds the final answer until its completion is written ([`Key::settle`]).
 
-use super::headers::HeaderBlock;
+use super::headers::{name_is, HeaderBlock};
 use super::reply::Reply;
 use super::{Host, HostKind, HostShared, Level, Metric, Warning};
 use crate::idempotency::lifecycle::{
@@ -622,7 +622,7 @@ impl Key {
                 headers: a
                     .headers
                     .iter()
-                    .filter(|(k, _)| ip.replay_headers.iter().any(|h| k.eq_ignore_ascii_case(h)))
+                    .filter(|(k, _)| ip.replay_headers.iter().any(|h| name_is(k, h)))
                     .cloned()
                     .collect(),
                 body_omitted: body.is_none(),

@@ -156,7 +156,7 @@ pub use crate::plan::HostKind;
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .find(|(k, _)| headers::name_is(k, name))
         .map(|(_, v)| v.as_str())
 }
 

@@ -23,6 +23,14 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
         let inner = inner
             .strip_suffix('"')
             .ok_or(KeyError::Invalid("unterminated string"))?;
+        // Taken whole when it is plain (every key a client generates); else read a character
+        // at a time below, which unescapes it or says what is wrong.
+        if inner
+            .bytes()
+            .all(|b| b != b'\\' && b != b'"' && (b' '..=b'~').contains(&b))
+        {
+            return checked(inner.to_string());
+        }
         let mut out = String::with_capacity(inner.len());
         let mut chars = inner.chars();
         while let Some(c) = chars.next() {
@@ -46,6 +54,11 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
         }
         raw.to_string()
     };
+    checked(key)
+}
+
+/// A key as parsed, if its length is one the store takes.
+fn checked(key: String) -> Result<String, KeyError> {
     if key.is_empty() {
         return Err(KeyError::Invalid("empty"));
     }

@@ -2,10 +2,12 @@
 //! compare-and-swap.
 
 use super::key::Facts;
-use super::record::{decode_response, encode_response, BucketBytes, RecordRef, State, Stored};
+use super::record::{
+    decode_response, encode_response, BucketBytes, RecordRef, State, Stored, MAX_WAYS,
+};
 
 /// Slots of one bucket: the records a key may use, read and written as one shared-data value.
-pub const WAYS: u32 = 8;
+pub const WAYS: u32 = MAX_WAYS as u32;
 /// Claim attempts when another worker changes a bucket between read and write.
 const CAS_TRIES: usize = 8;
 /// The shared-data operations the store needs (the host layer maps them to proxy-wasm).
@@ -425,22 +427,49 @@ fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
 }
 
 /// Shared-data key of bucket `i`'s index records (Kong: zone `rollsafe`).
-pub fn bucket_key(i: u32) -> String {
-    numbered("rollsafe/idem/b", i, "")
+pub fn bucket_key(i: u32) -> KeyName {
+    KeyName::new("rollsafe/idem/b", i, "")
 }
 
 /// Shared-data key of slot `i`'s stored response.
-pub fn response_key(i: u32) -> String {
-    numbered("rollsafe/idem/", i, "/r")
+pub fn response_key(i: u32) -> KeyName {
+    KeyName::new("rollsafe/idem/", i, "/r")
 }
 
-/// `{head}{i}{tail}`, built without `format!` (two of these on every keyed request).
-fn numbered(head: &str, i: u32, tail: &str) -> String {
-    let mut n = itoa::Buffer::new();
-    let n = n.format(i);
-    let mut out = String::with_capacity(head.len() + n.len() + tail.len());
-    out.push_str(head);
-    out.push_str(n);
-    out.push_str(tail);
-    out
+/// A shared-data key, `{head}{i}{tail}`, built on the stack: every store call of a keyed
+/// request names one, and the allocator is a measurable share of a request's own work in the
+/// VM (bench/RESULTS.md, "Kong's host: where the worker's CPU goes").
+pub struct KeyName {
+    buf: [u8; KeyName::CAP],
+    len: usize,
+}
+
+impl KeyName {
+    /// The longest name: the longer head (15 bytes), a u32 (10 digits) and the tail (2).
+    const CAP: usize = 32;
+
+    fn new(head: &str, i: u32, tail: &str) -> KeyName {
+        let mut digits = itoa::Buffer::new();
+        let mut name = KeyName {
+            buf: [0; KeyName::CAP],
+            len: 0,
+        };
+        for part in [head, digits.format(i), tail] {
+            let end = name.len + part.len();
+            if let Some(dst) = name.buf.get_mut(name.len..end) {
+                dst.copy_from_slice(part.as_bytes());
+                name.len = end;
+            }
+        }
+        name
+    }
+}
+
+impl std::ops::Deref for KeyName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Whole ASCII parts only (a part that would not fit is left out): always UTF-8.
+        std::str::from_utf8(self.buf.get(..self.len).unwrap_or_default()).unwrap_or_default()
+    }
 }

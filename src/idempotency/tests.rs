@@ -698,11 +698,13 @@ fn shared_data_names_never_collide_under_crc32_up_to_the_largest_store() {
         let short = name.strip_prefix("rollsafe/").unwrap_or(&name);
         assert!(
             seen.insert((0, crc32(short.as_bytes()))),
-            "{name} collides in zone rollsafe"
+            "{} collides in zone rollsafe",
+            &*name
         );
         assert!(
             seen.insert((1, crc32(name.as_bytes()))),
-            "{name} collides in zone *"
+            "{} collides in zone *",
+            &*name
         );
         count += 1;
     }
@@ -791,7 +793,7 @@ fn a_completion_writes_its_response_under_the_cas_the_bucket_keeps() {
         let (raw, _) = s
             .map
             .borrow()
-            .get(&store::bucket_key(0))
+            .get(&*store::bucket_key(0))
             .cloned()
             .unwrap_or_default();
         raw
@@ -802,7 +804,11 @@ fn a_completion_writes_its_response_under_the_cas_the_bucket_keeps() {
 
     // A slot never answered: written as absent, and the cas its write left is kept.
     assert_eq!(round(&s, "a", 0, "first"), 0, "read for its cas");
-    let cas = s.map.borrow().get(&store::response_key(0)).map(|(_, c)| *c);
+    let cas = s
+        .map
+        .borrow()
+        .get(&*store::response_key(0))
+        .map(|(_, c)| *c);
     assert_eq!(BucketBytes::parse(bucket(&s), 8).response_cas(0), cas);
     // The slot again: written under the kept cas.
     assert_eq!(round(&s, "b", 1_000_000, "second"), 0, "read for its cas");

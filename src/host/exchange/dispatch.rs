@@ -3,6 +3,7 @@
 //! the host's word that there was none) becomes an [`Outcome`].
 
 use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase, Step};
+use crate::host::headers::name_is;
 use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
@@ -211,7 +212,7 @@ fn forward_headers<'a>(
     let find = |name: &str| {
         client
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .find(|(k, _)| name_is(k.as_ref(), name))
             .map(|(_, v)| v.as_ref())
     };
     let authority = find(":authority")
@@ -228,9 +229,9 @@ fn forward_headers<'a>(
         .iter()
         .map(|(k, v)| (k.as_ref(), v.as_ref()))
         .chain(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    out.extend(pairs.filter(|(k, _)| {
-        !k.starts_with(':') && !is_hop_by_hop(k) && !k.eq_ignore_ascii_case("host")
-    }));
+    out.extend(
+        pairs.filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k) && !name_is(k, "host")),
+    );
     out
 }
 

@@ -26,7 +26,7 @@ mod streamed;
 
 pub use native::classify_native;
 
-use super::headers::HeaderBlock;
+use super::headers::{name_is, HeaderBlock};
 use super::key::{self, Gate, Key};
 use super::reply::Reply;
 use super::{Host, Level, Metric, Warning};
@@ -111,7 +111,7 @@ fn is_hop_by_hop(name: &str) -> bool {
         "content-length",
     ]
     .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    .any(|h| name_is(name, h))
 }
 
 /// The pod group a hashed request was routed to.
@@ -348,11 +348,15 @@ impl Exchange {
             .routing
             .as_ref()
             .map(|rp| rp.group_header.as_str());
-        self.block
-            .iter()
-            .filter(|(k, _)| group.is_none_or(|g| !k.eq_ignore_ascii_case(g)))
-            .filter(|(k, _)| !k.eq_ignore_ascii_case(IN_DOUBT_HEADER))
-            .collect()
+        // (Sized once: collected from a filter, the list would grow, and reallocate, twice.)
+        let mut out = Vec::with_capacity(self.block.entry_count());
+        out.extend(
+            self.block
+                .iter()
+                .filter(|(k, _)| group.is_none_or(|g| !name_is(k.as_ref(), g)))
+                .filter(|(k, _)| !name_is(k.as_ref(), IN_DOUBT_HEADER)),
+        );
+        out
     }
 
     /// The body is too large to hold (or the host did not hand it over): the configured

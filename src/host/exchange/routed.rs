@@ -2,6 +2,7 @@
 //! down by failed attempts, and failed over on a retry.
 
 use super::Exchange;
+use crate::host::headers::name_is;
 use crate::host::{Host, Level, Metric};
 use crate::plan::Driver;
 use crate::retry::Outcome;
@@ -65,7 +66,7 @@ impl Exchange {
         if let Some(g) = rp.groups.get(next) {
             self.target = Some(g.target.clone());
             for (k, v) in self.headers.iter_mut() {
-                if k.eq_ignore_ascii_case(&rp.group_header) {
+                if name_is(k, &rp.group_header) {
                     *v = g.name.clone();
                 }
             }
