@@ -179,11 +179,14 @@ impl HeaderBlock {
     /// Bytes of the block as text: borrowed when the block is UTF-8, else with U+FFFD for what
     /// is not.
     fn text(&self, at: u32, len: u32) -> Cow<'_, str> {
+        let range = self.range(at, len);
         match &self.data {
-            Ok(text) => Cow::Borrowed(text.get(self.range(at, len)).unwrap_or_default()),
-            Err(bytes) => {
-                String::from_utf8_lossy(bytes.get(self.range(at, len)).unwrap_or_default())
-            }
+            // (A malformed block's lengths may cut a character: read lossily then too.)
+            Ok(text) => match text.get(range.clone()) {
+                Some(s) => Cow::Borrowed(s),
+                None => String::from_utf8_lossy(text.as_bytes().get(range).unwrap_or_default()),
+            },
+            Err(bytes) => String::from_utf8_lossy(bytes.get(range).unwrap_or_default()),
         }
     }
 
@@ -262,6 +265,17 @@ mod tests {
         assert_eq!(b.get("a"), Some(long.as_str()));
         assert_eq!(b.get("B"), Some("2"));
         assert_eq!(b.values("a").collect::<Vec<_>>(), [long.as_str()]);
+    }
+
+    #[test]
+    fn lengths_that_cut_a_character_read_it_lossily() {
+        // One header whose name is given one byte short: the name ends inside the "é".
+        let mut raw = serialize(&[("é", "v")]);
+        raw[4] = 1;
+        let b = HeaderBlock::from_raw(raw);
+        let pairs = b.to_pairs();
+        assert_eq!(pairs[0].0, "\u{fffd}");
+        assert!(b.get_bytes(&pairs[0].0).is_some() || pairs[0].0.contains('\u{fffd}'));
     }
 
     #[test]
