@@ -109,7 +109,7 @@ impl FakeHost {
     /// The answer the next delivered call response carries.
     pub fn answer_call(&self, headers: &[(&str, &str)], body: &str) {
         *self.call.borrow_mut() = CallResponse {
-            headers: owned(headers),
+            headers: HeaderBlock::from_raw(super::headers::serialize(headers)),
             body: body.as_bytes().to_vec(),
         };
     }
@@ -248,7 +248,7 @@ impl Host for FakeHost {
     fn dispatch(
         &self,
         target: &str,
-        headers: &[(&str, &str)],
+        headers: Vec<(&str, &str)>,
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, String> {
@@ -260,7 +260,7 @@ impl Host for FakeHost {
         self.dispatched.borrow_mut().push(Dispatched {
             token,
             target: target.to_string(),
-            headers: owned(headers),
+            headers: owned(&headers),
             body: body.to_vec(),
             timeout_ms,
         });

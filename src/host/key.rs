@@ -7,7 +7,7 @@
 //! ([`Gate::Ask`]): the exchange holds the request until [`claimed`] reads its answer, and
 //! holds the final answer until its completion is written ([`Key::settle`]).
 
-use super::headers::{name_is, HeaderBlock};
+use super::headers::HeaderBlock;
 use super::reply::Reply;
 use super::{Host, HostKind, HostShared, Level, Metric, Warning};
 use crate::idempotency::lifecycle::{
@@ -16,11 +16,12 @@ use crate::idempotency::lifecycle::{
 use crate::idempotency::{self, Claim, Facts, KeyError, Record, Settle, State, Stored};
 use crate::shared_store::{self, Claimed, Redis, WhenUnavailable};
 
-/// The exchange's final answer as the record keeps it; `body` is `None` when it was too large
-/// to keep.
+/// The exchange's final answer as the record keeps it: the headers a replay repeats
+/// (`replay_headers`), and `body` `None` when it was too large to keep.
 pub struct Final<'a> {
     pub status: u16,
-    pub headers: &'a [(String, String)],
+    /// (Owned: the record takes them.)
+    pub headers: Vec<(String, String)>,
     pub body: Option<&'a [u8]>,
 }
 
@@ -73,7 +74,7 @@ pub enum Gate {
 /// refused the call (on Envoy, a target that names no cluster).
 pub fn send(redis: &Redis, host: &impl Host, command: &[u8]) -> Option<u32> {
     let headers = webdis_headers(redis);
-    match host.dispatch(&redis.target, &headers, command, redis.timeout_ms) {
+    match host.dispatch(&redis.target, headers.to_vec(), command, redis.timeout_ms) {
         Ok(token) => Some(token),
         Err(e) => {
             host.log(
@@ -105,7 +106,9 @@ fn webdis_headers(redis: &Redis) -> [(&str, &str); 4] {
 
 /// The HTTP status of Webdis's answer (`None`: no answer at all).
 pub fn status_of(resp: &super::CallResponse) -> Option<u16> {
-    super::header(&resp.headers, ":status").and_then(|s| s.trim().parse().ok())
+    resp.headers
+        .get(":status")
+        .and_then(|s| s.trim().parse().ok())
 }
 
 /// What the store is keyed by: the caller scope (route and hashed headers, as configured) and
@@ -347,6 +350,7 @@ fn replay(stored: Stored) -> Reply {
     }
     Reply {
         status: u32::from(stored.status),
+        passed: HeaderBlock::default(),
         headers,
         body: stored.body,
     }
@@ -619,12 +623,7 @@ impl Key {
             let body = a.body.filter(|b| b.len() <= ip.max_response_bytes);
             Stored {
                 status: a.status,
-                headers: a
-                    .headers
-                    .iter()
-                    .filter(|(k, _)| ip.replay_headers.iter().any(|h| name_is(k, h)))
-                    .cloned()
-                    .collect(),
+                headers: a.headers,
                 body_omitted: body.is_none(),
                 body: body.map(<[u8]>::to_vec).unwrap_or_default(),
             }

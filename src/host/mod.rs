@@ -163,7 +163,9 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
 /// The answer to a `dispatch` as the host delivered it.
 #[derive(Debug, Clone, Default)]
 pub struct CallResponse {
-    pub headers: Vec<(String, String)>,
+    /// As the host serialised them: an answer's headers are looked up and the kept ones
+    /// copied, not each one made a `String` first.
+    pub headers: headers::HeaderBlock,
     pub body: Vec<u8>,
 }
 
@@ -193,10 +195,11 @@ pub trait Host {
     /// A host property (`["response", "code_details"]`).
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Sends a request of rollsafe's own; the answer arrives as a call response with the token.
+    /// (The headers by value: the SDK's call takes them so.)
     fn dispatch(
         &self,
         target: &str,
-        headers: &[(&str, &str)],
+        headers: Vec<(&str, &str)>,
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, String>;

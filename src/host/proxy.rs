@@ -158,14 +158,14 @@ impl Host for ProxyHost {
     fn dispatch(
         &self,
         target: &str,
-        headers: &[(&str, &str)],
+        headers: Vec<(&str, &str)>,
         body: &[u8],
         timeout_ms: u64,
     ) -> Result<u32, String> {
         let body = (!body.is_empty()).then_some(body);
         hostcalls::dispatch_http_call(
             target,
-            headers.to_vec(),
+            headers,
             body,
             vec![],
             Duration::from_millis(timeout_ms),
@@ -208,8 +208,7 @@ impl Host for ProxyHost {
         CallResponse {
             headers: super::headers::HeaderBlock::from_raw(
                 super::abi::header_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default(),
-            )
-            .to_pairs(),
+            ),
             body: super::abi::buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .unwrap_or_default(),
         }
@@ -374,7 +373,7 @@ impl RootContext for Root {
                 .collect();
             if let Err(e) = self
                 .host
-                .dispatch(&call.target, &headers, &call.body, call.timeout_ms)
+                .dispatch(&call.target, headers, &call.body, call.timeout_ms)
             {
                 self.host.log(
                     Level::Warn,

@@ -1,11 +1,16 @@
 //! An answer rollsafe makes itself: status, headers, body.
 
+use super::headers::{passes_on, HeaderBlock};
 use crate::problem::{self, Problem};
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u32,
+    /// An upstream answer's headers, sent on as they came (but for its pseudo-headers and those
+    /// of the connection: `headers::passes_on`), not copied one by one.
+    pub passed: HeaderBlock,
+    /// rollsafe's own, after those.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -51,16 +56,30 @@ impl Reply {
         }
         Reply {
             status,
+            passed: HeaderBlock::default(),
             headers,
             body,
         }
     }
 
-    /// The headers as the host calls take them.
-    pub fn header_refs(&self) -> Vec<(&str, &str)> {
-        self.headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect()
+    /// The headers as the host calls take them, passed then own, with room for `extra` more.
+    /// (`store`: where a passed block that is not text throughout is read lossily into.)
+    pub fn header_refs<'a>(
+        &'a self,
+        extra: usize,
+        store: &'a mut Vec<(String, String)>,
+    ) -> Vec<(&'a str, &'a str)> {
+        let own = self.headers.len() + extra;
+        let mut out = match self.passed.passed_on(own) {
+            Some(pairs) => pairs,
+            None => {
+                *store = self.passed.pairs_where(passes_on);
+                let mut out = Vec::with_capacity(store.len() + own);
+                out.extend(store.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                out
+            }
+        };
+        out.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        out
     }
 }

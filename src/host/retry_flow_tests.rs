@@ -1073,3 +1073,31 @@ fn on_kong_a_dispatched_answer_closes_a_connection_that_carried_its_quota() {
     );
     assert_eq!(host.calls.borrow().get("property"), None);
 }
+
+#[test]
+fn an_answer_header_that_is_not_text_is_passed_on_lossily_with_the_others() {
+    let host = FakeHost::at(1_000);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[(":method", "GET"), (":path", "/a"), (":authority", "api")]);
+    assert_eq!(req.on_request_headers(&host, true), Verdict::Pause);
+    // (The host's block as is: a value that is no UTF-8 cannot be given as text.)
+    let mut raw = super::headers::serialize(&[
+        (":status", "200"),
+        ("content-type", "text/plain"),
+        ("x-name", "?"),
+        ("transfer-encoding", "chunked"),
+    ]);
+    let at = raw.iter().position(|&b| b == b'?').expect("the value");
+    raw[at] = 0xff;
+    host.call.borrow_mut().headers = super::headers::HeaderBlock::from_raw(raw);
+    host.call.borrow_mut().body = b"ok".to_vec();
+    req.on_call_response(&host, host.last_token(), 2);
+    let sent = host.responses();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].status, 200);
+    let names: Vec<&str> = sent[0].headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["content-type", "x-name", "x-attempts"]);
+    assert_eq!(sent[0].header("x-name"), Some("\u{fffd}"));
+    assert_eq!(sent[0].header("content-type"), Some("text/plain"));
+    assert_eq!(sent[0].body, b"ok");
+}

@@ -5,6 +5,7 @@
 
 use super::fake::{Dispatched, FakeHost};
 use super::flow::{Request, Verdict};
+use super::headers::HeaderBlock;
 use super::{HostKind, Level, Metric};
 use crate::shared_store::{CLAIM_SCRIPT, SETTLE_SCRIPT};
 use std::cell::RefCell;
@@ -158,7 +159,10 @@ fn webdis(host: &FakeHost, redis: &Redis, req: &mut Request) {
     let (status, body) = redis.answer(&call, host.now.get());
     let size = body.len();
     *host.call.borrow_mut() = super::CallResponse {
-        headers: vec![(":status".into(), status.to_string())],
+        headers: HeaderBlock::from_raw(super::headers::serialize(&[(
+            ":status",
+            &status.to_string(),
+        )])),
         body,
     };
     req.on_call_response(host, token, size);

@@ -1,7 +1,8 @@
 //! The final answer: the last upstream answer (hop-by-hop headers dropped), or a problem when no
 //! upstream answered; sent once the key's record is written.
 
-use super::{is_hop_by_hop, Answer, Exchange, Phase, Then};
+use super::{Answer, Exchange, Phase, Then};
+use crate::host::headers::name_is;
 use crate::host::key::Final;
 use crate::host::reply::Reply;
 use crate::host::{Host, HostKind, Level, Metric};
@@ -15,9 +16,15 @@ impl Exchange {
             return;
         }
         let last = self.last.take();
+        let kept = match (&last, &self.plan.idempotency) {
+            (Some(a), Some(ip)) => a
+                .headers
+                .pairs_where(|k| ip.replay_headers.iter().any(|h| name_is(k, h))),
+            _ => Vec::new(),
+        };
         let done = last.as_ref().map(|a| Final {
             status: a.status,
-            headers: &a.headers,
+            headers: kept,
             body: Some(&a.body),
         });
         // The answer goes out once its record is written.
@@ -29,16 +36,13 @@ impl Exchange {
     pub(super) fn final_reply(&self, policy: &Policy, last: Option<Answer>) -> Reply {
         match last {
             Some(a) => {
-                let mut headers: Vec<(String, String)> = a
-                    .headers
-                    .into_iter()
-                    .filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k))
-                    .collect();
-                if let Some(h) = &policy.attempt_count_header {
-                    headers.push((h.clone(), self.attempt.to_string()));
-                }
+                let headers = match &policy.attempt_count_header {
+                    Some(h) => vec![(h.clone(), self.attempt.to_string())],
+                    None => Vec::new(),
+                };
                 Reply {
                     status: u32::from(a.status),
+                    passed: a.headers,
                     headers,
                     body: a.body,
                 }
@@ -132,7 +136,8 @@ impl Exchange {
             // rollsafe never released: that stream is reset now.
             host.count(Metric::RouteRequestAborted);
         }
-        let mut headers = reply.header_refs();
+        let mut lossy = Vec::new();
+        let mut headers = reply.header_refs(2, &mut lossy);
         if self.closes_connection(host) {
             headers.push(("connection", "close"));
         }

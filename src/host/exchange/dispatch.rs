@@ -2,9 +2,9 @@
 //! and the retries of the native one. An attempt carries the whole held body; its answer (or
 //! the host's word that there was none) becomes an [`Outcome`].
 
-use super::{is_hop_by_hop, Answer, Carrier, Exchange, Phase, Step};
-use crate::host::headers::name_is;
-use crate::host::{header as find, CallResponse, Host, HostKind, Level, Metric};
+use super::{Answer, Carrier, Exchange, Phase, Step};
+use crate::host::headers::{name_is, passes_on};
+use crate::host::{CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
 use std::borrow::Cow;
@@ -30,10 +30,10 @@ impl Exchange {
         if self.target.is_none() {
             self.target = route_cluster(host);
         }
-        let target = self.target.clone().unwrap_or_default();
+        let target = self.target.as_deref().unwrap_or_default();
         let client = self.client_headers();
         let headers = forward_headers(&client, &self.headers);
-        match host.dispatch(&target, &headers, &self.body, self.next_timeout_ms) {
+        match host.dispatch(target, headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
                 self.dispatched = true;
@@ -67,9 +67,10 @@ impl Exchange {
             return;
         }
         let resp = host.call_response(body_size);
-        let unresolved = find(&resp.headers, ":dispatch_status") == Some("resolver failure");
+        let unresolved =
+            self.from_service && resp.headers.get(":dispatch_status") == Some("resolver failure");
         let (outcome, answer) = classify_call(resp);
-        if unresolved && self.from_service {
+        if unresolved {
             // The Service's host is no DNS name: a Kong Upstream entity's name, which only
             // Kong's own balancer resolves. Nothing was sent, so Kong's proxying carries it.
             self.service_unusable(host);
@@ -100,7 +101,7 @@ impl Exchange {
             self.plan.host == HostKind::Kong && answer.as_ref().is_none_or(|a| a.body.is_empty());
         let retry_after = answer
             .as_ref()
-            .and_then(|a| find(&a.headers, "retry-after"))
+            .and_then(|a| a.headers.get("retry-after"))
             .and_then(|v| retry::parse_retry_after(v, host.now_ms()));
         if answer.is_some() {
             self.last = answer;
@@ -229,18 +230,19 @@ fn forward_headers<'a>(
         .iter()
         .map(|(k, v)| (k.as_ref(), v.as_ref()))
         .chain(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    out.extend(
-        pairs.filter(|(k, _)| !k.starts_with(':') && !is_hop_by_hop(k) && !name_is(k, "host")),
-    );
+    out.extend(pairs.filter(|(k, _)| passes_on(k.as_bytes()) && !name_is(k, "host")));
     out
 }
 
 /// A dispatched attempt's answer. Kong reports failures as no headers plus `:dispatch_status`;
 /// Envoy synthesizes 503/504 answers whose bodies say what failed.
 fn classify_call(resp: CallResponse) -> (Outcome, Option<Answer>) {
-    let status = find(&resp.headers, ":status").and_then(|s| s.trim().parse::<u16>().ok());
+    let status = resp
+        .headers
+        .get(":status")
+        .and_then(|s| s.trim().parse::<u16>().ok());
     let Some(status) = status else {
-        let outcome = match find(&resp.headers, ":dispatch_status") {
+        let outcome = match resp.headers.get(":dispatch_status") {
             Some("timeout") => Outcome::Timeout,
             // Nothing was sent to the application yet.
             Some("resolver failure") | Some("tls handshake failure") => Outcome::ConnectFailure,
@@ -282,13 +284,11 @@ fn classify_call(resp: CallResponse) -> (Outcome, Option<Answer>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::headers::HeaderBlock;
 
     fn resp(headers: &[(&str, &str)], body: &str) -> CallResponse {
         CallResponse {
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: HeaderBlock::from_raw(crate::host::headers::serialize(headers)),
             body: body.as_bytes().to_vec(),
         }
     }
@@ -357,5 +357,36 @@ mod tests {
             f.iter().find(|(k, _)| *k == ":authority"),
             Some(&(":authority", "api.example"))
         );
+        assert_eq!(f[0], (":method", "POST"));
+        assert_eq!(f[1], (":path", "/orders?x=1"));
+        assert_eq!(
+            f[3],
+            (":scheme", "http"),
+            "a missing pseudo-header has its default"
+        );
+
+        // `:authority` wins over `host`; of a repeated pseudo-header, the first.
+        let client: Vec<(Cow<str>, Cow<str>)> = [
+            ("host", "h"),
+            (":authority", "a"),
+            (":path", "/1"),
+            (":path", "/2"),
+            (":scheme", "https"),
+        ]
+        .iter()
+        .map(|(k, v)| (Cow::Borrowed(*k), Cow::Borrowed(*v)))
+        .collect();
+        let f = forward_headers(&client, &[]);
+        assert_eq!(
+            f,
+            [
+                (":method", "GET"),
+                (":path", "/1"),
+                (":authority", "a"),
+                (":scheme", "https")
+            ]
+        );
+        let f = forward_headers(&[], &[]);
+        assert_eq!(f[2], (":authority", "localhost"));
     }
 }

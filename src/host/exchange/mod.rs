@@ -92,26 +92,8 @@ enum Then {
 #[derive(Debug, Clone)]
 struct Answer {
     status: u16,
-    headers: Vec<(String, String)>,
+    headers: HeaderBlock,
     body: Vec<u8>,
-}
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
-/// `content-length`, which the host recomputes for the bytes it actually sends. In any case:
-/// Kong's host gives names as the client spelled them.
-fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    ]
-    .iter()
-    .any(|h| name_is(name, h))
 }
 
 /// The pod group a hashed request was routed to.

@@ -226,7 +226,7 @@ impl Exchange {
         if end_of_stream {
             let done = Final {
                 status,
-                headers: &headers,
+                headers,
                 body: Some(&[]),
             };
             self.settle_in_response(host, Some(done))
@@ -270,7 +270,7 @@ impl Exchange {
             let Storing { status, headers } = storing;
             let done = Final {
                 status,
-                headers: &headers,
+                headers,
                 body: body.as_deref(),
             };
             return self.settle_in_response(host, Some(done));
