@@ -1,7 +1,8 @@
-//! A request's header map kept as the host serialised it (proxy-wasm's pairs format: a count,
-//! the lengths, then each name and value NUL-terminated). A request that might be retried keeps
-//! its headers, because Envoy shows none in the response phase; a lookup copies nothing, and
-//! the pairs a retry replays are built only when one is due.
+//! A header map kept as the host serialised it (proxy-wasm's pairs format: a count, the
+//! lengths, then each name and value NUL-terminated): a request's, or a dispatched attempt's
+//! answer's. A request that might be retried keeps its headers, because Envoy shows none in the
+//! response phase; a lookup copies nothing, the pairs a retry replays are built only when one
+//! is due, and an answer's headers are passed on to the client without a copy each.
 
 use std::borrow::Cow;
 
@@ -213,7 +214,7 @@ impl HeaderBlock {
         self.entries.len()
     }
 
-    /// A header's value as the client sent it, bytes and all.
+    /// A header's value as it came, bytes and all.
     pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
         self.find(name.as_bytes())
     }
@@ -284,7 +285,8 @@ impl HeaderBlock {
     }
 
     /// The headers an answer passes on ([`passes_on`]) as `&str`, with room for `extra` more;
-    /// `None` when one of them does not read as text (`pairs_where` then reads them lossily).
+    /// `None` when the block does not read as text throughout (`pairs_where` then reads them
+    /// lossily).
     pub fn passed_on(&self, extra: usize) -> Option<Vec<(&str, &str)>> {
         let Ok(text) = &self.data else {
             return None;

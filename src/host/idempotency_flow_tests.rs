@@ -62,9 +62,13 @@ fn keyed(
 }
 
 /// The upstream answers the attempt in flight: the call response on Kong, the route's
-/// response on Envoy.
+/// response on Envoy. (`x-other` is no header a replay repeats.)
 fn upstream_answers(host: &FakeHost, sent: &mut Sent, status: &str, body: &str) {
-    let headers = [(":status", status), ("content-type", "application/json")];
+    let headers = [
+        (":status", status),
+        ("content-type", "application/json"),
+        ("x-other", "o"),
+    ];
     if sent.req.pending_call().is_some() {
         host.answer_call(&headers, body);
         sent.req
@@ -87,6 +91,15 @@ fn a_completed_key_is_replayed_or_422_once_the_body_is_whole_without_reaching_an
         assert!(first.upstream, "{kind:?}");
         upstream_answers(&host, &mut first, "201", "{\"id\":1}");
         assert_eq!(host.counted(Metric::IdemStored), 1, "{kind:?}");
+        if kind == HostKind::Kong {
+            // (Envoy's route answers the client itself.)
+            let answer = host.responses().last().cloned().unwrap();
+            assert_eq!(
+                answer.header("x-other"),
+                Some("o"),
+                "the answer is passed on"
+            );
+        }
         let dispatched = host.dispatches().len();
 
         let again = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
@@ -96,6 +109,11 @@ fn a_completed_key_is_replayed_or_422_once_the_body_is_whole_without_reaching_an
         assert_eq!(replay.body, b"{\"id\":1}");
         assert_eq!(replay.header("idempotent-replayed"), Some("true"));
         assert_eq!(replay.header("content-type"), Some("application/json"));
+        assert_eq!(
+            replay.header("x-other"),
+            None,
+            "{kind:?}: only replay_headers are kept"
+        );
 
         // Another body (of the same length too), another path: 422.
         for (path, body) in [

@@ -10,7 +10,7 @@ pub struct Reply {
     /// An upstream answer's headers, sent on as they came (but for its pseudo-headers and those
     /// of the connection: `headers::passes_on`), not copied one by one.
     pub passed: HeaderBlock,
-    /// rollsafe's own, after those.
+    /// The rest, after those: rollsafe's own, or a replay's stored headers.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }

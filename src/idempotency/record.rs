@@ -39,8 +39,8 @@ pub struct Record {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    // (The length as an array, which is stored in place; a slice of any length is copied by a
-    // call out of the VM on Kong's host, which an empty way's nothing need not make.)
+    // (The length as an array, which is stored in place: a slice of any length is copied by a
+    // call out of the VM on Kong's host, so an empty string copies nothing.)
     out.extend((s.len() as u32).to_be_bytes());
     if !s.is_empty() {
         out.extend_from_slice(s);

@@ -16,8 +16,9 @@ impl Exchange {
             return;
         }
         let last = self.last.take();
+        // (Copied only when a record will keep them.)
         let kept = match (&last, &self.plan.idempotency) {
-            (Some(a), Some(ip)) => a
+            (Some(a), Some(ip)) if self.key_enforced() && ip.stores(a.status) => a
                 .headers
                 .pairs_where(|k| ip.replay_headers.iter().any(|h| name_is(k, h))),
             _ => Vec::new(),
