@@ -3,11 +3,13 @@
 //! another request's dispatch in flight took the nginx worker down (segfault), ending every
 //! request it held. Seen: `set_property` on a host that does not know the property (bare
 //! ngx_wasm_module has no `kong.*`); possible: a shared-data write refused by a full shm zone,
-//! a metric an older host cannot define. Each must be an error, not a crash. This is the only
-//! `unsafe` in the crate: the imports the SDK declares, called as it calls them.
+//! a metric an older host cannot define, a log line or a clock read a host refuses. Each must
+//! be an error, not a crash. This is the only `unsafe` in the crate: the imports the SDK
+//! declares, called as it calls them. (`dispatch_http_call` stays the SDK's: its dispatcher
+//! routes the answer to the request by a token only the SDK's own call registers.)
 #![allow(unsafe_code)]
 
-use proxy_wasm::types::{BufferType, MapType, MetricType, Status, StreamType};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 
 #[cfg(target_arch = "wasm32")]
 #[link(wasm_import_module = "env")]
@@ -87,6 +89,9 @@ extern "C" {
         return_id: *mut u32,
     ) -> Status;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> Status;
+    fn proxy_log(level: LogLevel, message_data: *const u8, message_size: usize) -> Status;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> Status;
+    fn proxy_set_effective_context(context_id: u32) -> Status;
 }
 
 /// The property path as the ABI takes it: segments joined by NUL.
@@ -364,6 +369,48 @@ pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
     #[cfg(not(target_arch = "wasm32"))]
     {
         let _ = (id, offset);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Writes a log line.
+pub fn log(level: LogLevel, message: &str) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: the message is valid for its length during the call; the host only reads.
+        checked(unsafe { proxy_log(level, message.as_ptr(), message.len()) })
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = (level, message);
+        Err(Status::InternalFailure)
+    }
+}
+
+/// The host's wall clock, nanoseconds since the Unix epoch.
+pub fn current_time_ns() -> Result<u64, Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let mut ns: u64 = 0;
+        // SAFETY: the out-pointer is a valid place to write.
+        checked(unsafe { proxy_get_current_time_nanoseconds(&mut ns) }).map(|()| ns)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        Err(Status::InternalFailure)
+    }
+}
+
+/// Makes a request's context the current one (a root callback acting for it).
+pub fn set_effective_context(id: u32) -> Result<(), Status> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        // SAFETY: no pointers.
+        checked(unsafe { proxy_set_effective_context(id) })
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let _ = id;
         Err(Status::InternalFailure)
     }
 }
