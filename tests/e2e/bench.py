@@ -827,7 +827,12 @@ def machine() -> str:
     version = m.group(1) if m else "?"
     return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Envoy {version}, "
             f"wrk -t1 -c8 on loopback, {ROUNDS} rounds × {SECONDS} s, 1 Envoy worker; "
-            f"dist/rollsafe.wasm {wasm_size():,} bytes, built from {source_commit()}")
+            f"dist/rollsafe.wasm {wasm_size():,} bytes, built from {SOURCE or source_commit()}")
+
+
+# The source as the run starts, when `make bench` has just built the .wasm from it: an edit
+# made while the run goes on is not in what it measures.
+SOURCE: str | None = None
 
 
 def source_commit() -> str:
@@ -1345,6 +1350,8 @@ def main() -> int:
     if not PROBE.exists():
         print(f"{PROBE} is missing (make bench builds it)", file=sys.stderr)
         return 1
+    global SOURCE  # noqa: PLW0603
+    SOURCE = source_commit()
     if not KONG_WASM_NGINX:
         print("Kong's host: SKIPPED (set KONG_WASM_NGINX to an nginx built with ngx_wasm_module)",
               flush=True)
