@@ -21,6 +21,9 @@ pub enum Warning {
     Unprotected,
     /// A body over `max_body_bytes`: refused, streamed once, or forwarded without retries.
     BodyTooLarge,
+    /// The host refused to send a call, an attempt or a store command (on Envoy, a target
+    /// that names no cluster): a misconfigured route fails every request so.
+    CallRefused,
     /// A call for the root's next tick dropped: too many waiting.
     CallDropped,
 }
@@ -91,6 +94,8 @@ mod tests {
             (StoreFull, u64::MAX, Some(0)),
             (StoreFull, u64::MAX, None),
             (RecordNotWritten, 7, Some(0)),
+            (CallRefused, 7, Some(0)),
+            (CallRefused, 8, None),
             (CallDropped, 7, Some(0)),
         ];
         for (i, (w, now, want)) in table.into_iter().enumerate() {

@@ -77,13 +77,12 @@ pub fn send(redis: &Redis, host: &impl Host, command: &[u8]) -> Option<u32> {
     match host.dispatch(&redis.target, headers.to_vec(), command, redis.timeout_ms) {
         Ok(token) => Some(token),
         Err(e) => {
-            host.log(
-                Level::Error,
-                &format!(
+            super::log_limited(host, Level::Error, Warning::CallRefused, &|| {
+                format!(
                     "rollsafe: cannot call the idempotency store at {:?}: {e}",
                     redis.target
-                ),
-            );
+                )
+            });
             None
         }
     }
@@ -275,7 +274,7 @@ pub fn claimed(
                 .shared
                 .as_ref()
                 .is_some_and(|r| r.when_unavailable == WhenUnavailable::FailOpen);
-            super::log_limited(host, Level::Warn, Warning::StoreUnavailable, || {
+            super::log_limited(host, Level::Warn, Warning::StoreUnavailable, &|| {
                 format!(
                     "rollsafe: idempotency store unavailable ({}); {}",
                     why.0,
@@ -362,7 +361,7 @@ fn note(host: &impl Host, n: Note) {
         Note::InFlight => Metric::IdemInFlight,
         Note::Mismatch => Metric::IdemMismatch,
         Note::StoreFull => {
-            super::log_limited(host, Level::Warn, Warning::StoreFull, || {
+            super::log_limited(host, Level::Warn, Warning::StoreFull, &|| {
                 "rollsafe: idempotency store full".into()
             });
             Metric::IdemStoreFull
@@ -474,7 +473,7 @@ impl Key {
                 Effect::Run { protected: true } => protected = true,
                 Effect::InDoubt => self.in_doubt = true,
                 Effect::Run { protected: false } => {
-                    super::log_limited(host, Level::Warn, Warning::Unprotected, || {
+                    super::log_limited(host, Level::Warn, Warning::Unprotected, &|| {
                         "rollsafe: idempotency key not held; the request runs unprotected".into()
                     })
                 }
@@ -657,7 +656,7 @@ impl Key {
         let word = match shared_store::read_settle(status, body) {
             Ok(written) => Some(written),
             Err(why) => {
-                super::log_limited(host, Level::Warn, Warning::RecordNotWritten, || {
+                super::log_limited(host, Level::Warn, Warning::RecordNotWritten, &|| {
                     format!(
                         "rollsafe: idempotency record not written to the shared store ({}); {}",
                         why.0,

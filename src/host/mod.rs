@@ -239,7 +239,8 @@ pub fn log_limited(
     host: &impl Host,
     level: Level,
     warning: Warning,
-    message: impl FnOnce() -> String,
+    // (Not generic: one copy in the .wasm for all its callers.)
+    message: &dyn Fn() -> String,
 ) {
     if let Some(held_back) = host.admit_warning(warning) {
         let mut message = message();

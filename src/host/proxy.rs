@@ -188,7 +188,7 @@ impl Host for ProxyHost {
             timeout_ms,
         };
         if !self.scheduler.send_later(call) {
-            super::log_limited(self, Level::Warn, Warning::CallDropped, || {
+            super::log_limited(self, Level::Warn, Warning::CallDropped, &|| {
                 format!("rollsafe: too many calls waiting for {target:?}; one dropped")
             });
         }

@@ -1101,3 +1101,36 @@ fn an_answer_header_that_is_not_text_is_passed_on_lossily_with_the_others() {
     assert_eq!(sent[0].header("content-type"), Some("text/plain"));
     assert_eq!(sent[0].body, b"ok");
 }
+
+#[test]
+fn attempts_the_host_refuses_are_answered_each_and_logged_once_a_period() {
+    let host = FakeHost::at(1_000);
+    host.dispatch_fails.set(true);
+    let refused = |host: &FakeHost| {
+        host.logs_at(Level::Error)
+            .into_iter()
+            .filter(|l| l.contains("cannot send an attempt"))
+            .collect::<Vec<_>>()
+    };
+    for i in 0..3 {
+        let mut req = request(&host, HostKind::Envoy, DISPATCH);
+        host.set_request(&[(":method", "GET"), (":path", "/a"), (":authority", "api")]);
+        assert_eq!(req.on_request_headers(&host, true), Verdict::Pause);
+        let sent = host.responses();
+        assert_eq!(sent.len(), i + 1, "request {i} is answered");
+        assert_eq!(sent[i].status, 502);
+    }
+    // A misconfigured route fails every request: one line a period, not one a request.
+    assert_eq!(refused(&host).len(), 1);
+    host.now.set(1_000 + crate::warnings::PERIOD_MS);
+    let mut req = request(&host, HostKind::Envoy, DISPATCH);
+    host.set_request(&[(":method", "GET"), (":path", "/a"), (":authority", "api")]);
+    req.on_request_headers(&host, true);
+    let lines = refused(&host);
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines[1].ends_with("(2 more like it not logged since the last)"),
+        "{}",
+        lines[1]
+    );
+}

@@ -470,3 +470,33 @@ fn a_route_that_answers_while_the_claim_is_asked_releases_the_claim_should_it_la
         "no attempt"
     );
 }
+
+#[test]
+fn store_calls_the_host_refuses_are_logged_once_a_period() {
+    for kind in [HostKind::Envoy, HostKind::Kong] {
+        let host = FakeHost::at(1_000);
+        host.dispatch_fails.set(true);
+        let plan = plan(&host, kind, r#","when_unavailable":"fail-open""#);
+        for i in 0..5 {
+            host.now.set(1_000 + i);
+            post(&host, "k", b"");
+            let mut req = Request::new(Rc::clone(&plan));
+            req.on_request_headers(&host, true);
+            assert!(
+                req.pending_call().is_none(),
+                "{kind:?}: nothing to wait for"
+            );
+        }
+        assert_eq!(host.counted(Metric::IdemFailOpen), 5, "{kind:?}");
+        let refused: Vec<String> = host
+            .logs_at(Level::Error)
+            .into_iter()
+            .filter(|m| m.contains("cannot call the idempotency store"))
+            .collect();
+        assert_eq!(
+            refused.len(),
+            1,
+            "{kind:?}: one line for five requests: {refused:?}"
+        );
+    }
+}

@@ -7,6 +7,7 @@ use crate::host::headers::{name_is, passes_on};
 use crate::host::{CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
+use crate::warnings::Warning;
 use std::borrow::Cow;
 
 impl Exchange {
@@ -42,10 +43,9 @@ impl Exchange {
                 self.attempt_sent(host);
             }
             Err(e) => {
-                host.log(
-                    Level::Error,
-                    &format!("rollsafe: cannot send an attempt to {target:?}: {e}"),
-                );
+                crate::host::log_limited(host, Level::Error, Warning::CallRefused, &|| {
+                    format!("rollsafe: cannot send an attempt to {target:?}: {e}")
+                });
                 self.last_outcome = Some(Outcome::ConnectFailure);
                 self.answer(policy, host);
             }

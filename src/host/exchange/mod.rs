@@ -353,7 +353,7 @@ impl Exchange {
         self.settle_key(host, None, false);
         match policy.body_too_large {
             BodyTooLarge::Reject => {
-                super::log_limited(host, Level::Warn, Warning::BodyTooLarge, || {
+                super::log_limited(host, Level::Warn, Warning::BodyTooLarge, &|| {
                     format!(
                         "rollsafe: {} {}: request body {why}; answered 413",
                         self.method(),
@@ -377,7 +377,7 @@ impl Exchange {
             }
             BodyTooLarge::Stream => self.stream_once(policy, host, why),
             BodyTooLarge::PassThrough => {
-                super::log_limited(host, Level::Warn, Warning::BodyTooLarge, || {
+                super::log_limited(host, Level::Warn, Warning::BodyTooLarge, &|| {
                     format!(
                         "rollsafe: {} {}: request body {why}; forwarded once without retries",
                         self.method(),

@@ -19,7 +19,7 @@ impl Exchange {
         host: &impl Host,
         why: &str,
     ) -> (Option<Box<Exchange>>, Step) {
-        crate::host::log_limited(host, Level::Info, Warning::BodyTooLarge, || {
+        crate::host::log_limited(host, Level::Info, Warning::BodyTooLarge, &|| {
             format!(
                 "rollsafe: {} {}: request body {why}; streamed to the application once, not retried",
                 self.method(),
