@@ -501,13 +501,13 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
         Variant("kong_replay_floor_1k", "Kong's host: no-op filter reading one header, the body "
                 "and 1 KiB of shared data, answering 1 KiB itself", "kong_plain_1k",
                 dict(config="method,body,shared,reply", wasm=PROBE, **k),
-                script=post_script("bench-replay"), host="kong"),
+                script=post_script("bench-replay"), host="kong", fixed=replay_fixed),
         Variant("kong_replay_design_1k", "Kong's host: no-op filter making a replay's calls: the "
                 "header map, a property, a clock read, the body, 160 bytes and 1 KiB of shared "
                 "data, a counter; answering 1 KiB itself", "kong_plain_1k",
                 dict(config="clock,headers,property,body,index,shared,metric,reply", wasm=PROBE,
                      **k),
-                script=post_script("bench-replay"), host="kong"),
+                script=post_script("bench-replay"), host="kong", fixed=replay_fixed),
         Variant("kong_replay_redis_1k", "Kong's host: replay from the shared store (no node "
                 "cache)", "kong_replay_1k", dict(config=owned(cache=False), **k),
                 script=post_script("bench-replay"), prepare=stored, store=True, host="kong",
