@@ -364,6 +364,7 @@ def variants(pod_clusters) -> list[Variant]:
     ]
     if KONG_WASM_NGINX:
         out += kong_variants(pod_clusters, held, stored)
+    check_counted(out)
     for name, cfg in json.loads(os.environ.get("BENCH_VARIANTS", "{}")).items():
         out.append(Variant(name, "extra (BENCH_VARIANTS)", "noop", dict(config=cfg, **idle)))
     only = [n for n in os.environ.get("BENCH_ONLY", "").split(",") if n]
@@ -375,6 +376,26 @@ def variants(pod_clusters) -> list[Variant]:
             keep |= {"direct_1k_noop", "reply_floor_1k", "reply_floor_map_1k"}
         out = [v for v in out if v.name in keep]
     return out
+
+
+def counted_shape(v: Variant) -> tuple:
+    """What callgrind counts of a variant: its request's method and body length."""
+    fixed = v.fixed(0) if callable(v.fixed) else v.fixed
+    return (fixed[0], len(fixed[3] or b"")) if fixed else None
+
+
+def check_counted(out: list[Variant]) -> None:
+    """A variant's instructions are compared with its reference's, floor's and design's: all of
+    them must count the same kind of request (a floor that counted a GET beside a keyed POST
+    once made a verdict's ratio meaningless)."""
+    by_name = {v.name: v for v in out}
+    for v in out:
+        for other in filter(None, (v.ref, v.floor, v.design)):
+            o = by_name.get(other)
+            if o and None not in (counted_shape(v), counted_shape(o)) \
+                    and counted_shape(v) != counted_shape(o):
+                raise ValueError(f"{v.name} counts {counted_shape(v)} but {o.name}, which it "
+                                 f"is compared with, counts {counted_shape(o)}")
 
 
 def kong_variants(clusters, held, stored) -> list[Variant]:
