@@ -21,6 +21,7 @@ pub mod idempotency;
 pub mod maintenance;
 pub mod method;
 pub mod plan;
+mod pool;
 pub mod problem;
 pub mod reconnect;
 pub mod retry;
@@ -28,6 +29,10 @@ pub mod routing;
 pub mod service;
 pub mod shared_store;
 pub mod warnings;
+
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static POOL: pool::Pool = pool::Pool::new();
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
