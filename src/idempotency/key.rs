@@ -1,6 +1,7 @@
 //! The key header (parsed or refused with the reason) and what tells one request from another
 //! under the same key: the caller scope and the request's fingerprint.
 
+use super::sip::Sip13;
 use sha2::{Digest, Sha256};
 
 /// Why a key header was refused (400).
@@ -141,15 +142,13 @@ impl ScopeMemo {
     where
         I: IntoIterator<Item = Option<&'a [u8]>> + Clone,
     {
-        use siphasher::sip128::{Hasher128, SipHasher13};
-        use std::hash::Hasher;
-        let mut sip = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        let mut sip = Sip13::new(self.keys.0, self.keys.1);
         for p in parts.clone() {
             let p = p.unwrap_or_default();
             sip.write(&(p.len() as u32).to_be_bytes());
             sip.write(p);
         }
-        let tag = sip.finish128().as_bytes();
+        let tag = sip.finish128();
         if self.ways.is_empty() {
             self.ways = vec![([0; 16], [0; 16]); MEMO_WAYS];
         }
@@ -228,9 +227,7 @@ pub fn fingerprint(method: &str, path: &str, digest: &str, body: &[u8]) -> [u8; 
 }
 
 fn fingerprint_of(method: &str, path: &str, digest: &str, body: Option<&[u8]>) -> [u8; 32] {
-    use siphasher::sip128::{Hasher128, SipHasher13};
-    use std::hash::Hasher;
-    let mut sip = SipHasher13::new_with_keys(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
+    let mut sip = Sip13::new(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
     // Length-prefixed parts, so that parts cannot blur; a streamed body's length field is
     // u64::MAX, which no held body has.
     for part in [method.as_bytes(), path.as_bytes(), digest.as_bytes()] {
@@ -246,7 +243,7 @@ fn fingerprint_of(method: &str, path: &str, digest: &str, body: Option<&[u8]>) -
     }
     let mut out = [0u8; 32];
     if let Some(head) = out.get_mut(..16) {
-        head.copy_from_slice(&sip.finish128().as_bytes());
+        head.copy_from_slice(&sip.finish128());
     }
     out
 }

@@ -12,13 +12,14 @@
 //!
 //! Parts, each named for what it decides: [`policy`] (the compiled section), [`key`] (the key
 //! header and the request's fingerprint), [`record`] (what a record holds, as bytes), [`store`]
-//! (the node-local store's claim protocol) and [`lifecycle`] (the key's states, events and the
-//! effects each transition asks for).
+//! (the node-local store's claim protocol), [`lifecycle`] (the key's states, events and the
+//! effects each transition asks for) and `sip` (the fingerprint's hash).
 
 pub mod key;
 pub mod lifecycle;
 pub mod policy;
 pub mod record;
+mod sip;
 pub mod store;
 
 pub use key::{

@@ -55,8 +55,12 @@
 //! keeping `max_entries` answers costs there.
 
 use proxy_wasm::hostcalls;
+// `hashes`: rollsafe's own SipHash-1-3, the same source.
+#[path = "../../../src/idempotency/sip.rs"]
+mod sip;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
+use sip::Sip13;
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -410,21 +414,19 @@ fn hop_by_hop(name: &str) -> bool {
 /// caller's scope digest in its memo (the scope's SHA-256 is computed once per caller, not per
 /// request).
 fn keyed_hashes(body: &[u8]) -> ([u8; 16], [u8; 16]) {
-    use siphasher::sip128::{Hasher128, SipHasher13};
-    use std::hash::Hasher;
-    let mut sip = SipHasher13::new_with_keys(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
+    let mut sip = Sip13::new(0x726f_6c6c_7361_6665, 0x626f_6479_2d66_7031);
     for part in [&b"POST"[..], b"/bench", b""] {
         sip.write(&(part.len() as u32).to_be_bytes());
         sip.write(part);
     }
     sip.write(&(body.len() as u64).to_be_bytes());
     sip.write(body);
-    let mut tag = SipHasher13::new_with_keys(0x5eed, 0xcafe);
+    let mut tag = Sip13::new(0x5eed, 0xcafe);
     for part in [&b"bench"[..], b""] {
         tag.write(&(part.len() as u32).to_be_bytes());
         tag.write(part);
     }
-    (sip.finish128().as_bytes(), tag.finish128().as_bytes())
+    (sip.finish128(), tag.finish128())
 }
 
 /// A body, read once it is whole (`None` until then: the stream is held).
