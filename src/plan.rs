@@ -5,6 +5,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::retry::ExchangeMode;
 use crate::{idempotency, maintenance, retry, routing};
 use std::cell::RefCell;
+use std::rc::Rc;
 
 /// Which proxy-wasm host runs the filter; detected once at configure time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,7 +52,7 @@ pub struct Plan {
 pub enum ServiceTarget {
     #[default]
     Unread,
-    Ready(String),
+    Ready(Rc<str>),
     /// Logged once; Kong's own proxying carries the route's requests, keys still enforced.
     Unusable,
 }

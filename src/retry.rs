@@ -9,6 +9,7 @@
 use crate::config::error::ConfigError;
 use serde::Deserialize;
 use std::cell::RefCell;
+use std::rc::Rc;
 
 /// `retry` config section.
 #[derive(Debug, Clone, Deserialize)]
@@ -331,7 +332,8 @@ pub struct Policy {
     max_retry_after_ms: u64,
     pub max_body_bytes: u64,
     pub body_too_large: BodyTooLarge,
-    pub target: Option<String>,
+    /// (Shared with each exchange that sends there: no copy per request.)
+    pub target: Option<Rc<str>>,
     pub exchange: ExchangeMode,
     pub attempt_count_header: Option<String>,
     budget: RefCell<Budget>,
@@ -471,7 +473,7 @@ impl Policy {
             max_retry_after_ms: cfg.max_retry_after_ms,
             max_body_bytes: cfg.max_body_bytes,
             body_too_large: cfg.body_too_large,
-            target: cfg.target.clone(),
+            target: cfg.target.as_deref().map(Rc::from),
             exchange: cfg.exchange,
             attempt_count_header: cfg
                 .attempt_count_header

@@ -10,6 +10,7 @@
 
 use crate::config::error::ConfigError;
 use serde::Deserialize;
+use std::rc::Rc;
 
 /// `routing` config section.
 #[derive(Debug, Clone, Deserialize)]
@@ -102,7 +103,8 @@ pub enum Missing {
 #[derive(Debug, Clone)]
 pub struct Group {
     pub name: String,
-    pub target: String,
+    /// (Shared with each exchange that sends there: no copy per request.)
+    pub target: Rc<str>,
     weight: f64,
     seed: u64,
 }
@@ -171,7 +173,7 @@ impl Policy {
             }
             groups.push(Group {
                 name: g.name.clone(),
-                target: g.target.clone(),
+                target: Rc::from(g.target.as_str()),
                 weight: f64::from(g.weight),
                 // The group's identity is its name: renaming moves its keys, reordering does not.
                 seed: mix(hash_key(g.name.as_bytes())),

@@ -232,7 +232,7 @@ impl Request {
     /// The route's Service as the attempt target (Kong, no `retry.target`): read from
     /// `kong.router.service` at the first request and kept; what cannot be a target is logged
     /// once, and Kong's own proxying then carries the route's requests (keys still enforced).
-    fn service_target(&self, host: &impl Host) -> Option<String> {
+    fn service_target(&self, host: &impl Host) -> Option<Rc<str>> {
         let mut cache = self.plan.service.try_borrow_mut().ok()?;
         match &*cache {
             ServiceTarget::Ready(t) => return Some(t.clone()),
@@ -256,8 +256,9 @@ impl Request {
                         host.log(Level::Warn, &format!("rollsafe: {why}"));
                     }
                 }
-                *cache = ServiceTarget::Ready(svc.target.clone());
-                Some(svc.target)
+                let target = Rc::from(svc.target);
+                *cache = ServiceTarget::Ready(Rc::clone(&target));
+                Some(target)
             }
             Err(why) => {
                 host.log(

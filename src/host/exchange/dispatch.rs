@@ -9,6 +9,7 @@ use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
 use crate::warnings::Warning;
 use std::borrow::Cow;
+use std::rc::Rc;
 
 impl Exchange {
     /// `now`: the clock as this callback read it already, if it did (each read is a hostcall).
@@ -197,12 +198,13 @@ impl Exchange {
 }
 
 /// The cluster Envoy's route chose for this request.
-fn route_cluster(host: &impl Host) -> Option<String> {
+fn route_cluster(host: &impl Host) -> Option<Rc<str>> {
     [&["xds", "cluster_name"][..], &["cluster_name"][..]]
         .iter()
         .find_map(|path| host.property(path))
         .and_then(|b| String::from_utf8(b).ok())
         .filter(|s| !s.is_empty())
+        .map(Rc::from)
 }
 
 /// The request headers rollsafe sends on a dispatched attempt: the client's, then its own.

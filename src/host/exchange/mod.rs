@@ -114,7 +114,7 @@ pub struct Exchange {
     routed: Option<Routed>,
     /// Where dispatched attempts go: the group's target, `retry.target`, on Kong the route's
     /// Service, or on Envoy the route's cluster.
-    target: Option<String>,
+    target: Option<Rc<str>>,
     /// The target is the route's Service's (Kong, `kong.router.service`).
     from_service: bool,
     /// The request's method, read once.
@@ -176,7 +176,7 @@ impl Exchange {
         end_of_stream: bool,
         now: u64,
         routed: Option<Routed>,
-        service_target: Option<String>,
+        service_target: Option<Rc<str>>,
     ) -> (Option<Box<Exchange>>, Step) {
         let group_target = routed.as_ref().and_then(|r| {
             plan.routing
