@@ -162,10 +162,11 @@ pub fn gate(
     // Read lossily: a key that is not UTF-8 is then not ASCII either, and refused as such.
     // (Two values are enough to tell one from several.)
     let mut values = headers.values(&ip.header);
-    let parsed = match (values.next(), values.next()) {
+    let (one, two) = (values.next(), values.next());
+    let parsed = match (&one, two) {
         (None, _) => idempotency::parse_key::<&str>(&[]),
-        (Some(one), None) => idempotency::parse_key(&[one]),
-        (Some(one), Some(two)) => idempotency::parse_key(&[one, two]),
+        (Some(one), None) => idempotency::parse_key(std::slice::from_ref(one)),
+        (Some(_), Some(_)) => Err(KeyError::Repeated),
     };
     let key = match parsed {
         Ok(key) => key,

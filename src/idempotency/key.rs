@@ -3,6 +3,7 @@
 
 use super::sip::Sip13;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 /// Why a key header was refused (400).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,8 +14,8 @@ pub enum KeyError {
 }
 
 /// Parses the key: a Structured Field string (`"…"`) or a bare token; 1–255 visible ASCII
-/// characters; exactly one header line.
-pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
+/// characters; exactly one header line. Borrowed from the header unless it had escapes.
+pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<Cow<'_, str>, KeyError> {
     let raw = match values {
         [] => return Err(KeyError::Missing),
         [one] => one.as_ref().trim(),
@@ -30,7 +31,7 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
             .bytes()
             .all(|b| b != b'\\' && b != b'"' && (b' '..=b'~').contains(&b))
         {
-            return checked(inner.to_string());
+            return checked(Cow::Borrowed(inner));
         }
         let mut out = String::with_capacity(inner.len());
         let mut chars = inner.chars();
@@ -45,7 +46,7 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
                 _ => return Err(KeyError::Invalid("not printable ASCII")),
             }
         }
-        out
+        Cow::Owned(out)
     } else {
         if raw.is_empty() {
             return Err(KeyError::Invalid("empty"));
@@ -53,13 +54,13 @@ pub fn parse_key<S: AsRef<str>>(values: &[S]) -> Result<String, KeyError> {
         if !raw.chars().all(|c| ('!'..='~').contains(&c)) {
             return Err(KeyError::Invalid("not visible ASCII (use a quoted string)"));
         }
-        raw.to_string()
+        Cow::Borrowed(raw)
     };
     checked(key)
 }
 
 /// A key as parsed, if its length is one the store takes.
-fn checked(key: String) -> Result<String, KeyError> {
+fn checked(key: Cow<'_, str>) -> Result<Cow<'_, str>, KeyError> {
     if key.is_empty() {
         return Err(KeyError::Invalid("empty"));
     }

@@ -125,6 +125,8 @@ pub fn create_slots(store: &impl Shared, slots: u32) {
 /// A bucket as read: its records by way and its CAS token.
 struct Bucket {
     index: u32,
+    /// Its key in shared data, made once for the read and the write that follows.
+    name: KeyName,
     bytes: BucketBytes,
     cas: u32,
 }
@@ -132,9 +134,11 @@ struct Bucket {
 impl Bucket {
     /// `None` when the bucket was never created (nothing to compare-and-swap against).
     fn read(store: &impl Shared, index: u32) -> Option<Bucket> {
-        let (value, cas) = store.get(&bucket_key(index))?;
+        let name = bucket_key(index);
+        let (value, cas) = store.get(&name)?;
         Some(Bucket {
             index,
+            name,
             bytes: BucketBytes::parse(value, WAYS as usize),
             cas,
         })
@@ -155,7 +159,7 @@ impl Bucket {
         response_cas: Option<u32>,
     ) -> Result<Option<Kept>, SetError> {
         let bytes = self.bytes.with(way, rec, response_cas);
-        store.set(&bucket_key(self.index), &bytes, self.cas)?;
+        store.set(&self.name, &bytes, self.cas)?;
         Ok(store
             .cas_after_write(self.cas)
             .map(|cas| Kept { bytes, cas }))
@@ -166,6 +170,7 @@ impl Bucket {
         match kept {
             Some(Kept { bytes, cas }) => Some(Bucket {
                 index,
+                name: bucket_key(index),
                 bytes: BucketBytes::parse(bytes, WAYS as usize),
                 cas,
             }),
