@@ -114,6 +114,11 @@ impl Metric {
         Metric::RoutingGroupDown,
     ];
 
+    /// Its place in [`Metric::ALL`] (declared in the same order: a test holds them so).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Metric::MaintenanceRejected => "rollsafe_maintenance_rejected",
@@ -281,6 +286,18 @@ impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
             HostKind::Kong => Some(cas.wrapping_add(1)),
             // Envoy numbers writes across every key (and worker).
             HostKind::Envoy => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metric;
+
+    #[test]
+    fn metrics_are_listed_in_their_declared_order() {
+        for (i, m) in Metric::ALL.iter().enumerate() {
+            assert_eq!(m.index(), i, "{m:?}");
         }
     }
 }
