@@ -208,7 +208,6 @@ impl Request {
         let needs_exchange =
             owned && has_target && (!plan.exchange_for_keys_only || keyed_method(&method));
         if let (Some((policy, driver)), true) = (&plan.retry, needs_exchange) {
-            let now = now();
             let all = headers.all.unwrap_or_default();
             let (exchange, step) = Exchange::start(
                 &plan,
@@ -218,7 +217,7 @@ impl Request {
                 all,
                 method,
                 end_of_stream,
-                now,
+                &mut now,
                 routed,
                 service_target,
             );

@@ -1134,3 +1134,30 @@ fn attempts_the_host_refuses_are_answered_each_and_logged_once_a_period() {
         lines[1]
     );
 }
+
+#[test]
+fn the_deadline_counts_from_the_held_body_not_from_the_upload() {
+    // (Kong's driver: its first attempt is dispatched once the body is whole.) A body that
+    // takes 4 s to arrive does not eat into a 6 s deadline: rollsafe's attempts have not begun.
+    for key in [None, Some("k")] {
+        let host = FakeHost::at(1_000);
+        let cfg = r#"{"retry":{"target":"orders:80","per_try_timeout_ms":5000,"deadline_ms":6000},"idempotency":{"lease_ms":6000}}"#;
+        let plan = super::fake::plan(&host, HostKind::Kong, cfg);
+        let mut req = Request::new(Rc::clone(&plan));
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", "/orders"),
+            ("content-length", "2"),
+        ];
+        if let Some(k) = key {
+            headers.push(("idempotency-key", k));
+        }
+        host.set_request(&headers);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        host.now.set(5_000);
+        host.set_body(b"{}");
+        req.on_request_body(&host, 2, true);
+        let want = if key.is_some() { 6_000 } else { 5_000 };
+        assert_eq!(host.dispatches()[0].timeout_ms, want, "key {key:?}");
+    }
+}

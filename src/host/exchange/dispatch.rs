@@ -17,7 +17,7 @@ impl Exchange {
         if self.attempt == 0 {
             let now = now.unwrap_or_else(|| host.now_ms());
             self.cover_lease(policy, host, now);
-            let elapsed = now.saturating_sub(self.started_ms);
+            let elapsed = now.saturating_sub(self.started_at(policy, now));
             let remaining = policy.deadline_ms.saturating_sub(elapsed).max(1);
             self.next_timeout_ms =
                 policy.attempt_timeout_ms(self.method(), self.key_enforced(), remaining);

@@ -177,7 +177,7 @@ impl Exchange {
         let mut until = now + policy.longest_exchange_ms();
         if self.keyed_write() {
             // Its attempts wait for their answer up to the deadline.
-            until = until.max(self.started_ms + policy.deadline_ms);
+            until = until.max(self.started_at(policy, now) + policy.deadline_ms);
         }
         if let (Some(ip), Some(k)) = (plan.idempotency.as_ref(), self.key.as_mut()) {
             k.cover(ip, host, until);

@@ -131,7 +131,10 @@ pub struct Exchange {
     has_body: bool,
     /// The whole request body is held (or there is none).
     body_done: bool,
-    started_ms: u64,
+    /// When the exchange began, as its deadline counts: at the request's headers, or, for one
+    /// that holds the body before any attempt, once it goes on to its first attempt (a replay
+    /// or a refusal then reads the clock only once: [`Exchange::started_at`]).
+    started_ms: Option<u64>,
     /// Attempts so far (the route's own attempt 1 included).
     attempt: u32,
     phase: Phase,
@@ -174,7 +177,7 @@ impl Exchange {
         all: HeaderBlock,
         method: String,
         end_of_stream: bool,
-        now: u64,
+        now: &mut impl FnMut() -> u64,
         routed: Option<Routed>,
         service_target: Option<Rc<str>>,
     ) -> (Option<Box<Exchange>>, Step) {
@@ -229,7 +232,7 @@ impl Exchange {
             declared_len,
             has_body,
             body_done: !has_body,
-            started_ms: now,
+            started_ms: None,
             attempt: 0,
             phase: Phase::Receiving,
             wake_at: None,
@@ -259,7 +262,7 @@ impl Exchange {
             });
         if let (Some(ip), false) = (plan.idempotency.as_ref().filter(|_| keyed), has_body) {
             // No body: the key is decided now.
-            match key::gate(ip, plan.host, host, &ex.block, key::Body::Whole(&[]), now) {
+            match key::gate(ip, plan.host, host, &ex.block, key::Body::Whole(&[]), now()) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.took_key(host, Some(k)),
                 Gate::Answer(reply) => {
@@ -269,7 +272,11 @@ impl Exchange {
                 Gate::Ask(k, command) => ask = Some((k, command)),
             }
         }
-        policy.note_request(now);
+        // (Held first, its body decides whether it goes on at all: the clock waits for that.)
+        let holds_body_first = has_body && (driver == Driver::Dispatch || ex.key_at_body);
+        if !holds_body_first {
+            ex.started_at(policy, now());
+        }
         ex.name_group(host);
         // (Kong's host streams from the body callback, which comes once nginx has the body,
         // spilled or not: its headers cannot be held for a claim.)
@@ -285,7 +292,7 @@ impl Exchange {
         }
         match driver {
             Driver::Dispatch if !has_body => {
-                ex.send_attempt(policy, host, Some(now));
+                ex.send_attempt(policy, host, Some(now()));
                 let step = ex.held_for_attempt();
                 (Some(ex), step)
             }
@@ -306,11 +313,20 @@ impl Exchange {
                         host.set_request_header("x-envoy-upstream-rq-timeout-ms", &deadline);
                     }
                 } else {
-                    ex.begin_route_attempt(policy, host, Some(now));
+                    ex.begin_route_attempt(policy, host, Some(now()));
                 }
                 (Some(ex), Step::Continue)
             }
         }
+    }
+
+    /// When the exchange began (`now` if not yet: it begins now, and counts into the retry
+    /// budget's base).
+    pub(super) fn started_at(&mut self, policy: &Policy, now: u64) -> u64 {
+        *self.started_ms.get_or_insert_with(|| {
+            policy.note_request(now);
+            now
+        })
     }
 
     pub(super) fn method(&self) -> &str {
@@ -474,7 +490,7 @@ impl Exchange {
             attempt: self.attempt,
             outcome,
             retry_after_ms,
-            elapsed_ms: now.saturating_sub(self.started_ms),
+            elapsed_ms: now.saturating_sub(self.started_at(policy, now)),
         };
         match policy.decide(
             self.method(),
