@@ -14,6 +14,7 @@
 )]
 
 pub mod announce;
+pub mod bytes;
 pub mod config;
 pub mod dates;
 pub mod host;

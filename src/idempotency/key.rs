@@ -2,6 +2,7 @@
 //! under the same key: the caller scope and the request's fingerprint.
 
 use super::sip::Sip13;
+use crate::bytes::equal;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
@@ -155,7 +156,7 @@ impl ScopeMemo {
         }
         let way = usize::from(tag.first().copied().unwrap_or(0)) % MEMO_WAYS;
         if let Some((t, digest)) = self.ways.get(way) {
-            if *t == tag {
+            if equal(t, &tag) {
                 return keyed(digest, key);
             }
         }
@@ -197,7 +198,7 @@ impl Facts {
     /// Whether a request with `other` facts is the same request. An unknown length on either
     /// side compares equal: a chunked body is told apart by method, path and scope alone.
     pub fn same_as(&self, other: &Facts) -> bool {
-        self.fingerprint == other.fingerprint
+        equal(&self.fingerprint, &other.fingerprint)
             && match (self.body_len, other.body_len) {
                 (Some(a), Some(b)) => a == b,
                 _ => true,

@@ -5,6 +5,7 @@ use super::key::Facts;
 use super::record::{
     decode_response, encode_response, BucketBytes, RecordRef, State, Stored, MAX_WAYS,
 };
+use crate::bytes::equal;
 
 /// Slots of one bucket: the records a key may use, read and written as one shared-data value.
 pub const WAYS: u32 = MAX_WAYS as u32;
@@ -203,7 +204,7 @@ pub fn claim(
         let mut doubt: Option<usize> = None;
         for (way, rec) in bucket.bytes.ways() {
             match rec {
-                Some(rec) if rec.key == key.as_bytes() && rec.expires_ms > now => {
+                Some(rec) if rec.expires_ms > now && equal(rec.key, key.as_bytes()) => {
                     found = Some((way, rec));
                     break;
                 }
@@ -212,7 +213,7 @@ pub fn claim(
                         oldest = Some((way, rec.expires_ms));
                     }
                 }
-                Some(rec) if rec.key == key.as_bytes() && rec.state == State::InFlight => {
+                Some(rec) if rec.state == State::InFlight && equal(rec.key, key.as_bytes()) => {
                     doubt = Some(way);
                 }
                 // Empty, expired, or unreadable (not ours): free.
@@ -306,7 +307,7 @@ pub fn settle(
         let Some(mut rec) = bucket.bytes.way(way) else {
             return false;
         };
-        if rec.key != key.as_bytes() || rec.owner != owner || rec.state != State::InFlight {
+        if rec.owner != owner || rec.state != State::InFlight || !equal(rec.key, key.as_bytes()) {
             return false;
         }
         let value = match settle {
@@ -362,7 +363,7 @@ pub fn cached(store: &impl Shared, slots: u32, key: &str, now: u64) -> Option<(F
     }
     let bucket = Bucket::read(store, bucket_of(key, slots))?;
     let (way, rec) = bucket.bytes.ways().find_map(|(way, r)| {
-        r.filter(|r| r.key == key.as_bytes() && r.expires_ms > now)
+        r.filter(|r| r.expires_ms > now && equal(r.key, key.as_bytes()))
             .map(|r| (way, r))
     })?;
     match rec.state {
