@@ -12,6 +12,8 @@ pub struct Reply {
     pub passed: HeaderBlock,
     /// The rest, after those: rollsafe's own, or a replay's stored headers.
     pub headers: Vec<(String, String)>,
+    /// Constant headers of rollsafe's own, last (no copy made of them per answer).
+    pub fixed: &'static [(&'static str, &'static str)],
     pub body: Vec<u8>,
 }
 
@@ -47,17 +49,15 @@ impl Reply {
             extensions,
         }
         .to_json();
-        let mut headers = vec![(
-            "content-type".to_string(),
-            problem::CONTENT_TYPE.to_string(),
-        )];
-        if let Some(s) = retry_after_s {
-            headers.push(("retry-after".into(), s.to_string()));
-        }
+        let headers = match retry_after_s {
+            Some(s) => vec![("retry-after".into(), s.to_string())],
+            None => Vec::new(),
+        };
         Reply {
             status,
             passed: HeaderBlock::default(),
             headers,
+            fixed: &[("content-type", problem::CONTENT_TYPE)],
             body,
         }
     }
@@ -69,7 +69,7 @@ impl Reply {
         extra: usize,
         store: &'a mut Vec<(String, String)>,
     ) -> Vec<(&'a str, &'a str)> {
-        let own = self.headers.len() + extra;
+        let own = self.headers.len() + self.fixed.len() + extra;
         let mut out = match self.passed.passed_on(own) {
             Some(pairs) => pairs,
             None => {
@@ -80,6 +80,7 @@ impl Reply {
             }
         };
         out.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        out.extend(self.fixed.iter().copied());
         out
     }
 }

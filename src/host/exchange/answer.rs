@@ -45,6 +45,7 @@ impl Exchange {
                     status: u32::from(a.status),
                     passed: a.headers,
                     headers,
+                    fixed: &[],
                     body: a.body,
                 }
             }
