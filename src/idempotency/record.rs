@@ -374,8 +374,7 @@ pub fn decode_response(value: &[u8]) -> Option<(u64, Stored)> {
     let status = r.u16()?;
     let body_omitted = r.u8()? != 0;
     let n = r.u32()? as usize;
-    // (Room for the two headers a replay adds: `host::key`.)
-    let mut headers = Vec::with_capacity(n.min(64) + 2);
+    let mut headers = Vec::with_capacity(n.min(64));
     for _ in 0..n {
         headers.push((r.string()?, r.string()?));
     }
