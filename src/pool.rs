@@ -20,7 +20,8 @@ use std::ptr;
 const CLASSES: usize = 6;
 /// Blocks kept per class.
 const KEEP: usize = 128;
-/// The system allocator's own alignment on wasm32: a block of it holds a pointer.
+/// The alignment the pool serves (std's `System` gives at least this from `malloc` on wasm32);
+/// a block of it holds a pointer.
 const ALIGN: usize = 8;
 
 pub struct Pool {
@@ -28,9 +29,10 @@ pub struct Pool {
     lists: UnsafeCell<[(*mut u8, usize); CLASSES]>,
 }
 
-// SAFETY: a proxy-wasm VM runs one thread. (Native builds share no instance: tests make
-// their own.)
-#[cfg(target_arch = "wasm32")]
+// SAFETY: a proxy-wasm VM runs one thread (a build with wasm threads has no `Sync` here, and
+// so no global allocator: it does not compile). Native builds share no instance: tests make
+// their own.
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
 unsafe impl Sync for Pool {}
 
 impl Pool {
@@ -85,6 +87,9 @@ unsafe impl GlobalAlloc for Pool {
         block
     }
 
+    /// (A host fills a block it asked `proxy_on_memory_allocate` for, and the SDK frees it with
+    /// the length the host reports: never more than the block, or the host would have written
+    /// past it, so a block is never filed under a larger class than its own.)
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         let Some((c, list)) = self.list(layout) else {
             return System.dealloc(block, layout);

@@ -4,9 +4,10 @@
 //! request it held. Seen: `set_property` on a host that does not know the property (bare
 //! ngx_wasm_module has no `kong.*`); possible: a shared-data write refused by a full shm zone,
 //! a metric an older host cannot define, a log line or a clock read a host refuses. Each must
-//! be an error, not a crash. This is the only `unsafe` in the crate: the imports the SDK
-//! declares, called as it calls them. (`dispatch_http_call` stays the SDK's: its dispatcher
-//! routes the answer to the request by a token only the SDK's own call registers.)
+//! be an error, not a crash. Its `unsafe` (with the allocator's, `crate::pool`, the crate's
+//! only) calls the imports the SDK declares as the SDK calls them. (`dispatch_http_call`
+//! stays the SDK's: its dispatcher routes the answer to the request by a token only the SDK's
+//! own call registers.)
 #![allow(unsafe_code)]
 
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};

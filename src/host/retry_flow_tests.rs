@@ -1161,3 +1161,56 @@ fn the_deadline_counts_from_the_held_body_not_from_the_upload() {
         assert_eq!(host.dispatches()[0].timeout_ms, want, "key {key:?}");
     }
 }
+
+#[test]
+fn on_envoy_a_held_body_starts_the_deadline_when_the_route_gets_it() {
+    // A keyed PUT (a key without a lease to stretch to the deadline) and a POST whose claim
+    // failed open (no key at all): their bodies are held until whole, so the exchange begins
+    // when the route is given the body (t=5 s). Its first attempt fails at 7.5 s, 2.5 s into a
+    // 2 s deadline: no retry. (Begun only at the attempt's end, it would see no time gone and
+    // retry.)
+    let cases = [
+        (
+            "PUT",
+            r#"{"retry":{"exchange":"native","per_try_timeout_ms":2000,"deadline_ms":2000},"idempotency":{"methods":["PUT"],"lease_ms":2000}}"#,
+        ),
+        (
+            "POST",
+            r#"{"retry":{"exchange":"native","per_try_timeout_ms":2000,"deadline_ms":2000},"idempotency":{"lease_ms":2000,"store":"redis","redis":{"target":"webdis:7379","when_unavailable":"fail-open"}}}"#,
+        ),
+    ];
+    for (method, cfg) in cases {
+        let host = FakeHost::at(1_000);
+        let plan = super::fake::plan(&host, HostKind::Envoy, cfg);
+        let mut req = Request::new(Rc::clone(&plan));
+        host.set_request(&[
+            (":method", method),
+            (":path", "/orders/1"),
+            ("content-length", "2"),
+            ("idempotency-key", "\"k\""),
+        ]);
+        assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
+        host.now.set(5_000);
+        host.set_body(b"{}");
+        req.on_request_body(&host, 2, true);
+        if let Some(token) = req.pending_call() {
+            // The shared store's claim: unavailable, so the request runs unprotected.
+            host.answer_call(&[(":status", "503")], "");
+            req.on_call_response(&host, token, 0);
+        }
+        // (A refused connection: a retry is safe for any method, so only the deadline stops it.)
+        host.now.set(7_500);
+        host.set_response(&[(":status", "503")]);
+        host.set_property(
+            "response.code_details",
+            "upstream_reset_before_response_started{remote_connection_failure}",
+        );
+        assert_eq!(
+            req.on_response_headers(&host, false),
+            Verdict::Continue,
+            "{method}: the route's answer is the last"
+        );
+        assert_eq!(host.counted(Metric::RetryConnectFailure), 0, "{method}");
+        assert_eq!(host.counted(Metric::RetryDeadlineExceeded), 1, "{method}");
+    }
+}

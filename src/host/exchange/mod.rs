@@ -321,7 +321,7 @@ impl Exchange {
     }
 
     /// When the exchange began (`now` if not yet: it begins now, and counts into the retry
-    /// budget's base).
+    /// budget's base; one answered before it begins, a replay or a refusal, does not).
     pub(super) fn started_at(&mut self, policy: &Policy, now: u64) -> u64 {
         *self.started_ms.get_or_insert_with(|| {
             policy.note_request(now);

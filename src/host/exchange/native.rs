@@ -34,13 +34,16 @@ impl Exchange {
         self.phase = Phase::Attempt(Carrier::Route);
         if self.body_done {
             self.route_complete = true;
-            // (Only a key has a lease to cover.)
-            let now = self
-                .key
-                .is_some()
+            // The exchange begins now if its held body kept it from beginning at its headers
+            // (its deadline and the retry budget count from here); only a key has a lease to
+            // cover.
+            let now = (self.key.is_some() || self.started_ms.is_none())
                 .then(|| now.unwrap_or_else(|| host.now_ms()));
             if let Some(now) = now {
-                self.cover_lease(policy, host, now);
+                self.started_at(policy, now);
+                if self.key.is_some() {
+                    self.cover_lease(policy, host, now);
+                }
             }
             self.attempt_sent(host);
             if let (Some(now), true) = (now, self.key_enforced()) {
