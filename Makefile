@@ -52,7 +52,7 @@ $(WASM): $(RUST_SRC)
 $(POD): $(RUST_SRC)
 	cargo build --release -p rollsafe-pod
 
-$(PROBE): bench/probe/src/lib.rs bench/probe/Cargo.toml src/idempotency/sip.rs
+$(PROBE): bench/probe/src/lib.rs bench/probe/Cargo.toml src/idempotency/sip.rs src/pool.rs
 	cargo build --release --target $(TARGET) -p rollsafe-probe
 
 $(CHECK): $(RUST_SRC) examples/check_config.rs

@@ -58,6 +58,12 @@ use proxy_wasm::hostcalls;
 // `hashes`: rollsafe's own SipHash-1-3, the same source.
 #[path = "../../../src/idempotency/sip.rs"]
 mod sip;
+// rollsafe's allocator, the same source: a floor allocates as rollsafe does.
+#[path = "../../../src/pool.rs"]
+mod pool;
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static POOL: pool::Pool = pool::Pool::new();
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
 use sip::Sip13;
