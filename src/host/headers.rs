@@ -106,6 +106,14 @@ pub struct HeaderBlock {
     /// Where `data` starts in the block, which the entries' offsets count from.
     base: usize,
     entries: Vec<Entry>,
+    /// The lengths its names have, a bit each ([`length_bit`]): most names a request is
+    /// searched for are absent, and most of those have a length no name in it has.
+    lengths: u64,
+}
+
+/// A name length's bit in [`HeaderBlock::lengths`] (lengths of 63 and over share one).
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
 }
 
 /// One header's name and value as offsets into the block.
@@ -165,6 +173,7 @@ impl Default for HeaderBlock {
             data: Ok(String::new()),
             base: 0,
             entries: Vec::new(),
+            lengths: 0,
         }
     }
 }
@@ -172,11 +181,15 @@ impl Default for HeaderBlock {
 impl HeaderBlock {
     pub fn from_raw(mut raw: Vec<u8>) -> Self {
         let (entries, base) = index(&raw);
+        let lengths = entries
+            .iter()
+            .fold(0, |m, e| m | length_bit(e.name_len as usize));
         raw.drain(..base);
         HeaderBlock {
             data: String::from_utf8(raw).map_err(|e| e.into_bytes()),
             base,
             entries,
+            lengths,
         }
     }
 
@@ -254,6 +267,9 @@ impl HeaderBlock {
     }
 
     fn entry(&self, name: &[u8]) -> Option<&Entry> {
+        if self.lengths & length_bit(name.len()) == 0 {
+            return None;
+        }
         self.entries.iter().find(|e| {
             e.name_len as usize == name.len() && name_is(self.slice(e.name, e.name_len), name)
         })
@@ -327,6 +343,27 @@ mod tests {
         assert_eq!(b.get("idempotency-key"), Some("\"k\""));
         assert_eq!(b.get("x"), Some(""));
         assert_eq!(b.get("absent"), None);
+    }
+
+    #[test]
+    fn names_of_every_length_are_found_and_only_they() {
+        // Names of 63 bytes and more share a length bit: each is still compared.
+        let long = |n: usize| "x".repeat(n);
+        let p = pairs(&[
+            ("", "empty"),
+            ("a", "1"),
+            (&long(63), "63"),
+            (&long(200), "200"),
+        ]);
+        let b = HeaderBlock::from_pairs(&p);
+        assert_eq!(b.get(""), Some("empty"));
+        assert_eq!(b.get("A"), Some("1"));
+        assert_eq!(b.get(&long(63)), Some("63"));
+        assert_eq!(b.get(&long(200).to_uppercase()), Some("200"));
+        for absent in ["b", "ab", &long(64), &long(62), &long(199)] {
+            assert_eq!(b.get(absent), None, "{absent}");
+        }
+        assert_eq!(HeaderBlock::default().get(""), None);
     }
 
     #[test]
