@@ -304,7 +304,7 @@ pub fn value(rec: &Record, stored: Option<&Stored>) -> Vec<u8> {
     out.extend_from_slice(&(record.len() as u32).to_be_bytes());
     out.extend_from_slice(&record);
     if let Some(s) = stored {
-        out.extend_from_slice(&record::encode_response(rec.owner, s));
+        out.extend_from_slice(&s.as_owned_by(rec.owner));
     }
     out
 }
@@ -320,8 +320,8 @@ pub fn read_value(v: &[u8]) -> Option<(Record, Option<Stored>)> {
     match rec.state {
         State::InFlight => Some((rec, None)),
         State::Done => {
-            let (owner, stored) = record::decode_response(v.get(end..)?)?;
-            (owner == rec.owner).then_some((rec, Some(stored)))
+            let stored = Stored::from_bytes(v.get(end..)?.to_vec())?;
+            (stored.owner() == rec.owner).then_some((rec, Some(stored)))
         }
     }
 }
@@ -458,12 +458,12 @@ mod tests {
     #[test]
     fn commands_are_evals_whose_parts_survive_any_bytes() {
         let r = redis();
-        let stored = Stored {
-            status: 201,
-            headers: vec![("location".into(), "/orders/1".into())],
-            body: b"a/b.c%\0\xff\r\n".to_vec(),
-            body_omitted: false,
-        };
+        let stored = Stored::new(
+            rec(7).owner,
+            201,
+            &[("location", "/orders/1")],
+            Some(b"a/b.c%\0\xff\r\n"),
+        );
         let cmd = r.settle(
             "scope:k1",
             &rec(7),
@@ -532,16 +532,11 @@ mod tests {
                 retry_after_ms: 1500
             }))
         );
-        let stored = Stored {
-            status: 200,
-            headers: vec![],
-            body: b"{}".to_vec(),
-            body_omitted: false,
-        };
         let done = Record {
             state: State::Done,
             ..rec(9)
         };
+        let stored = Stored::new::<&str, &str>(done.owner, 200, &[], Some(b"{}"));
         let mut held = b"H86399000 ".to_vec();
         held.extend(value(&done, Some(&stored)));
         assert_eq!(

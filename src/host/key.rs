@@ -15,13 +15,14 @@ use crate::idempotency::lifecycle::{
 };
 use crate::idempotency::{self, Claim, Facts, KeyError, Record, Settle, State, Stored};
 use crate::shared_store::{self, Claimed, Redis, WhenUnavailable};
+use std::borrow::Cow;
 
 /// The exchange's final answer as the record keeps it: the headers a replay repeats
 /// (`replay_headers`), and `body` `None` when it was too large to keep.
 pub struct Final<'a> {
     pub status: u16,
-    /// (Owned: the record takes them.)
-    pub headers: Vec<(String, String)>,
+    /// The headers a record keeps (`replay_headers`), borrowed where the answer is at hand.
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     pub body: Option<&'a [u8]>,
 }
 
@@ -347,10 +348,10 @@ fn refusal_reply(refusal: Refusal, path: &str) -> Reply {
 /// A stored answer, replayed with `Idempotent-Replayed: true`.
 fn replay(stored: Stored) -> Reply {
     Reply {
-        status: u32::from(stored.status),
+        status: u32::from(stored.status()),
         passed: HeaderBlock::default(),
-        headers: stored.headers,
-        fixed: if stored.body_omitted {
+        headers: Vec::new(),
+        fixed: if stored.body_omitted() {
             &[
                 ("idempotent-replayed", "true"),
                 ("idempotent-replay-body", "omitted"),
@@ -358,7 +359,8 @@ fn replay(stored: Stored) -> Reply {
         } else {
             &[("idempotent-replayed", "true")]
         },
-        body: stored.body,
+        body: Vec::new(),
+        stored: Some(stored),
     }
 }
 
@@ -627,12 +629,7 @@ impl Key {
         }
         let stored = answer.filter(|a| ip.stores(a.status)).map(|a| {
             let body = a.body.filter(|b| b.len() <= ip.max_response_bytes);
-            Stored {
-                status: a.status,
-                headers: a.headers,
-                body_omitted: body.is_none(),
-                body: body.map(<[u8]>::to_vec).unwrap_or_default(),
-            }
+            Stored::new(self.owner, a.status, &a.headers, body)
         });
         let awaited = hold && self.held == Some(Held::Shared);
         let event = Event::Finished { stored, awaited };

@@ -1,6 +1,7 @@
 //! An answer rollsafe makes itself: status, headers, body.
 
 use super::headers::{passes_on, HeaderBlock};
+use crate::idempotency::Stored;
 use crate::problem::{self, Problem};
 use serde_json::{Map, Value};
 
@@ -15,6 +16,9 @@ pub struct Reply {
     /// Constant headers of rollsafe's own, last (no copy made of them per answer).
     pub fixed: &'static [(&'static str, &'static str)],
     pub body: Vec<u8>,
+    /// A replay's stored answer, read in place: its headers come after `passed`, and its body
+    /// is the body.
+    pub stored: Option<Stored>,
 }
 
 impl Reply {
@@ -59,6 +63,7 @@ impl Reply {
             headers,
             fixed: &[("content-type", problem::CONTENT_TYPE)],
             body,
+            stored: None,
         }
     }
 
@@ -69,7 +74,8 @@ impl Reply {
         extra: usize,
         store: &'a mut Vec<(String, String)>,
     ) -> Vec<(&'a str, &'a str)> {
-        let own = self.headers.len() + self.fixed.len() + extra;
+        let kept = self.stored.as_ref().map_or(0, Stored::header_count);
+        let own = kept + self.headers.len() + self.fixed.len() + extra;
         let mut out = match self.passed.passed_on(own) {
             Some(pairs) => pairs,
             None => {
@@ -79,8 +85,19 @@ impl Reply {
                 out
             }
         };
+        for pair in self.stored.iter().flat_map(Stored::headers) {
+            out.push(pair);
+        }
         out.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         out.extend(self.fixed.iter().copied());
         out
+    }
+
+    /// The body: a replay's stored one, or the reply's own.
+    pub fn body(&self) -> &[u8] {
+        match &self.stored {
+            Some(stored) => stored.body(),
+            None => &self.body,
+        }
     }
 }

@@ -320,12 +320,7 @@ mod tests {
     };
 
     fn stored() -> Stored {
-        Stored {
-            status: 201,
-            headers: vec![],
-            body: b"ok".to_vec(),
-            body_omitted: false,
-        }
+        Stored::new::<&str, &str>(1, 201, &[], Some(b"ok"))
     }
 
     fn write(write: Write, awaited: bool) -> Effect {

@@ -26,7 +26,7 @@ pub use key::{
     fingerprint, fingerprint_streamed, parse_key, store_key, Facts, KeyError, ScopeMemo,
 };
 pub use policy::{IdempotencyConfig, Policy, ScopePart, StoreKind, WhenFull};
-pub use record::{decode, decode_response, encode, encode_response, Record, State, Stored};
+pub use record::{decode, encode, Record, State, Stored};
 pub use store::{
     cache, cached, claim, create_slots, settle, Claim, Kept, SetError, Settle, Shared,
 };

@@ -8,14 +8,133 @@ const BUCKET_MAGIC: &[u8; 4] = b"RSB1";
 /// After a bucket's ways: the cas of each way's stored response, where the host makes it known.
 const HINTS_MAGIC: &[u8; 4] = b"RSH1";
 
-/// A stored response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A stored response, kept as the bytes it is stored in (`RSR1`, the owner tag, status, flags,
+/// headers, body): encoded once when an answer is kept and read in place when it is replayed,
+/// so that neither copies the body or a header again.
+#[derive(Debug, Clone)]
 pub struct Stored {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Where the body starts: it runs to the end.
+    body_at: usize,
+}
+
+/// Equal when they hold the same response, whoever's completion stored it.
+impl PartialEq for Stored {
+    fn eq(&self, other: &Stored) -> bool {
+        let (a, b) = (&self.bytes, &other.bytes);
+        a.get(..4) == b.get(..4) && a.get(12..) == b.get(12..)
+    }
+}
+
+impl Eq for Stored {}
+
+/// A stored response's fixed head: magic, owner, status, flags, header count.
+const RESPONSE_HEAD: usize = 4 + 8 + 2 + 1 + 4;
+
+impl Stored {
+    /// `owner`'s completion: `status`, the headers kept, and the body (`None`: it was larger
+    /// than `max_response_bytes` and is not kept).
+    pub fn new<K: AsRef<str>, V: AsRef<str>>(
+        owner: u64,
+        status: u16,
+        headers: &[(K, V)],
+        body: Option<&[u8]>,
+    ) -> Stored {
+        let kept = body.unwrap_or_default();
+        let size: usize = headers
+            .iter()
+            .map(|(k, v)| 8 + k.as_ref().len() + v.as_ref().len())
+            .sum();
+        let mut head = [0u8; RESPONSE_HEAD];
+        let at = &mut 0;
+        put(&mut head, at, *RESPONSE_MAGIC);
+        put(&mut head, at, owner.to_be_bytes());
+        put(&mut head, at, status.to_be_bytes());
+        put(&mut head, at, [u8::from(body.is_none())]);
+        put(&mut head, at, (headers.len() as u32).to_be_bytes());
+        // (Sized whole: an answer's headers outgrowing a guess moved the body again.)
+        let mut bytes = Vec::with_capacity(RESPONSE_HEAD + size + 4 + kept.len());
+        bytes.extend_from_slice(&head);
+        for (k, v) in headers {
+            put_str(&mut bytes, k.as_ref().as_bytes());
+            put_str(&mut bytes, v.as_ref().as_bytes());
+        }
+        put_str(&mut bytes, kept);
+        let body_at = bytes.len() - kept.len();
+        Stored { bytes, body_at }
+    }
+
+    /// A stored response read back; `None` unless `bytes` are one, whole, its headers text.
+    pub fn from_bytes(bytes: Vec<u8>) -> Option<Stored> {
+        let mut r = Reader(&bytes);
+        if r.take(4)? != RESPONSE_MAGIC {
+            return None;
+        }
+        r.take(8 + 2 + 1)?;
+        // (Each pair takes 8 bytes at least: a count larger than the bytes ends at once.)
+        for _ in 0..r.u32()? {
+            std::str::from_utf8(r.bytes()?).ok()?;
+            std::str::from_utf8(r.bytes()?).ok()?;
+        }
+        let len = r.bytes()?.len();
+        if !r.0.is_empty() {
+            return None;
+        }
+        let body_at = bytes.len() - len;
+        Some(Stored { bytes, body_at })
+    }
+
+    /// The bytes as stored, tagged with `owner` (copied only when it was another's: a
+    /// completion read from the shared store, kept on this node under a claim of its own).
+    pub fn as_owned_by(&self, owner: u64) -> std::borrow::Cow<'_, [u8]> {
+        if self.owner() == owner {
+            return std::borrow::Cow::Borrowed(&self.bytes);
+        }
+        let mut bytes = self.bytes.clone();
+        if let Some(tag) = bytes.get_mut(4..12) {
+            tag.copy_from_slice(&owner.to_be_bytes());
+        }
+        std::borrow::Cow::Owned(bytes)
+    }
+
+    /// The claim's owner this completion was stored by.
+    pub fn owner(&self) -> u64 {
+        Reader(self.bytes.get(4..).unwrap_or_default())
+            .u64()
+            .unwrap_or(0)
+    }
+
+    pub fn status(&self) -> u16 {
+        Reader(self.bytes.get(12..).unwrap_or_default())
+            .u16()
+            .unwrap_or(0)
+    }
+
     /// The body was larger than `max_response_bytes` and was not kept.
-    pub body_omitted: bool,
+    pub fn body_omitted(&self) -> bool {
+        self.bytes.get(14).is_some_and(|b| *b != 0)
+    }
+
+    /// The headers kept, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        let end = self.body_at.saturating_sub(4);
+        let mut r = Reader(self.bytes.get(RESPONSE_HEAD..end).unwrap_or_default());
+        // (Read as text when the bytes were made or read back.)
+        fn text(b: &[u8]) -> &str {
+            std::str::from_utf8(b).unwrap_or_default()
+        }
+        std::iter::from_fn(move || Some((text(r.bytes()?), text(r.bytes()?))))
+    }
+
+    pub fn header_count(&self) -> usize {
+        Reader(self.bytes.get(15..).unwrap_or_default())
+            .u32()
+            .map_or(0, |n| n as usize)
+    }
+
+    pub fn body(&self) -> &[u8] {
+        self.bytes.get(self.body_at..).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,25 +241,6 @@ fn put<const N: usize>(buf: &mut [u8], at: &mut usize, field: [u8; N]) {
     }
 }
 
-/// A stored response as bytes: `RSR1`, the owner tag, status, flags, headers, body.
-pub fn encode_response(owner: u64, s: &Stored) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + s.body.len());
-    let mut head = [0u8; 4 + 8 + 2 + 1 + 4];
-    let at = &mut 0;
-    put(&mut head, at, *RESPONSE_MAGIC);
-    put(&mut head, at, owner.to_be_bytes());
-    put(&mut head, at, s.status.to_be_bytes());
-    put(&mut head, at, [u8::from(s.body_omitted)]);
-    put(&mut head, at, (s.headers.len() as u32).to_be_bytes());
-    out.extend_from_slice(&head);
-    for (k, v) in &s.headers {
-        put_str(&mut out, k.as_bytes());
-        put_str(&mut out, v.as_bytes());
-    }
-    put_str(&mut out, &s.body);
-    out
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -164,9 +264,6 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = self.u32()? as usize;
         self.take(n)
-    }
-    fn string(&mut self) -> Option<String> {
-        String::from_utf8(self.bytes()?.to_vec()).ok()
     }
 }
 
@@ -362,33 +459,4 @@ impl BucketBytes {
             self.raw.get(end..last)?,
         ))
     }
-}
-
-/// Decodes a stored response and its owner tag.
-pub fn decode_response(value: &[u8]) -> Option<(u64, Stored)> {
-    let mut r = Reader(value);
-    if r.take(4)? != RESPONSE_MAGIC {
-        return None;
-    }
-    let owner = r.u64()?;
-    let status = r.u16()?;
-    let body_omitted = r.u8()? != 0;
-    let n = r.u32()? as usize;
-    let mut headers = Vec::with_capacity(n.min(64));
-    for _ in 0..n {
-        headers.push((r.string()?, r.string()?));
-    }
-    let body = r.bytes()?.to_vec();
-    if !r.0.is_empty() {
-        return None;
-    }
-    Some((
-        owner,
-        Stored {
-            status,
-            headers,
-            body,
-            body_omitted,
-        },
-    ))
 }

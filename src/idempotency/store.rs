@@ -2,9 +2,7 @@
 //! compare-and-swap.
 
 use super::key::Facts;
-use super::record::{
-    decode_response, encode_response, BucketBytes, RecordRef, State, Stored, MAX_WAYS,
-};
+use super::record::{BucketBytes, RecordRef, State, Stored, MAX_WAYS};
 use crate::bytes::equal;
 
 /// Slots of one bucket: the records a key may use, read and written as one shared-data value.
@@ -414,7 +412,7 @@ fn write_response(
     owned: bool,
 ) -> Result<Option<u32>, SetError> {
     let key = response_key(slot);
-    let value = encode_response(owner, stored);
+    let value = stored.as_owned_by(owner);
     let guess = hint.unwrap_or(0);
     match store.set(&key, &value, guess) {
         Ok(()) => Ok(store.cas_after_write(guess)),
@@ -428,8 +426,7 @@ fn write_response(
 /// The slot's response, when it belongs to `owner`'s completion.
 fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
     let (value, _) = store.get(&response_key(slot))?;
-    let (tag, stored) = decode_response(&value)?;
-    (tag == owner).then_some(stored)
+    Stored::from_bytes(value).filter(|s| s.owner() == owner)
 }
 
 /// Shared-data key of bucket `i`'s index records (Kong: zone `rollsafe`).

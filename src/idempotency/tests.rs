@@ -80,12 +80,12 @@ fn settle(s: &FakeShared, slot: u32, key: &str, owner: u64, settle: &Settle) -> 
 }
 
 fn stored(status: u16, body: &str) -> Stored {
-    Stored {
+    Stored::new(
+        OWNER,
         status,
-        headers: vec![("content-type".into(), "text/plain".into())],
-        body: body.into(),
-        body_omitted: false,
-    }
+        &[("content-type", "text/plain")],
+        Some(body.as_bytes()),
+    )
 }
 
 const FP: Facts = Facts {
@@ -303,7 +303,7 @@ fn a_million_keys_through_ten_thousand_slots_are_never_refused_and_memory_stays_
         else {
             panic!("key {i} no longer replays")
         };
-        assert_eq!(got.body, format!("{{\"id\":{i}}}").into_bytes());
+        assert_eq!(got.body(), format!("{{\"id\":{i}}}").into_bytes());
     }
 }
 
@@ -368,11 +368,28 @@ fn records_round_trip_and_garbage_is_not_a_record() {
         assert_eq!(decode(&bytes[..cut]), None);
     }
     assert_eq!(decode(b""), None);
-    let resp = encode_response(OWNER, &stored(201, "b"));
-    assert_eq!(decode_response(&resp), Some((OWNER, stored(201, "b"))));
+    let resp = stored(201, "b").as_owned_by(OWNER).into_owned();
+    let back = Stored::from_bytes(resp.clone()).expect("a stored response reads back");
+    assert_eq!(back, stored(201, "b"));
+    assert_eq!(
+        (
+            back.owner(),
+            back.status(),
+            back.body(),
+            back.body_omitted()
+        ),
+        (OWNER, 201, b"b".as_slice(), false)
+    );
+    assert_eq!(
+        back.headers().collect::<Vec<_>>(),
+        [("content-type", "text/plain")]
+    );
     for cut in 0..resp.len() {
-        assert_eq!(decode_response(&resp[..cut]), None);
+        assert_eq!(Stored::from_bytes(resp[..cut].to_vec()), None);
     }
+    let mut longer = resp.clone();
+    longer.push(0);
+    assert_eq!(Stored::from_bytes(longer), None, "a byte past the body");
     assert_eq!(decode(&resp), None, "a response is not an index record");
 }
 
@@ -784,7 +801,7 @@ fn a_completion_writes_its_response_under_the_cas_the_bucket_keeps() {
         assert!(store::settle(s, slot, key, at + 1, &complete, &mut kept));
         let reads = s.response_reads.get() - before;
         match claim(s, 8, key, &FP, 99, at + 10, 1_000) {
-            Claim::Done { stored, .. } => assert_eq!(stored.body, body.as_bytes()),
+            Claim::Done { stored, .. } => assert_eq!(stored.body(), body.as_bytes()),
             other => panic!("{key}: {other:?}"),
         }
         reads
@@ -868,7 +885,7 @@ fn a_completion_that_lost_its_slot_leaves_the_newer_answer() {
             "kong={kong}: not its slot any more"
         );
         match claim(&s, 8, "b", &FP, 3, 3_000, 1_000) {
-            Claim::Done { stored, .. } => assert_eq!(stored.body, b"b", "kong={kong}"),
+            Claim::Done { stored, .. } => assert_eq!(stored.body(), b"b", "kong={kong}"),
             other => panic!("kong={kong}: b's answer lost: {other:?}"),
         }
     }

@@ -20,7 +20,7 @@ impl Exchange {
         let kept = match (&last, &self.plan.idempotency) {
             (Some(a), Some(ip)) if self.key_enforced() && ip.stores(a.status) => a
                 .headers
-                .pairs_where(|k| ip.replay_headers.iter().any(|h| name_is(k, h))),
+                .texts_where(|k| ip.replay_headers.iter().any(|h| name_is(k, h))),
             _ => Vec::new(),
         };
         let done = last.as_ref().map(|a| Final {
@@ -47,6 +47,7 @@ impl Exchange {
                     headers,
                     fixed: &[],
                     body: a.body,
+                    stored: None,
                 }
             }
             None => self.no_answer_problem(policy),
@@ -143,10 +144,10 @@ impl Exchange {
         if self.closes_connection(host) {
             headers.push(("connection", "close"));
         }
-        if self.buffers_unsafe && !reply.body.is_empty() {
+        if self.buffers_unsafe && !reply.body().is_empty() {
             // The body would share a buffer the failed call frees after this callback: the
             // problem travels in a header instead (a stored answer is replayed whole later).
-            let problem = String::from_utf8_lossy(&reply.body).into_owned();
+            let problem = String::from_utf8_lossy(reply.body()).into_owned();
             let is_problem = headers
                 .iter()
                 .any(|(k, v)| *k == "content-type" && *v == crate::problem::CONTENT_TYPE);
@@ -161,7 +162,7 @@ impl Exchange {
             host.send_response(status, &headers, &[]);
             return;
         }
-        host.send_response(status, &headers, &reply.body);
+        host.send_response(status, &headers, reply.body());
     }
 
     /// Kong's host: whether the answer to this request closes the client's connection (see

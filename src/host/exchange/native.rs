@@ -10,12 +10,13 @@ use super::{Carrier, Exchange, Phase, Step, Then};
 use crate::host::key::Final;
 use crate::host::{Host, HostKind, Level, Metric};
 use crate::retry::{self, Outcome, Policy};
+use std::borrow::Cow;
 use std::rc::Rc;
 
 /// The route's final answer, buffered so that it completes the key's record.
 pub(super) struct Storing {
     status: u16,
-    headers: Vec<(String, String)>,
+    headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
 }
 
 impl Exchange {
@@ -215,7 +216,7 @@ impl Exchange {
         if !ip.stores(status) {
             return self.settle_in_response(host, None);
         }
-        let headers: Vec<(String, String)> = ip
+        let headers: Vec<(Cow<'static, str>, Cow<'static, str>)> = ip
             .replay_headers
             .iter()
             .filter_map(|h| {
@@ -223,7 +224,7 @@ impl Exchange {
                     Some(b) => b.get(h).map(str::to_string),
                     None => host.response_header(h),
                 };
-                v.map(|v| (h.clone(), v))
+                v.map(|v| (Cow::Owned(h.clone()), Cow::Owned(v)))
             })
             .collect();
         if end_of_stream {
