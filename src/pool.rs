@@ -2,13 +2,14 @@
 //! next, in front of the system allocator (wasi-libc's dlmalloc).
 //!
 //! Why: a request allocates a few dozen small blocks (header blocks, keys, records, effect
-//! lists), and Wasmtime compiles dlmalloc's `malloc` and `free` without inlining: about 400
-//! instructions a pair, a tenth of rollsafe's own work on Kong's host. Taking a block off a
-//! list and putting it back is a few instructions. What is kept is bounded: at most `KEEP`
-//! blocks a class, the rest go back to the system allocator, so memory never holds more than
-//! `KEEP` × (16 + 32 + … + 512) bytes beyond what requests use at once. (`realloc` is the
-//! trait's own, a new block and a copy: dlmalloc's, linked in for it, cost more bytes than it
-//! saved.)
+//! lists, and the bodies and stored answers of small writes), and Wasmtime compiles
+//! dlmalloc's `malloc` and `free` without inlining: about 400 instructions a pair, a tenth of
+//! rollsafe's own work on Kong's host. Taking a block off a list and putting it back is a few
+//! instructions. What is kept is bounded: at most `KEEP` blocks a class to 512 bytes and
+//! `KEEP_LARGE` of 1 and 2 KiB, the rest go back to the system allocator, so memory never
+//! holds more than 128 × (16 + … + 512) + 32 × (1024 + 2048) bytes (222 KiB) beyond what
+//! requests use at once. (`realloc` is the trait's own, a new block and a copy: dlmalloc's,
+//! linked in for it, cost more bytes than it saved.)
 #![allow(unsafe_code)]
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
@@ -16,10 +17,21 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
 use std::ptr;
 
-/// Classes of 16, 32, …, 512 bytes.
-const CLASSES: usize = 6;
-/// Blocks kept per class.
+/// Classes of 16, 32, …, 2048 bytes.
+const CLASSES: usize = 8;
+/// Blocks kept per class, to 512 bytes.
 const KEEP: usize = 128;
+/// Blocks kept per class of 1 and 2 KiB (a held body, a stored answer).
+const KEEP_LARGE: usize = 32;
+
+/// How many blocks class `c` keeps.
+fn keeps(c: usize) -> usize {
+    if c < 6 {
+        KEEP
+    } else {
+        KEEP_LARGE
+    }
+}
 /// The alignment the pool serves (std's `System` gives at least this from `malloc` on wasm32);
 /// a block of it holds a pointer.
 const ALIGN: usize = 8;
@@ -69,7 +81,7 @@ fn class(size: usize, align: usize) -> Option<usize> {
 }
 
 fn class_layout(c: usize) -> Layout {
-    // SAFETY: a power of two of at most 512 bytes, aligned to 8.
+    // SAFETY: a power of two of at most 2048 bytes, aligned to 8.
     unsafe { Layout::from_size_align_unchecked(16 << c, ALIGN) }
 }
 
@@ -94,7 +106,7 @@ unsafe impl GlobalAlloc for Pool {
         let Some((c, list)) = self.list(layout) else {
             return System.dealloc(block, layout);
         };
-        if list.1 >= KEEP {
+        if list.1 >= keeps(c) {
             return System.dealloc(block, class_layout(c));
         }
         block.cast::<*mut u8>().write(list.0);
@@ -108,16 +120,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classes_cover_sizes_up_to_512() {
+    fn classes_cover_sizes_up_to_2048() {
         assert_eq!(class(1, 1), Some(0));
         assert_eq!(class(16, 8), Some(0));
         assert_eq!(class(17, 1), Some(1));
         assert_eq!(class(32, 4), Some(1));
         assert_eq!(class(33, 8), Some(2));
         assert_eq!(class(512, 8), Some(5));
-        assert_eq!(class(513, 1), None);
+        assert_eq!(class(513, 1), Some(6));
+        assert_eq!(class(2048, 8), Some(7));
+        assert_eq!(class(2049, 1), None);
         assert_eq!(class(16, 16), None);
-        for size in 1..=512 {
+        for size in 1..=2048 {
             let c = class(size, 1).unwrap();
             assert!(
                 size <= 16 << c && (c == 0 || size > 8 << c),
@@ -145,6 +159,21 @@ mod tests {
                 pool.dealloc(*p, l);
             }
             assert_eq!((*pool.lists.get()).get(2).map(|l| l.1), Some(KEEP));
+            // The classes of 1 and 2 KiB keep fewer.
+            let large = Layout::from_size_align(1500, 1).unwrap();
+            let big: Vec<_> = (0..KEEP_LARGE + 10).map(|_| pool.alloc(large)).collect();
+            assert!(big.iter().all(|p| !p.is_null()));
+            for p in &big {
+                pool.dealloc(*p, large);
+            }
+            assert_eq!((*pool.lists.get()).get(7).map(|l| l.1), Some(KEEP_LARGE));
+            while let Some(p) = (*pool.lists.get())
+                .get(7)
+                .is_some_and(|l| !l.0.is_null())
+                .then(|| pool.alloc(large))
+            {
+                System.dealloc(p, class_layout(7));
+            }
             // Everything is given back, the listed blocks too.
             while let Some(p) = (*pool.lists.get())
                 .get(2)
