@@ -219,7 +219,8 @@ impl HeaderBlock {
         }
     }
 
-    /// The block a host would give for these pairs (the fake host, tests).
+    /// The block a host would give for these pairs (a lossy copy of one that is not text; the
+    /// fake host, tests).
     pub fn from_pairs(pairs: &[(String, String)]) -> Self {
         let refs: Vec<(&str, &str)> = pairs
             .iter()
@@ -245,6 +246,34 @@ impl HeaderBlock {
             .iter()
             .filter(move |e| name_is(self.slice(e.name, e.name_len), name))
             .map(|e| self.text(e.value, e.value_len))
+    }
+
+    /// Whether the block reads as UTF-8 throughout, so that its headers read as `&str` in
+    /// place.
+    pub fn is_text(&self) -> bool {
+        self.data.is_ok()
+    }
+
+    /// Appends the headers `keep` accepts to `out` as `&str`, in the block's order, read in
+    /// place; none when the block is not text throughout ([`HeaderBlock::is_text`]), and
+    /// none that a malformed block's lengths cut inside a character.
+    pub fn push_texts_where<'a>(
+        &'a self,
+        out: &mut Vec<(&'a str, &'a str)>,
+        keep: impl Fn(&[u8]) -> bool,
+    ) {
+        let Ok(text) = &self.data else {
+            return;
+        };
+        for e in &self.entries {
+            if !keep(self.slice(e.name, e.name_len)) {
+                continue;
+            }
+            let name = text.get(self.range(e.name, e.name_len));
+            if let (Some(k), Some(v)) = (name, text.get(self.range(e.value, e.value_len))) {
+                out.push((k, v));
+            }
+        }
     }
 
     /// How many headers the block holds.

@@ -2,13 +2,12 @@
 //! and the retries of the native one. An attempt carries the whole held body; its answer (or
 //! the host's word that there was none) becomes an [`Outcome`].
 
-use super::{Answer, Carrier, Exchange, Phase, Step};
-use crate::host::headers::{name_is, passes_on};
+use super::{Answer, Carrier, Exchange, Phase, Step, IN_DOUBT_HEADER};
+use crate::host::headers::{name_is, passes_on, HeaderBlock};
 use crate::host::{CallResponse, Host, HostKind, Level, Metric};
 use crate::plan::ServiceTarget;
 use crate::retry::{self, Outcome, Policy};
 use crate::warnings::Warning;
-use std::borrow::Cow;
 use std::rc::Rc;
 
 impl Exchange {
@@ -33,8 +32,15 @@ impl Exchange {
             self.target = route_cluster(host);
         }
         let target = self.target.as_deref().unwrap_or_default();
-        let client = self.client_headers();
-        let headers = forward_headers(&client, &self.headers);
+        let group = self
+            .plan
+            .routing
+            .as_ref()
+            .map(|rp| rp.group_header.as_str());
+        // Only rollsafe names a group or says a try is in doubt (its own `headers`).
+        let skip = |k: &[u8]| group.is_some_and(|g| name_is(k, g)) || name_is(k, IN_DOUBT_HEADER);
+        let mut lossy = HeaderBlock::default();
+        let headers = forward_headers(&self.block, skip, &self.headers, &mut lossy);
         match host.dispatch(target, headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
@@ -207,32 +213,38 @@ fn route_cluster(host: &impl Host) -> Option<Rc<str>> {
         .map(Rc::from)
 }
 
-/// The request headers rollsafe sends on a dispatched attempt: the client's, then its own.
+/// The request headers rollsafe sends on a dispatched attempt: the request line's parts, the
+/// client's headers (not the connection's, not `host`, none that `skip` names), then
+/// rollsafe's own (`own`). Read in place from a block that is text throughout, as a request's
+/// is but for obs-text: one list made and no header copied; else from a lossy copy kept in
+/// `lossy`.
 fn forward_headers<'a>(
-    client: &'a [(Cow<'a, str>, Cow<'a, str>)],
+    block: &'a HeaderBlock,
+    skip: impl Fn(&[u8]) -> bool,
     own: &'a [(String, String)],
+    lossy: &'a mut HeaderBlock,
 ) -> Vec<(&'a str, &'a str)> {
-    let find = |name: &str| {
-        client
-            .iter()
-            .find(|(k, _)| name_is(k.as_ref(), name))
-            .map(|(_, v)| v.as_ref())
+    let block = if block.is_text() {
+        block
+    } else {
+        *lossy = HeaderBlock::from_pairs(&block.to_pairs());
+        lossy
     };
+    let find = |name| block.get(name);
     let authority = find(":authority")
         .or_else(|| find("host"))
         .unwrap_or("localhost");
-    let mut out = Vec::with_capacity(client.len() + own.len() + 4);
+    let mut out = Vec::with_capacity(4 + block.entry_count() + own.len());
     out.extend([
         (":method", find(":method").unwrap_or("GET")),
         (":path", find(":path").unwrap_or("/")),
         (":authority", authority),
         (":scheme", find(":scheme").unwrap_or("http")),
     ]);
-    let pairs = client
-        .iter()
-        .map(|(k, v)| (k.as_ref(), v.as_ref()))
-        .chain(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    out.extend(pairs.filter(|(k, _)| passes_on(k.as_bytes()) && !name_is(k, "host")));
+    block.push_texts_where(&mut out, |k| {
+        passes_on(k) && !name_is(k, "host") && !skip(k)
+    });
+    out.extend(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     out
 }
 
@@ -326,59 +338,71 @@ mod tests {
         }
     }
 
+    /// A block as the host gives it: `(name, value)` pairs in the ABI's format, bytes and all.
+    fn block(pairs: &[(&[u8], &[u8])]) -> HeaderBlock {
+        let mut raw = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            raw.extend((k.len() as u32).to_le_bytes());
+            raw.extend((v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            raw.extend_from_slice(k);
+            raw.push(0);
+            raw.extend_from_slice(v);
+            raw.push(0);
+        }
+        HeaderBlock::from_raw(raw)
+    }
+
     #[test]
     fn forwarded_headers_drop_hop_by_hop_in_any_case_and_keep_the_request_then_rollsafes() {
-        // (Kong's host gives names as the client spelled them.)
-        let client: Vec<(Cow<str>, Cow<str>)> = [
-            (":method", "POST"),
-            (":path", "/orders?x=1"),
-            ("Host", "api.example"),
-            ("Connection", "keep-alive"),
-            ("Content-Length", "2"),
-            ("idempotency-key", "\"k1\""),
-            ("Transfer-Encoding", "chunked"),
-        ]
-        .iter()
-        .map(|(k, v)| (Cow::Borrowed(*k), Cow::Borrowed(*v)))
-        .collect();
-        let own = [("x-group".to_string(), "a".to_string())];
-        let f = forward_headers(&client, &own);
-        let names: Vec<&str> = f.iter().map(|(k, _)| *k).collect();
-        assert_eq!(
-            names,
-            [
-                ":method",
-                ":path",
-                ":authority",
-                ":scheme",
-                "idempotency-key",
-                "x-group"
-            ]
-        );
-        assert_eq!(
-            f.iter().find(|(k, _)| *k == ":authority"),
-            Some(&(":authority", "api.example"))
-        );
-        assert_eq!(f[0], (":method", "POST"));
-        assert_eq!(f[1], (":path", "/orders?x=1"));
-        assert_eq!(
-            f[3],
-            (":scheme", "http"),
-            "a missing pseudo-header has its default"
-        );
+        // (Kong's host gives names as the client spelled them.) The same headers read in place
+        // from a block that is text, and lossily from one with a value that is not.
+        for odd in [&b"v"[..], b"\xff"] {
+            let client = block(&[
+                (b":method", b"POST"),
+                (b":path", b"/orders?x=1"),
+                (b"Host", b"api.example"),
+                (b"Connection", b"keep-alive"),
+                (b"Content-Length", b"2"),
+                (b"idempotency-key", b"\"k1\""),
+                (b"Transfer-Encoding", b"chunked"),
+                (b"X-Group", b"z"),
+                (b"Idempotency-In-Doubt", b"true"),
+                (b"x-odd", odd),
+            ]);
+            assert_eq!(client.is_text(), odd == b"v");
+            let own = [("x-group".to_string(), "a".to_string())];
+            let skip = |k: &[u8]| name_is(k, "x-group") || name_is(k, IN_DOUBT_HEADER);
+            let mut lossy = HeaderBlock::default();
+            let f = forward_headers(&client, skip, &own, &mut lossy);
+            let odd_text = String::from_utf8_lossy(odd);
+            assert_eq!(
+                f,
+                [
+                    (":method", "POST"),
+                    (":path", "/orders?x=1"),
+                    (":authority", "api.example"),
+                    (":scheme", "http"),
+                    ("idempotency-key", "\"k1\""),
+                    ("x-odd", odd_text.as_ref()),
+                    ("x-group", "a"),
+                ],
+                "a missing pseudo-header has its default; the client's group and in-doubt \
+                 headers never pass, rollsafe's own come last"
+            );
+        }
 
         // `:authority` wins over `host`; of a repeated pseudo-header, the first.
-        let client: Vec<(Cow<str>, Cow<str>)> = [
-            ("host", "h"),
-            (":authority", "a"),
-            (":path", "/1"),
-            (":path", "/2"),
-            (":scheme", "https"),
-        ]
-        .iter()
-        .map(|(k, v)| (Cow::Borrowed(*k), Cow::Borrowed(*v)))
-        .collect();
-        let f = forward_headers(&client, &[]);
+        let client = block(&[
+            (b"host", b"h"),
+            (b":authority", b"a"),
+            (b":path", b"/1"),
+            (b":path", b"/2"),
+            (b":scheme", b"https"),
+        ]);
+        let mut lossy = HeaderBlock::default();
+        let f = forward_headers(&client, |_| false, &[], &mut lossy);
         assert_eq!(
             f,
             [
@@ -388,7 +412,8 @@ mod tests {
                 (":scheme", "https")
             ]
         );
-        let f = forward_headers(&[], &[]);
+        let empty = HeaderBlock::default();
+        let f = forward_headers(&empty, |_| false, &[], &mut lossy);
         assert_eq!(f[2], (":authority", "localhost"));
     }
 }

@@ -26,13 +26,12 @@ mod streamed;
 
 pub use native::classify_native;
 
-use super::headers::{name_is, HeaderBlock};
+use super::headers::HeaderBlock;
 use super::key::{self, Gate, Key};
 use super::reply::Reply;
 use super::{Host, Level, Metric, Warning};
 use crate::plan::{Driver, HostKind, Plan};
 use crate::retry::{BodyTooLarge, Decision, GiveUp, Outcome, Policy, Report};
-use std::borrow::Cow;
 use std::rc::Rc;
 
 /// Tells the application that an earlier attempt of this request's key may have executed (its
@@ -121,10 +120,10 @@ pub struct Exchange {
     method: String,
     /// The request headers as the host gave them (pseudo headers included), kept because a
     /// retry replays them and Envoy shows no request headers in the response phase. Looked
-    /// up in place, and borrowed by a dispatched attempt (`client_headers`).
+    /// up in place, and borrowed by a dispatched attempt (`dispatch::forward_headers`).
     block: HeaderBlock,
     /// What rollsafe adds to a dispatched attempt's headers (the group, in doubt); the
-    /// client's come from `block` (see `client_headers`).
+    /// client's come from `block` (see `dispatch::forward_headers`).
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     declared_len: Option<u64>,
@@ -335,26 +334,6 @@ impl Exchange {
 
     pub(super) fn path(&self) -> &str {
         self.block.get(":path").unwrap_or("/")
-    }
-
-    /// The client's headers a dispatched attempt replays, read in place from the block (a
-    /// value that is not UTF-8 is sent lossily): the client's own group and in-doubt headers
-    /// never pass (only rollsafe names groups and says a try is in doubt: `headers`).
-    pub(super) fn client_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
-        let group = self
-            .plan
-            .routing
-            .as_ref()
-            .map(|rp| rp.group_header.as_str());
-        // (Sized once: collected from a filter, the list would grow, and reallocate, twice.)
-        let mut out = Vec::with_capacity(self.block.entry_count());
-        out.extend(
-            self.block
-                .iter()
-                .filter(|(k, _)| group.is_none_or(|g| !name_is(k.as_ref(), g)))
-                .filter(|(k, _)| !name_is(k.as_ref(), IN_DOUBT_HEADER)),
-        );
-        out
     }
 
     /// The body is too large to hold (or the host did not hand it over): the configured
