@@ -96,10 +96,6 @@ extern "C" {
 }
 
 /// The property path as the ABI takes it: segments joined by NUL.
-fn serialize(path: &[&str]) -> Vec<u8> {
-    path.join("\0").into_bytes()
-}
-
 /// A host call's status as a result: anything but Ok is an error, never a trap.
 #[cfg(target_arch = "wasm32")]
 fn checked(status: Status) -> Result<(), Status> {
@@ -124,8 +120,7 @@ pub fn continue_stream(stream: StreamType) -> Result<(), Status> {
 }
 
 /// Sets a host property; the host's status comes back as an error instead of a trap.
-pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
-    let path = serialize(path);
+pub fn set_property(path: &[u8], value: &[u8]) -> Result<(), Status> {
     #[cfg(target_arch = "wasm32")]
     {
         // SAFETY: both pointers are valid for their lengths for the duration of the call; the
@@ -319,8 +314,7 @@ pub fn shared_data(key: &str) -> Option<(Vec<u8>, u32)> {
 
 /// A property's value; `None` when absent or refused (the SDK panics on statuses it does
 /// not expect).
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    let path = serialize(path);
+pub fn property(path: &[u8]) -> Option<Vec<u8>> {
     #[cfg(target_arch = "wasm32")]
     {
         let mut data: *mut u8 = std::ptr::null_mut();
@@ -413,17 +407,5 @@ pub fn set_effective_context(id: u32) -> Result<(), Status> {
     {
         let _ = id;
         Err(Status::InternalFailure)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn paths_are_nul_separated_like_the_sdks() {
-        assert_eq!(
-            super::serialize(&["kong", "service", "target"]),
-            b"kong\0service\0target"
-        );
-        assert_eq!(super::serialize(&[]), b"");
     }
 }

@@ -1,7 +1,7 @@
 //! A scriptable in-memory host for native flow tests.
 
 use super::headers::HeaderBlock;
-use super::{header, CallResponse, Host, Level, Metric, SetError, Warning};
+use super::{header, CallResponse, Host, Level, Metric, PropertyPath, SetError, Warning};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
@@ -195,11 +195,11 @@ impl Host for FakeHost {
             .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
     }
 
-    fn set_property(&self, path: &[&str], value: &[u8]) {
+    fn set_property(&self, path: PropertyPath, value: &[u8]) {
         self.hit("set property");
         self.properties
             .borrow_mut()
-            .push((path.join("."), value.to_vec()));
+            .push((path.dotted(), value.to_vec()));
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
@@ -235,9 +235,9 @@ impl Host for FakeHost {
             .push((name.to_string(), value.to_string()));
     }
 
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+    fn property(&self, path: PropertyPath) -> Option<Vec<u8>> {
         self.hit("property");
-        let key = path.join(".");
+        let key = path.dotted();
         self.properties
             .borrow()
             .iter()

@@ -238,7 +238,7 @@ impl Request {
             ServiceTarget::Unusable => return None,
             ServiceTarget::Unread => {}
         }
-        let value = host.property(&["kong", "router", "service"]);
+        let value = host.property(super::KONG_ROUTER_SERVICE);
         match service::from_property(value.as_deref()) {
             Ok(svc) => {
                 host.log(
@@ -386,7 +386,7 @@ impl Request {
             .unwrap_or(0);
         let outcome = if status >= 500 || status == 0 {
             let details = host
-                .property(&["response", "code_details"])
+                .property(super::RESPONSE_CODE_DETAILS)
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
             classify_native(status, details.as_deref())
         } else {

@@ -122,9 +122,9 @@ fn store_key(
 ) -> String {
     // Each host names the route its own way (an unnamed Envoy route: the filter's root id,
     // read at configure time).
-    let path: &[&str] = match kind {
-        HostKind::Envoy => &["xds", "route_name"],
-        HostKind::Kong => &["kong", "route_id"],
+    let path = match kind {
+        HostKind::Envoy => super::ROUTE_NAME,
+        HostKind::Kong => super::KONG_ROUTE_ID,
     };
     let route = ip
         .scope

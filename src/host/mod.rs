@@ -188,7 +188,7 @@ pub trait Host {
     fn set_request_header(&self, name: &str, value: &str);
     fn remove_request_header(&self, name: &str);
     /// Sets a host property (Kong: `kong.service.target`).
-    fn set_property(&self, path: &[&str], value: &[u8]);
+    fn set_property(&self, path: PropertyPath, value: &[u8]);
     /// `size` bytes of the request body as the host holds it now.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     fn response_header(&self, name: &str) -> Option<String>;
@@ -197,8 +197,8 @@ pub trait Host {
     /// `size` bytes of the response body as the host holds it now.
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     fn set_response_header(&self, name: &str, value: &str);
-    /// A host property (`["response", "code_details"]`).
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// A host property (`response.code_details`).
+    fn property(&self, path: PropertyPath) -> Option<Vec<u8>>;
     /// Sends a request of rollsafe's own; the answer arrives as a call response with the token.
     /// (The headers by value: the SDK's call takes them so.)
     fn dispatch(
@@ -263,11 +263,67 @@ pub fn log_limited(
 pub fn name_group(host: &impl Host, kind: HostKind, header: &str, name: &str, target: &str) {
     host.set_request_header(header, name);
     if kind == HostKind::Kong {
-        host.set_property(&["kong", "service", "target"], target.as_bytes());
+        host.set_property(KONG_SERVICE_TARGET, target.as_bytes());
     }
 }
 
 pub use crate::idempotency::SetError;
+
+/// A host property's path as the ABI takes it, its parts joined by NUL where it is written
+/// ([`property_path!`]): a keyed request reads one or two, and joining the parts on each read
+/// was an allocation and a copy per part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PropertyPath(&'static str);
+
+impl PropertyPath {
+    /// (`property_path!` joins the parts; this takes them joined.)
+    pub const fn joined(path: &'static str) -> PropertyPath {
+        PropertyPath(path)
+    }
+
+    /// The path as the ABI takes it.
+    pub fn bytes(self) -> &'static [u8] {
+        self.0.as_bytes()
+    }
+
+    /// The path with dots, as logs (and the fake host) name it.
+    pub fn dotted(self) -> String {
+        self.0.replace('\0', ".")
+    }
+}
+
+/// A [`PropertyPath`] from its parts: `property_path!("response", "code_details")`.
+macro_rules! property_path {
+    ($first:literal $(, $rest:literal)*) => {
+        $crate::host::PropertyPath::joined(concat!($first $(, "\0", $rest)*))
+    };
+}
+
+/// The properties rollsafe reads or sets.
+pub const ROUTE_NAME: PropertyPath = property_path!("xds", "route_name");
+pub const KONG_ROUTE_ID: PropertyPath = property_path!("kong", "route_id");
+pub const KONG_ROUTER_SERVICE: PropertyPath = property_path!("kong", "router", "service");
+pub const KONG_SERVICE_TARGET: PropertyPath = property_path!("kong", "service", "target");
+pub const RESPONSE_CODE_DETAILS: PropertyPath = property_path!("response", "code_details");
+pub const CLUSTER_NAME: PropertyPath = property_path!("xds", "cluster_name");
+pub const CLUSTER_NAME_OLD: PropertyPath = property_path!("cluster_name");
+pub const PLUGIN_ROOT_ID: PropertyPath = property_path!("plugin_root_id");
+pub const NGX_CONNECTION_REQUESTS: PropertyPath = property_path!("ngx", "connection_requests");
+pub const NGX_UPSTREAM_CONNECT_TIME: PropertyPath = property_path!("ngx", "upstream_connect_time");
+pub const NGX_UPSTREAM_HEADER_TIME: PropertyPath = property_path!("ngx", "upstream_header_time");
+
+#[cfg(test)]
+mod property_path_tests {
+    #[test]
+    fn paths_are_nul_separated_like_the_sdks() {
+        assert_eq!(
+            property_path!("kong", "service", "target").bytes(),
+            b"kong\0service\0target"
+        );
+        assert_eq!(super::PLUGIN_ROOT_ID.bytes(), b"plugin_root_id");
+        assert_eq!(super::KONG_SERVICE_TARGET.dotted(), "kong.service.target");
+    }
+}
 pub use crate::warnings::Warning;
 
 /// The host's shared data as the idempotency store sees it, with the host's write rules.

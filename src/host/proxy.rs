@@ -5,7 +5,9 @@
 
 use super::flow::{self, Request, Verdict};
 use super::scheduler::{Later, Scheduler, Shared};
-use super::{CallResponse, Host, HostKind, HostShared, Level, Metric, SetError, Warning};
+use super::{
+    CallResponse, Host, HostKind, HostShared, Level, Metric, PropertyPath, SetError, Warning,
+};
 use crate::plan::Plan;
 use crate::warnings::Repeats;
 use proxy_wasm::hostcalls;
@@ -120,14 +122,14 @@ impl Host for ProxyHost {
         let _ = super::abi::remove_header(MapType::HttpRequestHeaders, name);
     }
 
-    fn set_property(&self, path: &[&str], value: &[u8]) {
+    fn set_property(&self, path: PropertyPath, value: &[u8]) {
         // Not the SDK's wrapper: it panics when the host refuses (see `abi`).
-        if let Err(status) = super::abi::set_property(path, value) {
+        if let Err(status) = super::abi::set_property(path.bytes(), value) {
             self.log(
                 Level::Debug,
                 &format!(
                     "rollsafe: set_property {} refused: {status:?}",
-                    path.join(".")
+                    path.dotted()
                 ),
             );
         }
@@ -149,8 +151,8 @@ impl Host for ProxyHost {
         let _ = super::abi::replace_header(MapType::HttpResponseHeaders, name, value);
     }
 
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        super::abi::property(path)
+    fn property(&self, path: PropertyPath) -> Option<Vec<u8>> {
+        super::abi::property(path.bytes())
     }
 
     fn dispatch(
@@ -339,7 +341,7 @@ impl RootContext for Root {
                     .as_mut()
                     .filter(|_| kind == HostKind::Envoy)
                 {
-                    ip.route_fallback = super::abi::property(&["plugin_root_id"])
+                    ip.route_fallback = super::abi::property(super::PLUGIN_ROOT_ID.bytes())
                         .and_then(|v| String::from_utf8(v).ok())
                         .filter(|v| !v.is_empty());
                 }

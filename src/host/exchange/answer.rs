@@ -171,7 +171,8 @@ impl Exchange {
         self.plan.host == HostKind::Kong
             && self.dispatched
             && crate::reconnect::close_connection(
-                host.property(&["ngx", "connection_requests"]).as_deref(),
+                host.property(crate::host::NGX_CONNECTION_REQUESTS)
+                    .as_deref(),
             )
     }
 }

@@ -142,7 +142,7 @@ impl Exchange {
             }
             // (The route's Service is where Kong proxies anyway, Upstream entities included.)
             (None, Some(target)) if !self.from_service => {
-                host.set_property(&["kong", "service", "target"], target.as_bytes())
+                host.set_property(crate::host::KONG_SERVICE_TARGET, target.as_bytes())
             }
             (None, _) => {}
         }
@@ -205,8 +205,8 @@ impl Exchange {
 
 /// The cluster Envoy's route chose for this request.
 fn route_cluster(host: &impl Host) -> Option<Rc<str>> {
-    [&["xds", "cluster_name"][..], &["cluster_name"][..]]
-        .iter()
+    [crate::host::CLUSTER_NAME, crate::host::CLUSTER_NAME_OLD]
+        .into_iter()
         .find_map(|path| host.property(path))
         .and_then(|b| String::from_utf8(b).ok())
         .filter(|s| !s.is_empty())

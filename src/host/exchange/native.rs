@@ -8,7 +8,10 @@
 
 use super::{Carrier, Exchange, Phase, Step, Then};
 use crate::host::key::Final;
-use crate::host::{Host, HostKind, Level, Metric};
+use crate::host::{
+    Host, HostKind, Level, Metric, NGX_UPSTREAM_CONNECT_TIME, NGX_UPSTREAM_HEADER_TIME,
+    RESPONSE_CODE_DETAILS,
+};
 use crate::retry::{self, Outcome, Policy};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -144,7 +147,7 @@ impl Exchange {
         // for a streamed body: the buffer filter's own 413 for a body over its bound.)
         let failed = status >= 500 || status == 0;
         if self.streaming && !failed {
-            let details = host.property(&["response", "code_details"]);
+            let details = host.property(RESPONSE_CODE_DETAILS);
             if details.is_some_and(|d| d != b"via_upstream") {
                 // Envoy answered itself: the application never had it, so the key is freed.
                 self.phase = super::Phase::Done;
@@ -153,7 +156,7 @@ impl Exchange {
             }
         }
         let details = failed
-            .then(|| host.property(&["response", "code_details"]))
+            .then(|| host.property(RESPONSE_CODE_DETAILS))
             .flatten()
             .map(|b| String::from_utf8_lossy(&b).into_owned());
         let outcome = classify_native(status, details.as_deref());
@@ -291,15 +294,15 @@ fn proxied_outcome(host: &impl Host, status: u16) -> Outcome {
     if !matches!(status, 502 | 504) {
         return Outcome::Status(status);
     }
-    let var = |name: &str| {
-        host.property(&["ngx", name])
+    let var = |path| {
+        host.property(path)
             .map(|v| String::from_utf8_lossy(&v).trim().to_string())
     };
     // (Several upstreams tried: the last one's value is last.)
     let last =
         |v: Option<String>| v.and_then(|v| v.rsplit(',').next().map(|s| s.trim().to_string()));
-    let connected = last(var("upstream_connect_time")).is_some_and(|t| t != "-" && !t.is_empty());
-    let answered = last(var("upstream_header_time")).is_some_and(|t| t != "-" && !t.is_empty());
+    let connected = last(var(NGX_UPSTREAM_CONNECT_TIME)).is_some_and(|t| t != "-" && !t.is_empty());
+    let answered = last(var(NGX_UPSTREAM_HEADER_TIME)).is_some_and(|t| t != "-" && !t.is_empty());
     match (connected, answered) {
         (_, true) => Outcome::Status(status),
         (true, false) if status == 504 => Outcome::Timeout,
