@@ -28,11 +28,22 @@ fn same_but_case(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    if a.len() < 8 {
+    if a.len() < 4 {
         return a
             .iter()
             .zip(b)
             .all(|(&x, &y)| x == y || (x ^ y == 0x20 && (x | 0x20).wrapping_sub(b'a') < 26));
+    }
+    if a.len() < 8 {
+        // (Pseudo-headers and the like: two halves, overlapping, each widened to a word.)
+        let half = |s: &[u8], at: usize| {
+            s.get(at..at + 4)
+                .and_then(|w| <[u8; 4]>::try_from(w).ok())
+                .map_or(0, |w| u64::from(u32::from_le_bytes(w)))
+        };
+        let last = a.len() - 4;
+        return words_same_but_case(half(a, 0), half(b, 0))
+            && words_same_but_case(half(a, last), half(b, last));
     }
     let word = |s: &[u8], at: usize| {
         s.get(at..at + 8)
@@ -481,9 +492,9 @@ mod tests {
             }
             assert!(!same_but_case(&a, &[a.as_slice(), b"a"].concat()));
         }
-        // Every pair of bytes at every place of names of 8 to 17 bytes (one word, a word and
-        // an overlapping one, two words and more).
-        for len in 8..=17 {
+        // Every pair of bytes at every place of names of 4 to 17 bytes (two halves, one word,
+        // a word and an overlapping one, two words and more).
+        for len in 4..=17 {
             let base: Vec<u8> = (0..len).map(|i| b"Idempotency-Keyxyz"[i]).collect();
             for at in 0..len {
                 for x in 0..=255u8 {
