@@ -149,16 +149,16 @@ pub enum Body<'a> {
 }
 
 /// Checks the request's key against the store and claims it when it is new. Called once the
-/// body is whole, or when it turns out too large to hold.
+/// body is whole, or when it turns out too large to hold. (`method`: as the exchange read it.)
 pub fn gate(
     ip: &idempotency::Policy,
     kind: HostKind,
     host: &impl Host,
     headers: &HeaderBlock,
+    method: &str,
     body: Body<'_>,
     now: u64,
 ) -> Gate {
-    let method = headers.get(":method").unwrap_or("GET");
     let path = headers.get(":path").unwrap_or("/");
     // Read lossily: a key that is not UTF-8 is then not ASCII either, and refused as such.
     // (Two values are enough to tell one from several.)

@@ -40,7 +40,7 @@ impl Exchange {
         // Only rollsafe names a group or says a try is in doubt (its own `headers`).
         let skip = |k: &[u8]| group.is_some_and(|g| name_is(k, g)) || name_is(k, IN_DOUBT_HEADER);
         let mut lossy = HeaderBlock::default();
-        let headers = forward_headers(&self.block, skip, &self.headers, &mut lossy);
+        let headers = forward_headers(&self.block, &self.method, skip, &self.headers, &mut lossy);
         match host.dispatch(target, headers, &self.body, self.next_timeout_ms) {
             Ok(token) => {
                 self.attempt += 1;
@@ -213,13 +213,14 @@ fn route_cluster(host: &impl Host) -> Option<Rc<str>> {
         .map(Rc::from)
 }
 
-/// The request headers rollsafe sends on a dispatched attempt: the request line's parts, the
-/// client's headers (not the connection's, not `host`, none that `skip` names), then
-/// rollsafe's own (`own`). Read in place from a block that is text throughout, as a request's
+/// The request headers rollsafe sends on a dispatched attempt: the request line's parts (the
+/// method as the exchange read it), the client's headers (not the connection's, not `host`,
+/// none that `skip` names), then rollsafe's own (`own`). Read in place from a block that is text throughout, as a request's
 /// is but for obs-text: one list made and no header copied; else from a lossy copy kept in
 /// `lossy`.
 fn forward_headers<'a>(
     block: &'a HeaderBlock,
+    method: &'a str,
     skip: impl Fn(&[u8]) -> bool,
     own: &'a [(String, String)],
     lossy: &'a mut HeaderBlock,
@@ -236,7 +237,7 @@ fn forward_headers<'a>(
         .unwrap_or("localhost");
     let mut out = Vec::with_capacity(4 + block.entry_count() + own.len());
     out.extend([
-        (":method", find(":method").unwrap_or("GET")),
+        (":method", method),
         (":path", find(":path").unwrap_or("/")),
         (":authority", authority),
         (":scheme", find(":scheme").unwrap_or("http")),
@@ -375,7 +376,7 @@ mod tests {
             let own = [("x-group".to_string(), "a".to_string())];
             let skip = |k: &[u8]| name_is(k, "x-group") || name_is(k, IN_DOUBT_HEADER);
             let mut lossy = HeaderBlock::default();
-            let f = forward_headers(&client, skip, &own, &mut lossy);
+            let f = forward_headers(&client, "POST", skip, &own, &mut lossy);
             let odd_text = String::from_utf8_lossy(odd);
             assert_eq!(
                 f,
@@ -402,7 +403,7 @@ mod tests {
             (b":scheme", b"https"),
         ]);
         let mut lossy = HeaderBlock::default();
-        let f = forward_headers(&client, |_| false, &[], &mut lossy);
+        let f = forward_headers(&client, "GET", |_| false, &[], &mut lossy);
         assert_eq!(
             f,
             [
@@ -413,7 +414,7 @@ mod tests {
             ]
         );
         let empty = HeaderBlock::default();
-        let f = forward_headers(&empty, |_| false, &[], &mut lossy);
+        let f = forward_headers(&empty, "GET", |_| false, &[], &mut lossy);
         assert_eq!(f[2], (":authority", "localhost"));
     }
 }

@@ -285,7 +285,7 @@ impl Exchange {
         let plan = Rc::clone(&self.plan);
         let ip = plan.idempotency.as_ref()?;
         let body = key::Body::Whole(&self.body);
-        match key::gate(ip, plan.host, host, &self.block, body, now) {
+        match key::gate(ip, plan.host, host, &self.block, &self.method, body, now) {
             Gate::Unkeyed => None,
             Gate::Claimed(k) => {
                 self.took_key(host, Some(k));

@@ -261,7 +261,8 @@ impl Exchange {
             });
         if let (Some(ip), false) = (plan.idempotency.as_ref().filter(|_| keyed), has_body) {
             // No body: the key is decided now.
-            match key::gate(ip, plan.host, host, &ex.block, key::Body::Whole(&[]), now()) {
+            let body = key::Body::Whole(&[]);
+            match key::gate(ip, plan.host, host, &ex.block, &ex.method, body, now()) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => ex.took_key(host, Some(k)),
                 Gate::Answer(reply) => {

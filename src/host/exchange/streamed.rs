@@ -36,7 +36,8 @@ impl Exchange {
         if let (Some(ip), None) = (keyed, self.key.as_ref()) {
             self.key_at_body = false;
             let body = key::Body::Streamed(self.declared_len);
-            match key::gate(ip, plan.host, host, &self.block, body, host.now_ms()) {
+            let now = host.now_ms();
+            match key::gate(ip, plan.host, host, &self.block, &self.method, body, now) {
                 Gate::Unkeyed => {}
                 Gate::Claimed(k) => self.took_key(host, Some(k)),
                 Gate::Answer(reply) => {
