@@ -251,12 +251,22 @@ impl HeaderBlock {
         })
     }
 
-    /// Every value of a header (any case), read lossily; the other headers are not decoded.
-    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Cow<'a, str>> + 'a {
-        self.entries
-            .iter()
-            .filter(move |e| name_is(self.slice(e.name, e.name_len), name))
-            .map(|e| self.text(e.value, e.value_len))
+    /// The first value of a header (any case), read lossily, and whether another follows;
+    /// the other headers are not decoded.
+    pub fn value_and_more(&self, name: &str) -> (Option<Cow<'_, str>>, bool) {
+        if self.lengths & length_bit(name.len()) == 0 {
+            return (None, false);
+        }
+        let mut found = None;
+        for e in &self.entries {
+            if e.name_len as usize == name.len() && name_is(self.slice(e.name, e.name_len), name) {
+                if found.is_some() {
+                    return (found, true);
+                }
+                found = Some(self.text(e.value, e.value_len));
+            }
+        }
+        (found, false)
     }
 
     /// Whether the block reads as UTF-8 throughout, so that its headers read as `&str` in
@@ -353,16 +363,17 @@ impl HeaderBlock {
     /// The headers whose names `keep` accepts, in the block's order, as text (borrowed when
     /// the block is UTF-8; the others are not decoded).
     pub fn texts_where(&self, keep: impl Fn(&[u8]) -> bool) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
-        self.entries
-            .iter()
-            .filter(|e| keep(self.slice(e.name, e.name_len)))
-            .map(|e| {
-                (
+        // (A loop, not a filter collected: a list of unknown length grew a push at a time.)
+        let mut out = Vec::new();
+        for e in &self.entries {
+            if keep(self.slice(e.name, e.name_len)) {
+                out.push((
                     self.text(e.name, e.name_len),
                     self.text(e.value, e.value_len),
-                )
-            })
-            .collect()
+                ));
+            }
+        }
+        out
     }
 
     /// [`HeaderBlock::texts_where`], copied.
@@ -423,6 +434,23 @@ mod tests {
         assert_eq!(b.get("idempotency-key"), Some("\"k\""));
         assert_eq!(b.get("x"), Some(""));
         assert_eq!(b.get("absent"), None);
+    }
+
+    #[test]
+    fn a_header_reads_once_and_says_whether_it_repeats() {
+        let b = HeaderBlock::from_pairs(&pairs(&[
+            ("Idempotency-Key", "\"a\""),
+            ("x", "1"),
+            ("idempotency-key", "\"b\""),
+            ("y", "2"),
+        ]));
+        assert_eq!(
+            b.value_and_more("idempotency-key"),
+            (Some(Cow::Borrowed("\"a\"")), true)
+        );
+        assert_eq!(b.value_and_more("Y"), (Some(Cow::Borrowed("2")), false));
+        assert_eq!(b.value_and_more("z"), (None, false));
+        assert_eq!(b.value_and_more("xx"), (None, false));
     }
 
     #[test]
@@ -521,7 +549,10 @@ mod tests {
         assert!(b.data.is_ok());
         assert_eq!(b.get("a"), Some(long.as_str()));
         assert_eq!(b.get("B"), Some("2"));
-        assert_eq!(b.values("a").collect::<Vec<_>>(), [long.as_str()]);
+        assert_eq!(
+            b.value_and_more("a"),
+            (Some(Cow::Borrowed(long.as_str())), false)
+        );
     }
 
     #[test]

@@ -161,13 +161,11 @@ pub fn gate(
 ) -> Gate {
     let path = headers.get(":path").unwrap_or("/");
     // Read lossily: a key that is not UTF-8 is then not ASCII either, and refused as such.
-    // (Two values are enough to tell one from several.)
-    let mut values = headers.values(&ip.header);
-    let (one, two) = (values.next(), values.next());
-    let parsed = match (&one, two) {
+    let (one, more) = headers.value_and_more(&ip.header);
+    let parsed = match (&one, more) {
         (None, _) => idempotency::parse_key::<&str>(&[]),
-        (Some(one), None) => idempotency::parse_key(std::slice::from_ref(one)),
-        (Some(_), Some(_)) => Err(KeyError::Repeated),
+        (Some(one), false) => idempotency::parse_key(std::slice::from_ref(one)),
+        (Some(_), true) => Err(KeyError::Repeated),
     };
     let key = match parsed {
         Ok(key) => key,
