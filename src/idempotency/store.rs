@@ -431,12 +431,12 @@ fn read_response(store: &impl Shared, slot: u32, owner: u64) -> Option<Stored> {
 
 /// Shared-data key of bucket `i`'s index records (Kong: zone `rollsafe`).
 pub fn bucket_key(i: u32) -> KeyName {
-    KeyName::new("rollsafe/idem/b", i, "")
+    KeyName::new(b"rollsafe/idem/b", i, b"")
 }
 
 /// Shared-data key of slot `i`'s stored response.
 pub fn response_key(i: u32) -> KeyName {
-    KeyName::new("rollsafe/idem/", i, "/r")
+    KeyName::new(b"rollsafe/idem/", i, b"/r")
 }
 
 /// A shared-data key, `{head}{i}{tail}`, built on the stack: every store call of a keyed
@@ -451,20 +451,47 @@ impl KeyName {
     /// The longest name: the longer head (15 bytes), a u32 (10 digits) and the tail (2).
     const CAP: usize = 32;
 
-    fn new(head: &str, i: u32, tail: &str) -> KeyName {
-        let mut digits = itoa::Buffer::new();
+    /// (Head and tail as arrays, stored in place, and the digits written where they go: a
+    /// slice of any length is copied by a call out of the VM on Kong's host.)
+    fn new<const H: usize, const T: usize>(head: &[u8; H], i: u32, tail: &[u8; T]) -> KeyName {
         let mut name = KeyName {
             buf: [0; KeyName::CAP],
             len: 0,
         };
-        for part in [head, digits.format(i), tail] {
-            let end = name.len + part.len();
-            if let Some(dst) = name.buf.get_mut(name.len..end) {
-                dst.copy_from_slice(part.as_bytes());
-                name.len = end;
+        let digits = {
+            let (mut n, mut d) = (i / 10, 1);
+            while n > 0 {
+                n /= 10;
+                d += 1;
             }
+            d
+        };
+        let end = H + digits + T;
+        if end > KeyName::CAP {
+            return name;
         }
+        place(&mut name.buf, 0, head);
+        let mut n = i;
+        for at in (H..H + digits).rev() {
+            if let Some(b) = name.buf.get_mut(at) {
+                *b = b'0' + (n % 10) as u8;
+            }
+            n /= 10;
+        }
+        place(&mut name.buf, H + digits, tail);
+        name.len = end;
         name
+    }
+}
+
+/// `part` written into `buf` at `at`, when it fits.
+#[inline(always)]
+fn place<const N: usize>(buf: &mut [u8], at: usize, part: &[u8; N]) {
+    let dst = buf
+        .get_mut(at..at + N)
+        .and_then(|s| <&mut [u8; N]>::try_from(s).ok());
+    if let Some(dst) = dst {
+        *dst = *part;
     }
 }
 
