@@ -372,9 +372,9 @@ impl BucketBytes {
         decode_ref(self.raw.get(start..end)?)
     }
 
-    /// Every way with its record, if it holds one.
-    pub fn ways(&self) -> impl Iterator<Item = (usize, Option<RecordRef<'_>>)> + '_ {
-        (0..self.ways).map(|w| (w, self.way(w)))
+    /// How many ways the bucket has ([`BucketBytes::way`] reads each).
+    pub fn ways(&self) -> usize {
+        self.ways
     }
 
     /// The cas way `way`'s stored response had after its last write, if the bucket knows it.

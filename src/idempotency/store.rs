@@ -200,10 +200,12 @@ pub fn claim(
         // This key's in-flight record whose lease ran out: its holder never settled it (the
         // outcome was unknown, or the gateway died), so the next try is in doubt.
         let mut doubt: Option<usize> = None;
-        for (way, rec) in bucket.bytes.ways() {
-            match rec {
+        // (Ways by index, records read in place: a record is a few words, and each move of one
+        // is a copy out of the VM on Kong's host.)
+        for way in 0..bucket.bytes.ways() {
+            match bucket.bytes.way(way) {
                 Some(rec) if rec.expires_ms > now && equal(rec.key, key.as_bytes()) => {
-                    found = Some((way, rec));
+                    found = Some(way);
                     break;
                 }
                 Some(rec) if rec.expires_ms > now => {
@@ -222,7 +224,7 @@ pub fn claim(
                 }
             }
         }
-        if let Some((way, rec)) = found {
+        if let Some((way, rec)) = found.and_then(|w| Some((w, bucket.bytes.way(w)?))) {
             let same = rec.facts.same_as(facts);
             return match rec.state {
                 State::InFlight => Claim::InFlight {
@@ -360,10 +362,13 @@ pub fn cached(store: &impl Shared, slots: u32, key: &str, now: u64) -> Option<(F
         return None;
     }
     let bucket = Bucket::read(store, bucket_of(key, slots))?;
-    let (way, rec) = bucket.bytes.ways().find_map(|(way, r)| {
-        r.filter(|r| r.expires_ms > now && equal(r.key, key.as_bytes()))
-            .map(|r| (way, r))
+    let way = (0..bucket.bytes.ways()).find(|w| {
+        bucket
+            .bytes
+            .way(*w)
+            .is_some_and(|r| r.expires_ms > now && equal(r.key, key.as_bytes()))
     })?;
+    let rec = bucket.bytes.way(way)?;
     match rec.state {
         State::Done => read_response(store, bucket.slot(way), rec.owner).map(|s| (rec.facts, s)),
         State::InFlight => None,

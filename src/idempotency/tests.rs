@@ -651,13 +651,15 @@ fn a_bucket_rewrites_one_way_and_keeps_the_others_byte_for_byte() {
     let (a, b) = (rec("a", 1), rec("bb", 2));
     let empty = BucketBytes::parse(Vec::new(), 4);
     assert!(
-        empty.ways().all(|(_, r)| r.is_none()),
+        (0..empty.ways()).all(|w| empty.way(w).is_none()),
         "never written: all free"
     );
     let one = BucketBytes::parse(empty.with(1, Some(&a.view()), None), 4);
     let two_raw = one.with(3, Some(&b.view()), None);
     let two = BucketBytes::parse(two_raw.clone(), 4);
-    let held: Vec<_> = two.ways().map(|(w, r)| (w, r.map(|r| r.owner))).collect();
+    let held: Vec<_> = (0..two.ways())
+        .map(|w| (w, two.way(w).map(|r| r.owner)))
+        .collect();
     assert_eq!(held, [(0, None), (1, Some(1)), (2, None), (3, Some(2))]);
     assert_eq!(two.way(3).map(|r| r.key), Some(&b"bb"[..]));
     // Rewriting way 3 with the same record gives the same bytes; freeing it leaves way 1.
@@ -669,14 +671,14 @@ fn a_bucket_rewrites_one_way_and_keeps_the_others_byte_for_byte() {
     // as are the ways of a bucket cut short (those before the cut stay).
     let mut bad = two_raw.clone();
     bad[8] ^= 0xff; // way 1's length
-    assert!(BucketBytes::parse(bad, 4).ways().all(|(_, r)| r.is_none()));
+    let bad = BucketBytes::parse(bad, 4);
+    assert!((0..bad.ways()).all(|w| bad.way(w).is_none()));
     for cut in 0..two_raw.len() {
         let cut = BucketBytes::parse(two_raw[..cut].to_vec(), 4);
         assert!(cut.way(3).is_none() || cut.way(3) == two.way(3));
     }
-    assert!(BucketBytes::parse(b"garbage".to_vec(), 4)
-        .ways()
-        .all(|(_, r)| r.is_none()));
+    let garbage = BucketBytes::parse(b"garbage".to_vec(), 4);
+    assert!((0..garbage.ways()).all(|w| garbage.way(w).is_none()));
 }
 
 /// CRC-32 (IEEE), as nginx's `ngx_crc32_long`, a byte at a time through `table`.
