@@ -85,8 +85,10 @@ impl Reply {
                 out
             }
         };
-        for pair in self.stored.iter().flat_map(Stored::headers) {
-            out.push(pair);
+        if let Some(stored) = &self.stored {
+            for pair in stored.headers() {
+                out.push(pair);
+            }
         }
         out.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         out.extend(self.fixed.iter().copied());
