@@ -1065,12 +1065,13 @@ REASONS = {
                  "from the body callback), the key's index record beside the answer, the counter "
                  "(replay_design_1k); the rest is rollsafe's own code: the fingerprint its "
                  "persisted formats pin (priced apart: \"The host's price per hostcall\"), the "
-                 "stored response's decoding, allocation",
+                 "stored response's checks as it is read back (it is replayed in place), "
+                 "allocation",
     "kong_replay_1k": "the calls a replay makes here cost more than the floor's: the header map, the "
                       "route's id, the key's index record beside the answer, the counter "
                       "(kong_replay_design_1k); the rest is rollsafe's own code: the fingerprint its "
-                      "persisted formats pin (kong_hashes), the stored response's decoding, "
-                      "allocation",
+                      "persisted formats pin (kong_hashes), the stored response's checks as it "
+                      "is read back (it is replayed in place), allocation",
     "owned_redis_1k": "each Webdis call is a dispatch_http_call, and a keyed write makes two (claim, "
                       "completion), each an EVAL that Redis appends to its file before answering; "
                       "through the gateway's dispatch two calls take longer than two round trips "
