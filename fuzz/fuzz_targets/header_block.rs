@@ -20,6 +20,20 @@ fuzz_target!(|data: &[u8]| {
             .collect();
         assert_eq!(passed, block.pairs_where(rollsafe::host::headers::passes_on));
     }
+    // Read in place, the same headers as read lossily when the block is text.
+    let mut refs = Vec::new();
+    block.push_texts_where(&mut refs, |_| true);
+    if block.is_text() && refs.len() == pairs.len() {
+        let refs: Vec<(String, String)> = refs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(refs, pairs);
+    }
+    if let Some((k, _)) = pairs.first() {
+        let (first, _) = block.value_and_more(k);
+        assert!(first.is_some() || k.contains('\u{fffd}'));
+    }
     let again = HeaderBlock::from_pairs(&pairs);
     assert_eq!(again.to_pairs(), pairs);
 });

@@ -95,7 +95,6 @@ extern "C" {
     fn proxy_set_effective_context(context_id: u32) -> Status;
 }
 
-/// The property path as the ABI takes it: segments joined by NUL.
 /// A host call's status as a result: anything but Ok is an error, never a trap.
 #[cfg(target_arch = "wasm32")]
 fn checked(status: Status) -> Result<(), Status> {

@@ -232,8 +232,10 @@ fn forward_headers<'a>(
         lossy
     };
     let find = |name| block.get(name);
+    // (A name `skip` takes is not the client's to give: `host` may be a group header's name;
+    // pseudo-headers cannot.)
     let authority = find(":authority")
-        .or_else(|| find("host"))
+        .or_else(|| find("host").filter(|_| !skip(b"host")))
         .unwrap_or("localhost");
     let mut out = Vec::with_capacity(4 + block.entry_count() + own.len());
     out.extend([
@@ -242,10 +244,14 @@ fn forward_headers<'a>(
         (":authority", authority),
         (":scheme", find(":scheme").unwrap_or("http")),
     ]);
-    block.push_texts_where(&mut out, |k| {
-        passes_on(k) && !name_is(k, "host") && !skip(k)
-    });
-    out.extend(own.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let sent = |k: &[u8]| passes_on(k) && !name_is(k, "host");
+    block.push_texts_where(&mut out, |k| sent(k) && !skip(k));
+    // (Rollsafe's own too: a group header named like one of the connection's is not sent.)
+    out.extend(
+        own.iter()
+            .filter(|(k, _)| sent(k.as_bytes()))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
     out
 }
 
@@ -416,5 +422,27 @@ mod tests {
         let empty = HeaderBlock::default();
         let f = forward_headers(&empty, "GET", |_| false, &[], &mut lossy);
         assert_eq!(f[2], (":authority", "localhost"));
+
+        // A name rollsafe keeps for itself is not taken from the client even for the request
+        // line, and rollsafe's own headers are not sent under a connection's name either (a
+        // group header may be configured so).
+        let client = block(&[(b"host", b"h"), (b"x", b"1")]);
+        let own = [
+            ("host".to_string(), "a".to_string()),
+            ("Connection".to_string(), "b".to_string()),
+            ("x-mine".to_string(), "c".to_string()),
+        ];
+        let f = forward_headers(&client, "GET", |k| name_is(k, "host"), &own, &mut lossy);
+        assert_eq!(
+            f,
+            [
+                (":method", "GET"),
+                (":path", "/"),
+                (":authority", "localhost"),
+                (":scheme", "http"),
+                ("x", "1"),
+                ("x-mine", "c")
+            ]
+        );
     }
 }
