@@ -231,7 +231,7 @@ fn encode_into(out: &mut Vec<u8>, rec: &RecordRef<'_>) {
 /// (An array assigned, not a slice copied: a copy of a known small size is a few stores, where
 /// `copy_from_slice` is `memory.copy`, which Wasmtime runs as a call out of the VM.)
 #[inline(always)]
-fn put<const N: usize>(buf: &mut [u8], at: &mut usize, field: [u8; N]) {
+pub(super) fn put<const N: usize>(buf: &mut [u8], at: &mut usize, field: [u8; N]) {
     let dst = buf
         .get_mut(*at..*at + N)
         .and_then(|s| <&mut [u8; N]>::try_from(s).ok());

@@ -2,7 +2,7 @@
 //! compare-and-swap.
 
 use super::key::Facts;
-use super::record::{BucketBytes, RecordRef, State, Stored, MAX_WAYS};
+use super::record::{put, BucketBytes, RecordRef, State, Stored, MAX_WAYS};
 use crate::bytes::equal;
 
 /// Slots of one bucket: the records a key may use, read and written as one shared-data value.
@@ -475,28 +475,19 @@ impl KeyName {
         if end > KeyName::CAP {
             return name;
         }
-        place(&mut name.buf, 0, head);
+        let at = &mut 0;
+        put(&mut name.buf, at, *head);
         let mut n = i;
-        for at in (H..H + digits).rev() {
-            if let Some(b) = name.buf.get_mut(at) {
+        for d in (*at..*at + digits).rev() {
+            if let Some(b) = name.buf.get_mut(d) {
                 *b = b'0' + (n % 10) as u8;
             }
             n /= 10;
         }
-        place(&mut name.buf, H + digits, tail);
+        *at += digits;
+        put(&mut name.buf, at, *tail);
         name.len = end;
         name
-    }
-}
-
-/// `part` written into `buf` at `at`, when it fits.
-#[inline(always)]
-fn place<const N: usize>(buf: &mut [u8], at: usize, part: &[u8; N]) {
-    let dst = buf
-        .get_mut(at..at + N)
-        .and_then(|s| <&mut [u8; N]>::try_from(s).ok());
-    if let Some(dst) = dst {
-        *dst = *part;
     }
 }
 
