@@ -4,6 +4,7 @@
 //! response phase; a lookup copies nothing, the pairs a retry replays are built only when one
 //! is due, and an answer's headers are passed on to the client without a copy each.
 
+use crate::bytes::{put, put_slice};
 use std::borrow::Cow;
 
 /// Whether header name `name` is `wanted`, in any case. Lengths and last bytes are compared
@@ -114,18 +115,21 @@ pub fn passes_on(name: &[u8]) -> bool {
 /// Header pairs in the ABI's format, as a host call that takes a header map wants them.
 pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
     let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
-    let mut raw = Vec::with_capacity(4 + size);
-    // (Lengths as arrays, stored in place: a slice is copied by a call out of the VM.)
-    raw.extend((pairs.len() as u32).to_le_bytes());
+    // (Sized whole, its NULs the zeros it starts with, and written in place: a slice appended
+    // is copied by a call out of the VM.)
+    let mut raw = vec![0u8; 4 + size];
+    let buf = raw.as_mut_slice();
+    let at = &mut 0;
+    put(buf, at, (pairs.len() as u32).to_le_bytes());
     for (k, v) in pairs {
-        raw.extend((k.len() as u32).to_le_bytes());
-        raw.extend((v.len() as u32).to_le_bytes());
+        put(buf, at, (k.len() as u32).to_le_bytes());
+        put(buf, at, (v.len() as u32).to_le_bytes());
     }
     for (k, v) in pairs {
-        raw.extend_from_slice(k.as_bytes());
-        raw.push(0);
-        raw.extend_from_slice(v.as_bytes());
-        raw.push(0);
+        put_slice(buf, at, k.as_bytes());
+        *at += 1;
+        put_slice(buf, at, v.as_bytes());
+        *at += 1;
     }
     raw
 }

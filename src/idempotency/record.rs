@@ -1,6 +1,7 @@
 //! What a record holds, and its bytes in shared data and in the shared store.
 
 use super::key::Facts;
+use crate::bytes::{put, put_slice};
 
 const MAGIC: &[u8; 4] = b"RSI3";
 const RESPONSE_MAGIC: &[u8; 4] = b"RSR1";
@@ -45,21 +46,20 @@ impl Stored {
             .iter()
             .map(|(k, v)| 8 + k.as_ref().len() + v.as_ref().len())
             .sum();
-        let mut head = [0u8; RESPONSE_HEAD];
+        // (Sized whole and written in place: each field appended was a copy through a call.)
+        let mut bytes = vec![0u8; RESPONSE_HEAD + size + 4 + kept.len()];
+        let buf = bytes.as_mut_slice();
         let at = &mut 0;
-        put(&mut head, at, *RESPONSE_MAGIC);
-        put(&mut head, at, owner.to_be_bytes());
-        put(&mut head, at, status.to_be_bytes());
-        put(&mut head, at, [u8::from(body.is_none())]);
-        put(&mut head, at, (headers.len() as u32).to_be_bytes());
-        // (Sized whole: an answer's headers outgrowing a guess moved the body again.)
-        let mut bytes = Vec::with_capacity(RESPONSE_HEAD + size + 4 + kept.len());
-        bytes.extend_from_slice(&head);
+        put(buf, at, *RESPONSE_MAGIC);
+        put(buf, at, owner.to_be_bytes());
+        put(buf, at, status.to_be_bytes());
+        put(buf, at, [u8::from(body.is_none())]);
+        put(buf, at, (headers.len() as u32).to_be_bytes());
         for (k, v) in headers {
-            put_str(&mut bytes, k.as_ref().as_bytes());
-            put_str(&mut bytes, v.as_ref().as_bytes());
+            put_len_and(buf, at, k.as_ref().as_bytes());
+            put_len_and(buf, at, v.as_ref().as_bytes());
         }
-        put_str(&mut bytes, kept);
+        put_len_and(buf, at, kept);
         let body_at = bytes.len() - kept.len();
         Stored { bytes, body_at }
     }
@@ -157,6 +157,12 @@ pub struct Record {
     pub state: State,
 }
 
+/// `s` with its length first, written into `buf` at `at`.
+fn put_len_and(buf: &mut [u8], at: &mut usize, s: &[u8]) {
+    put(buf, at, (s.len() as u32).to_be_bytes());
+    put_slice(buf, at, s);
+}
+
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     // (The length as an array, which is stored in place: a slice of any length is copied by a
     // call out of the VM on Kong's host, so an empty string copies nothing.)
@@ -194,51 +200,33 @@ const RECORD_FIXED: usize = 4 + 8 + 8 + 32 + 8 + 1 + 4;
 
 /// The index record as bytes: `RSI3`, then fixed fields and the key.
 pub fn encode(rec: &Record) -> Vec<u8> {
-    let mut out = Vec::with_capacity(RECORD_FIXED + rec.key.len());
-    encode_into(&mut out, &rec.view());
+    let rec = rec.view();
+    let mut out = vec![0u8; RECORD_FIXED + rec.key.len()];
+    put_record(&mut out, &mut 0, &rec);
     out
 }
 
-fn encode_into(out: &mut Vec<u8>, rec: &RecordRef<'_>) {
-    let mut head = [0u8; RECORD_FIXED];
-    let at = &mut 0;
-    put(&mut head, at, *MAGIC);
-    put(&mut head, at, rec.expires_ms.to_be_bytes());
-    put(&mut head, at, rec.owner.to_be_bytes());
-    put(&mut head, at, rec.facts.fingerprint);
+/// The index record written into `buf` at `at` (sized for it: [`RECORD_FIXED`] and the key).
+fn put_record(buf: &mut [u8], at: &mut usize, rec: &RecordRef<'_>) {
+    put(buf, at, *MAGIC);
+    put(buf, at, rec.expires_ms.to_be_bytes());
+    put(buf, at, rec.owner.to_be_bytes());
+    put(buf, at, rec.facts.fingerprint);
     put(
-        &mut head,
+        buf,
         at,
         rec.facts.body_len.map_or(u64::MAX, |n| n).to_be_bytes(),
     );
     put(
-        &mut head,
+        buf,
         at,
         [match rec.state {
             State::InFlight => 0,
             State::Done => 1,
         }],
     );
-    put(&mut head, at, (rec.key.len() as u32).to_be_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(rec.key);
-}
-
-/// Writes a fixed-size field into `buf` at `at` (moved past it), for the caller to append the
-/// whole buffer at once: at opt-level "z" every `extend_from_slice` is a call through
-/// `reserve`, and an index record has seven fields (on Kong's host, Wasmtime's compiled code
-/// inlines none of it: bench/RESULTS.md).
-/// (An array assigned, not a slice copied: a copy of a known small size is a few stores, where
-/// `copy_from_slice` is `memory.copy`, which Wasmtime runs as a call out of the VM.)
-#[inline(always)]
-pub(super) fn put<const N: usize>(buf: &mut [u8], at: &mut usize, field: [u8; N]) {
-    let dst = buf
-        .get_mut(*at..*at + N)
-        .and_then(|s| <&mut [u8; N]>::try_from(s).ok());
-    if let Some(dst) = dst {
-        *dst = field;
-        *at += N;
-    }
+    put(buf, at, (rec.key.len() as u32).to_be_bytes());
+    put_slice(buf, at, rec.key);
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -436,8 +424,14 @@ impl BucketBytes {
     fn put_way(out: &mut Vec<u8>, rec: Option<&RecordRef<'_>>) {
         match rec {
             Some(rec) => {
-                out.extend_from_slice(&((RECORD_FIXED + rec.key.len()) as u32).to_be_bytes());
-                encode_into(out, rec);
+                // (Grown once and written in place: one call, not one per field.)
+                let len = RECORD_FIXED + rec.key.len();
+                let start = out.len();
+                out.resize(start + 4 + len, 0);
+                let buf = out.get_mut(start..).unwrap_or_default();
+                let at = &mut 0;
+                put(buf, at, (len as u32).to_be_bytes());
+                put_record(buf, at, rec);
             }
             None => put_str(out, &[]),
         }

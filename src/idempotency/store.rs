@@ -2,8 +2,8 @@
 //! compare-and-swap.
 
 use super::key::Facts;
-use super::record::{put, BucketBytes, RecordRef, State, Stored, MAX_WAYS};
-use crate::bytes::equal;
+use super::record::{BucketBytes, RecordRef, State, Stored, MAX_WAYS};
+use crate::bytes::{equal, put};
 
 /// Slots of one bucket: the records a key may use, read and written as one shared-data value.
 pub const WAYS: u32 = MAX_WAYS as u32;
