@@ -136,7 +136,7 @@ pub fn set_property(path: &[u8], value: &[u8]) -> Result<(), Status> {
 }
 
 /// Writes shared data when the stored CAS still equals `cas` (0: Envoy, no check; Kong, absent).
-pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+pub fn set_shared_data(key: &[u8], value: &[u8], cas: u32) -> Result<(), Status> {
     #[cfg(target_arch = "wasm32")]
     {
         // SAFETY: as in `set_property`.
@@ -290,7 +290,7 @@ pub fn buffer(buffer_type: BufferType, start: usize, max: usize) -> Option<Vec<u
 }
 
 /// A shared-data value and its CAS; `None` for an absent key or any refusal.
-pub fn shared_data(key: &str) -> Option<(Vec<u8>, u32)> {
+pub fn shared_data(key: &[u8]) -> Option<(Vec<u8>, u32)> {
     #[cfg(target_arch = "wasm32")]
     {
         let mut data: *mut u8 = std::ptr::null_mut();

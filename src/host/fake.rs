@@ -301,19 +301,23 @@ impl Host for FakeHost {
         c
     }
 
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+    fn shared_get(&self, key: &[u8]) -> Option<(Vec<u8>, u32)> {
         self.hit("shared data read");
-        self.shared.borrow().get(key).cloned()
+        self.shared
+            .borrow()
+            .get(&*String::from_utf8_lossy(key))
+            .cloned()
     }
 
-    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+    fn shared_set(&self, key: &[u8], value: &[u8], cas: u32) -> Result<(), SetError> {
         self.hit("shared data write");
         let mut m = self.shared.borrow_mut();
-        let current = m.get(key).map(|(_, c)| *c);
+        let key = String::from_utf8_lossy(key).into_owned();
+        let current = m.get(&key).map(|(_, c)| *c);
         if matches!(current, Some(c) if cas != 0 && cas != c) {
             return Err(SetError::CasMismatch);
         }
-        m.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
+        m.insert(key, (value.to_vec(), current.unwrap_or(0) + 1));
         Ok(())
     }
 

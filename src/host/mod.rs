@@ -234,8 +234,8 @@ pub trait Host {
     fn admit_warning(&self, warning: Warning) -> Option<u64>;
     fn count(&self, metric: Metric);
     /// Shared data (all workers of the node): value and CAS token.
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
-    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+    fn shared_get(&self, key: &[u8]) -> Option<(Vec<u8>, u32)>;
+    fn shared_set(&self, key: &[u8], value: &[u8], cas: u32) -> Result<(), SetError>;
 }
 
 /// Writes a line that every request may raise while something is degraded, as
@@ -330,10 +330,10 @@ pub use crate::warnings::Warning;
 pub struct HostShared<'a, H: Host>(pub &'a H, pub HostKind);
 
 impl<H: Host> crate::idempotency::Shared for HostShared<'_, H> {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+    fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u32)> {
         self.0.shared_get(key)
     }
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+    fn set(&self, key: &[u8], value: &[u8], cas: u32) -> Result<(), SetError> {
         self.0.shared_set(key, value, cas)
     }
     fn cas_after_write(&self, cas: u32) -> Option<u32> {

@@ -238,12 +238,12 @@ impl Host for ProxyHost {
         let _ = super::abi::log(level, message);
     }
 
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+    fn shared_get(&self, key: &[u8]) -> Option<(Vec<u8>, u32)> {
         // An empty value may come back as no data: the key still exists while it has a cas.
         super::abi::shared_data(key).filter(|(data, cas)| !data.is_empty() || *cas != 0)
     }
 
-    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+    fn shared_set(&self, key: &[u8], value: &[u8], cas: u32) -> Result<(), SetError> {
         match super::abi::set_shared_data(key, value, cas) {
             Ok(()) => Ok(()),
             Err(proxy_wasm::types::Status::CasMismatch) => Err(SetError::CasMismatch),

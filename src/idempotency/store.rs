@@ -12,9 +12,9 @@ const CAS_TRIES: usize = 8;
 /// The shared-data operations the store needs (the host layer maps them to proxy-wasm).
 pub trait Shared {
     /// The value and its CAS token.
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u32)>;
     /// Writes when the stored CAS still equals `cas`.
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError>;
+    fn set(&self, key: &[u8], value: &[u8], cas: u32) -> Result<(), SetError>;
     /// The cas a value has after a write under `cas`, where the host's rule makes it known
     /// (Kong's host counts each key's writes; Envoy numbers writes across all keys: `None`).
     /// A claim then keeps the bucket it wrote ([`Kept`]), and the claim's next write starts
@@ -39,7 +39,7 @@ pub struct Kept {
 /// cas written under.
 fn overwrite_checked<S: Shared + ?Sized>(
     store: &S,
-    key: &str,
+    key: &[u8],
     value: &[u8],
 ) -> Result<u32, SetError> {
     for _ in 0..CAS_TRIES {
@@ -494,11 +494,10 @@ impl KeyName {
 }
 
 impl std::ops::Deref for KeyName {
-    type Target = str;
+    type Target = [u8];
 
-    fn deref(&self) -> &str {
-        // Whole ASCII parts only (a part that would not fit is left out): always UTF-8.
-        std::str::from_utf8(self.buf.get(..self.len as usize).unwrap_or_default())
-            .unwrap_or_default()
+    /// (Bytes, as the host takes a key: read as text, each use was a UTF-8 check.)
+    fn deref(&self) -> &[u8] {
+        self.buf.get(..self.len as usize).unwrap_or_default()
     }
 }

@@ -7,10 +7,12 @@ use std::collections::HashMap;
 /// given cas equals the stored one (absent = 0); on Envoy cas 0 means "no check" and an
 /// absent key is inserted whatever the cas.
 type Interleaved = Box<dyn FnOnce(&FakeShared)>;
+/// Shared data by key name: the value and its cas.
+type Entries = HashMap<Vec<u8>, (Vec<u8>, u32)>;
 
 struct FakeShared {
     kong: bool,
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    map: RefCell<Entries>,
     /// Runs once just before the next write: another worker's interleaved write.
     interleave: RefCell<Option<Interleaved>>,
     capacity: usize,
@@ -31,24 +33,24 @@ impl FakeShared {
             response_reads: std::cell::Cell::new(0),
         }
     }
-    fn raw_set(&self, key: &str, value: &[u8]) {
+    fn raw_set(&self, key: &[u8], value: &[u8]) {
         let mut m = self.map.borrow_mut();
         let cas = m.get(key).map_or(0, |(_, c)| *c) + 1;
-        m.insert(key.to_string(), (value.to_vec(), cas));
+        m.insert(key.to_vec(), (value.to_vec(), cas));
     }
 }
 
 impl Shared for FakeShared {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        if key.starts_with("rollsafe/idem/b") {
+    fn get(&self, key: &[u8]) -> Option<(Vec<u8>, u32)> {
+        if key.starts_with(b"rollsafe/idem/b") {
             self.bucket_reads.set(self.bucket_reads.get() + 1);
         }
-        if key.ends_with("/r") {
+        if key.ends_with(b"/r") {
             self.response_reads.set(self.response_reads.get() + 1);
         }
         self.map.borrow().get(key).cloned()
     }
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+    fn set(&self, key: &[u8], value: &[u8], cas: u32) -> Result<(), SetError> {
         let interleaved = self.interleave.borrow_mut().take();
         if let Some(f) = interleaved {
             f(self);
@@ -428,12 +430,12 @@ fn key_parsing() {
 /// the zone, old and new.
 #[test]
 fn shared_data_names_are_the_persisted_format() {
-    assert_eq!(&*store::bucket_key(0), "rollsafe/idem/b0");
-    assert_eq!(&*store::bucket_key(12_345), "rollsafe/idem/b12345");
-    assert_eq!(&*store::response_key(7), "rollsafe/idem/7/r");
+    assert_eq!(&*store::bucket_key(0), b"rollsafe/idem/b0");
+    assert_eq!(&*store::bucket_key(12_345), b"rollsafe/idem/b12345");
+    assert_eq!(&*store::response_key(7), b"rollsafe/idem/7/r");
     assert_eq!(
         &*store::response_key(u32::MAX),
-        "rollsafe/idem/4294967295/r"
+        b"rollsafe/idem/4294967295/r"
     );
 }
 
@@ -714,17 +716,13 @@ fn shared_data_names_never_collide_under_crc32_up_to_the_largest_store() {
     let mut seen = std::collections::HashSet::new();
     let mut count = 0;
     for name in names {
-        let short = name.strip_prefix("rollsafe/").unwrap_or(&name);
+        let short = name.strip_prefix(b"rollsafe/").unwrap_or(&name);
+        let shown = String::from_utf8_lossy(&name);
         assert!(
-            seen.insert((0, crc32(short.as_bytes()))),
-            "{} collides in zone rollsafe",
-            &*name
+            seen.insert((0, crc32(short))),
+            "{shown} collides in zone rollsafe"
         );
-        assert!(
-            seen.insert((1, crc32(name.as_bytes()))),
-            "{} collides in zone *",
-            &*name
-        );
+        assert!(seen.insert((1, crc32(&name))), "{shown} collides in zone *");
         count += 1;
     }
     assert_eq!(count, 1_125_000);
