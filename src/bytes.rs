@@ -72,9 +72,37 @@ pub fn put_slice(buf: &mut [u8], at: &mut usize, s: &[u8]) {
     }
 }
 
+/// Zeros to grow a buffer by: one copy of them is one call, where `Vec::resize` writes a byte
+/// at a time.
+static ZEROS: [u8; 256] = [0; 256];
+
+/// Grows `out` by `n` zero bytes and returns them, to be written in place.
+pub fn grow(out: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    let start = out.len();
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(ZEROS.len());
+        out.extend_from_slice(ZEROS.get(..chunk).unwrap_or_default());
+        left -= chunk;
+    }
+    out.get_mut(start..).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grow_adds_zeros_of_any_length() {
+        for n in [0, 1, 255, 256, 257, 700] {
+            let mut out = vec![7u8; 3];
+            let tail = grow(&mut out, n);
+            assert_eq!(tail.len(), n);
+            tail.fill(9);
+            assert_eq!(out.len(), 3 + n);
+            assert!(out[..3].iter().all(|b| *b == 7) && out[3..].iter().all(|b| *b == 9));
+        }
+    }
 
     #[test]
     fn put_slice_writes_every_length_in_place_and_nothing_that_does_not_fit() {

@@ -1,7 +1,7 @@
 //! What a record holds, and its bytes in shared data and in the shared store.
 
 use super::key::Facts;
-use crate::bytes::{put, put_slice};
+use crate::bytes::{grow, put, put_slice};
 
 const MAGIC: &[u8; 4] = b"RSI3";
 const RESPONSE_MAGIC: &[u8; 4] = b"RSR1";
@@ -426,9 +426,7 @@ impl BucketBytes {
             Some(rec) => {
                 // (Grown once and written in place: one call, not one per field.)
                 let len = RECORD_FIXED + rec.key.len();
-                let start = out.len();
-                out.resize(start + 4 + len, 0);
-                let buf = out.get_mut(start..).unwrap_or_default();
+                let buf = grow(out, 4 + len);
                 let at = &mut 0;
                 put(buf, at, (len as u32).to_be_bytes());
                 put_record(buf, at, rec);
