@@ -407,6 +407,13 @@ fn key_parsing() {
         "with space and \"quote\""
     );
     assert_eq!(parse_key(&[&"k".repeat(255)]).unwrap().len(), 255);
+    // Every visible character is a bare key's; every printable one but `"` and `\` a quoted
+    // key's, taken as it is.
+    let visible: String = ('!'..='~').collect();
+    assert_eq!(parse_key(&[&visible]).unwrap(), visible);
+    let printable: String = (' '..='~').filter(|c| !matches!(c, '"' | '\\')).collect();
+    let quoted = format!("\"{printable}\"");
+    assert!(matches!(parse_key(&[&quoted]), Ok(std::borrow::Cow::Borrowed(k)) if k == printable));
     assert_eq!(parse_key::<&str>(&[]), Err(KeyError::Missing));
     assert_eq!(parse_key(&["a", "b"]), Err(KeyError::Repeated));
     for bad in [
@@ -417,6 +424,10 @@ fn key_parsing() {
         "\"bad\\escape\"",
         "caf\u{e9}",
         "\"a\"b\"",
+        "tab\there",
+        "del\u{7f}",
+        "\"del\u{7f} in a string\"",
+        "\"caf\u{e9} in a string\"",
     ] {
         assert!(
             matches!(parse_key(&[bad]), Err(KeyError::Invalid(_))),
