@@ -384,7 +384,10 @@ impl BucketBytes {
         let extra = rec.map_or(0, |r| RECORD_FIXED + r.key.len());
         let hints = response_cas.is_some() || self.hints_at.is_some();
         let trailer = if hints { 4 + 4 * self.ways } else { 0 };
-        let mut out = Vec::with_capacity(self.raw.len() + extra + 4 * self.ways + trailer);
+        // (The magic counted apart: a bucket created empty has none yet, and its first claim
+        // then outgrew the estimate and moved.)
+        let size = BUCKET_MAGIC.len() + self.raw.len() + extra + 4 * self.ways + trailer;
+        let mut out = Vec::with_capacity(size);
         out.extend_from_slice(BUCKET_MAGIC);
         match self.around(way) {
             // (Two copies, not a length and a record per way: each append is a call.)
