@@ -424,6 +424,31 @@ impl HeaderBlock {
 mod tests {
     use super::*;
 
+    /// A header map in the ABI's format, byte for byte as the code before fields were written
+    /// in place wrote it (commit 73d4b88): names and values on both sides of the short-copy
+    /// limit (64 bytes), an empty value, a one-byte name.
+    #[test]
+    fn serialized_maps_are_byte_for_byte_the_earlier_ones() {
+        let long = "v".repeat(100);
+        let name = format!("x-{}", "n".repeat(62));
+        let pairs = [
+            (":status", "200"),
+            ("a", ""),
+            ("content-type", "application/problem+json"),
+            (name.as_str(), long.as_str()),
+        ];
+        let raw = serialize(&pairs);
+        let hex = |b: &[u8]| -> String { b.iter().map(|b| format!("{b:02x}")).collect() };
+        // The count, each name's and value's length (u32, little-endian), then each name and
+        // value with a NUL after it.
+        let lengths = "04000000".to_string()
+            + "07000000030000000100000000000000"
+            + "0c000000180000004000000064000000";
+        let text =
+            format!(":status\0200\0a\0\0content-type\0application/problem+json\0{name}\0{long}\0");
+        assert_eq!(hex(&raw), lengths + &hex(text.as_bytes()));
+    }
+
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
         p.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

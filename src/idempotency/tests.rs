@@ -933,3 +933,94 @@ fn hints_follow_the_ways_and_change_none_of_them() {
     assert_eq!(cut.response_cas(2), None);
     assert_eq!(cut.way(0), Some(a.view()));
 }
+
+/// The persisted formats byte for byte (index records, buckets, stored responses): gateways of
+/// two versions share them, across a Kong reload's workers and on the shared store. The bytes
+/// were written by the code before fields were written in place (commit 73d4b88), with keys,
+/// names and values on both sides of the short-copy limit (64 bytes).
+#[test]
+fn persisted_formats_are_byte_for_byte_the_earlier_ones() {
+    use sha2::Digest;
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+    let long_key = format!("{}:{}", "ab".repeat(16), "k".repeat(70));
+    let rec = |key: &str, body_len, state| Record {
+        key: key.to_string(),
+        facts: Facts {
+            fingerprint: std::array::from_fn(|i| (i * 7 + 1) as u8),
+            body_len,
+        },
+        owner: 0x0102_0304_0506_0708,
+        expires_ms: 1_700_000_000_123,
+        state,
+    };
+    let done = rec(&long_key, Some(1024), State::Done);
+    let claim = rec("s:k", None, State::InFlight);
+    let bucket = BucketBytes::parse(Vec::new(), 4).with(1, Some(&done.view()), Some(7));
+    let bucket2 = BucketBytes::parse(bucket.clone(), 4).with(3, Some(&claim.view()), None);
+    let bucket3 = BucketBytes::parse(bucket2.clone(), 4).with(1, None, None);
+    let long_value = "v".repeat(65);
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-empty", ""),
+        ("x-long", long_value.as_str()),
+    ];
+    let body: Vec<u8> = (0..200u8).collect();
+    let stored = Stored::new(0x1112_1314_1516_1718, 201, &headers, Some(&body));
+    let omitted = Stored::new(9, 503, &[("retry-after", "5")], None);
+    let empty = Stored::new(9, 204, &[] as &[(&str, &str)], Some(&[]));
+    let got = [
+        encode(&done),
+        encode(&claim),
+        bucket,
+        bucket2,
+        bucket3,
+        stored.as_owned_by(0x1112_1314_1516_1718).into_owned(),
+        omitted.as_owned_by(9).into_owned(),
+        empty.as_owned_by(9).into_owned(),
+    ]
+    .map(|b| (b.len(), hex(&sha2::Sha256::digest(&b))));
+    // (Length and SHA-256 of each, as the earlier code wrote them.)
+    let want = [
+        (
+            168,
+            "02c7f8e7840e9aeb38c418cd8046fd2ff706ae3016e99df310672009af2507b9",
+        ),
+        (
+            68,
+            "5786e2065b3850bbf834d3eb1404007c6cb43546f74749e8e46ba79f0a0510ac",
+        ),
+        (
+            208,
+            "3fdcac20116857ae1f766d1b069b784949629e7ffae8d46aed884b53883bf28a",
+        ),
+        (
+            276,
+            "df96af16e3561c52e8be6852c29efceb35a2858f4104a77c32849ce48071e1ed",
+        ),
+        (
+            108,
+            "f6722fbfd347f26bb56c75a47b26ff931e70cfe7972f3c7cce4a90a3ac5bd995",
+        ),
+        (
+            353,
+            "aaaaa4a9669623e252baaa2c0e5787934f9a67d113988be6b5fe380a17016f44",
+        ),
+        (
+            43,
+            "4ca736dfd741afb539e7b213c1fde8d3917db1bb5762ce960c54d98a218a64f3",
+        ),
+        (
+            23,
+            "ea49981789491a7fa93e879793b580741fa3bd4bf48953c9b263efc3588d0504",
+        ),
+    ];
+    for (i, ((len, digest), (want_len, want_digest))) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            (*len, digest.as_str()),
+            (want_len, want_digest),
+            "value {i}"
+        );
+    }
+}
