@@ -163,6 +163,9 @@ fn put_len_and(buf: &mut [u8], at: &mut usize, s: &[u8]) {
     put_slice(buf, at, s);
 }
 
+/// [`put_len_and`] appended to a vector not sized ahead (a bucket rewritten way by way).
+/// (Grown by `bytes::grow` and written in place instead, the empty ways of a fresh bucket cost an
+/// owned write 1,500 instructions more: each growth is a copy out of the VM.)
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     // (The length as an array, which is stored in place: a slice of any length is copied by a
     // call out of the VM on Kong's host, so an empty string copies nothing.)
