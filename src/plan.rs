@@ -170,6 +170,12 @@ impl Plan {
             && self.routing.is_none()
     }
 
+    /// True when nothing but maintenance is configured: a request outside its windows is then
+    /// none of rollsafe's business past that check.
+    pub fn only_maintenance(&self) -> bool {
+        self.retry.is_none() && self.idempotency.is_none() && self.routing.is_none()
+    }
+
     /// Whether requests hand the root calls to send on its tick (the shared store's writes
     /// nobody waits for).
     pub fn sends_later(&self) -> bool {

@@ -118,6 +118,9 @@ impl Request {
                     Decision::Allowed | Decision::Pass => {}
                 }
             }
+            if plan.only_maintenance() {
+                return Verdict::Continue;
+            }
         }
         // Keys alone (no retry section, no routing): a request without a key, where keys are
         // optional, is none of rollsafe's business — one lookup that finds nothing.
@@ -447,6 +450,12 @@ impl Request {
         self.exchange.as_ref().and_then(|e| e.key_phase())
     }
 
+    /// Whether this request may have filed a wake-up or a call for the root's tick: only an
+    /// exchange does (its backoffs, its key's writes to the shared store).
+    pub fn may_schedule(&self) -> bool {
+        self.exchange.is_some()
+    }
+
     /// The token of the call this request waits for.
     pub fn pending_call(&self) -> Option<u32> {
         self.exchange.as_ref().and_then(|e| e.pending())
@@ -455,7 +464,9 @@ impl Request {
     /// A GET or HEAD of the schedule path (query ignored).
     fn is_schedule_request(&self, host: &impl Host, schedule: &str) -> bool {
         let path = host.request_header(":path").unwrap_or_default();
-        path.split('?').next() == Some(schedule)
+        // (The path, then nothing or a query: no search through the path for a `?`.)
+        path.starts_with(schedule)
+            && matches!(path.as_bytes().get(schedule.len()), None | Some(b'?'))
             && matches!(
                 host.request_header(":method").as_deref(),
                 Some("GET" | "HEAD")
@@ -611,6 +622,44 @@ mod tests {
         assert_eq!(req.on_request_headers(&host, false), Verdict::Continue);
         assert_eq!(host.header_reads(), 0);
         assert!(host.responses().is_empty());
+    }
+
+    #[test]
+    fn the_schedule_path_is_answered_with_or_without_a_query_and_nothing_else_is() {
+        let cfg = r#"{"maintenance":{"windows":[{"start":"2026-12-05T02:00:00Z","end":"2026-12-05T04:00:00Z"}],
+            "schedule_path":"/.well-known/maintenance"}}"#;
+        let host = FakeHost::at(at("2026-12-05T01:00:00Z"));
+        let plan = Rc::new(configure(&host, cfg.as_bytes(), HostKind::Envoy).unwrap());
+        for (method, path, answered) in [
+            ("GET", "/.well-known/maintenance", true),
+            ("HEAD", "/.well-known/maintenance", true),
+            ("GET", "/.well-known/maintenance?format=json", true),
+            ("GET", "/.well-known/maintenance?", true),
+            ("POST", "/.well-known/maintenance", false),
+            ("GET", "/.well-known/maintenancex", false),
+            ("GET", "/.well-known/maintenance/", false),
+            ("GET", "/.well-known/maint", false),
+            ("GET", "/.well-known", false),
+            ("GET", "/", false),
+            ("GET", "", false),
+        ] {
+            let before = host.responses().len();
+            host.set_request(&[(":method", method), (":path", path)]);
+            let verdict = Request::new(plan.clone()).on_request_headers(&host, true);
+            let sent = host.responses();
+            assert_eq!(
+                sent.len() - before,
+                usize::from(answered),
+                "{method} {path}"
+            );
+            assert_eq!(verdict == Verdict::Pause, answered, "{method} {path}");
+            if answered {
+                let r = &sent[before];
+                assert_eq!(r.status, 200, "{method} {path}");
+                assert_eq!(r.header("content-type"), Some("application/json"));
+                assert_eq!(r.json()["windows"][0]["active"], false, "{method} {path}");
+            }
+        }
     }
 
     #[test]

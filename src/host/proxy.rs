@@ -281,7 +281,7 @@ impl Host for ProxyHost {
 #[derive(Default)]
 struct Root {
     plan: Option<Rc<Plan>>,
-    host: ProxyHost,
+    host: Rc<ProxyHost>,
     scheduler: Rc<Scheduler>,
 }
 
@@ -320,7 +320,7 @@ impl Context for Root {
             return;
         }
         if let Ok(mut req) = request.try_borrow_mut() {
-            req.on_call_response(&self.host, token, body_size);
+            req.on_call_response(&*self.host, token, body_size);
         }
         self.scheduler.track(context_id, &request, true);
         switch_tick(&self.scheduler);
@@ -334,7 +334,7 @@ impl RootContext for Root {
             .flatten()
             .unwrap_or_default();
         let kind = detect_host();
-        match flow::configure(&self.host, &bytes, kind) {
+        match flow::configure(&*self.host, &bytes, kind) {
             Some(mut plan) => {
                 if let Some(ip) = plan
                     .idempotency
@@ -351,9 +351,9 @@ impl RootContext for Root {
                     // traps): set once, it sends the calls nobody waits for.
                     let _ = hostcalls::set_tick_period(TICK);
                 }
-                self.host = ProxyHost::with_metrics(Rc::clone(&self.scheduler));
+                self.host = Rc::new(ProxyHost::with_metrics(Rc::clone(&self.scheduler)));
                 if let Some(idem) = &plan.idempotency {
-                    crate::idempotency::create_slots(&HostShared(&self.host, kind), idem.slots);
+                    crate::idempotency::create_slots(&HostShared(&*self.host, kind), idem.slots);
                 }
                 self.plan = Some(Rc::new(plan));
                 true
@@ -384,7 +384,7 @@ impl RootContext for Root {
                 continue;
             }
             if let Ok(mut req) = request.try_borrow_mut() {
-                req.on_wake(&self.host);
+                req.on_wake(&*self.host);
             }
             self.scheduler.track(context_id, &request, true);
         }
@@ -398,7 +398,7 @@ impl RootContext for Root {
         Some(Box::new(Http {
             id: context_id,
             request: Rc::new(RefCell::new(Request::new(plan))),
-            host: self.host.clone(),
+            host: Rc::clone(&self.host),
             scheduler: Rc::clone(&self.scheduler),
         }))
     }
@@ -411,7 +411,8 @@ impl RootContext for Root {
 struct Http {
     id: u32,
     request: Shared,
-    host: ProxyHost,
+    /// The root's, shared: one count to take rather than one per field.
+    host: Rc<ProxyHost>,
     scheduler: Rc<Scheduler>,
 }
 
@@ -424,13 +425,16 @@ fn action(v: Verdict) -> Action {
 
 impl Http {
     fn run(&self, f: impl FnOnce(&mut Request, &ProxyHost) -> Verdict) -> Action {
-        let verdict = match self.request.try_borrow_mut() {
-            Ok(mut req) => f(&mut req, &self.host),
-            Err(_) => Verdict::Continue,
+        let (verdict, schedules) = match self.request.try_borrow_mut() {
+            Ok(mut req) => (f(&mut req, &self.host), req.may_schedule()),
+            Err(_) => (Verdict::Continue, true),
         };
         // Calls dispatched from this context come back to it; only backoffs need the root.
-        self.scheduler.track(self.id, &self.request, false);
-        switch_tick(&self.scheduler);
+        // (A request rollsafe does not own files nothing: most requests skip both.)
+        if schedules {
+            self.scheduler.track(self.id, &self.request, false);
+            switch_tick(&self.scheduler);
+        }
         action(verdict)
     }
 }
@@ -468,9 +472,15 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        if let Ok(mut req) = self.request.try_borrow_mut() {
-            req.on_done(&self.host);
+        let schedules = match self.request.try_borrow_mut() {
+            Ok(mut req) => {
+                req.on_done(&*self.host);
+                req.may_schedule()
+            }
+            Err(_) => true,
+        };
+        if schedules {
+            switch_tick(&self.scheduler);
         }
-        switch_tick(&self.scheduler);
     }
 }
