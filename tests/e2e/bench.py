@@ -1023,8 +1023,9 @@ REASONS = {
     "kong_maintenance": "one clock read, as on Envoy (`maintenance`); judged on Kong's host by "
                         "the CPU median, whose noise between runs is a few microseconds",
     "maint_notice": "one clock read; the notice is one more comparison outside its period",
-    "maint_schedule": "one clock read and the `:path` and `:method` reads that tell the schedule "
-                      "path from the rest",
+    "maint_schedule": "one clock read and the `:path` read that tells the schedule path from the "
+                      "rest (`:method` is read only on the schedule path): the floor is one_read "
+                      "and the clock",
     "kong_configured": "with `retry` owning every method, every request is an exchange rollsafe owns "
                        "on Kong's host, and a GET's attempt is a dispatch (kong_dispatch_floor_1k); "
                        "`retry.methods` leaves reads to Kong (kong_configured_writes)",
