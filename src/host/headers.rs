@@ -367,8 +367,9 @@ impl HeaderBlock {
     /// The headers whose names `keep` accepts, in the block's order, as text (borrowed when
     /// the block is UTF-8; the others are not decoded).
     pub fn texts_where(&self, keep: impl Fn(&[u8]) -> bool) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
-        // (A loop, not a filter collected: a list of unknown length grew a push at a time.)
-        let mut out = Vec::new();
+        // (A loop, not a filter collected: a list of unknown length grew a push at a time;
+        // sized for all, so that the first push does not grow it either.)
+        let mut out = Vec::with_capacity(self.entries.len());
         for e in &self.entries {
             if keep(self.slice(e.name, e.name_len)) {
                 out.push((
