@@ -321,6 +321,63 @@ fn a_client_gone_before_its_body_was_whole_leaves_the_key_free() {
     assert_eq!(host.responses().last().unwrap().status, 409);
 }
 
+/// Kong's host with no attempt target (no `retry.target`, no usable Service): nginx's
+/// `proxy_pass` carries the keyed write, and its answer is kept from the response phase, the
+/// headers a replay repeats read from the answer's map at once.
+#[test]
+fn on_kong_without_a_target_proxy_pass_carries_the_write_and_its_answer_is_replayed() {
+    let host = FakeHost::at(1_000);
+    let plan = plan(&host, HostKind::Kong, r#"{"retry":{},"idempotency":{}}"#);
+    let mut first = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+    assert!(host.dispatches().is_empty(), "nothing to dispatch to");
+    assert!(
+        host.responses().is_empty(),
+        "the write goes on to proxy_pass"
+    );
+    host.calls.borrow_mut().clear();
+    host.set_response(&[
+        (":status", "201"),
+        ("content-type", "application/json"),
+        ("location", "/orders/1"),
+        ("x-other", "o"),
+    ]);
+    *host.response_body.borrow_mut() = b"{\"id\":1}".to_vec();
+    assert_eq!(
+        first.req.on_response_headers(&host, false),
+        Verdict::Continue
+    );
+    assert_eq!(
+        first.req.on_response_body(&host, 8, true),
+        Verdict::Continue
+    );
+    {
+        let calls = host.calls.borrow();
+        assert_eq!(calls.get("response header map"), Some(&1), "{calls:?}");
+        assert_eq!(calls.get("response header"), None, "{calls:?}");
+    }
+    assert_eq!(host.counted(Metric::IdemStored), 1);
+    assert!(
+        host.logs_at(Level::Info)
+            .iter()
+            .all(|l| !l.contains("carried by proxy_pass")),
+        "a first attempt is not logged"
+    );
+
+    let again = keyed(&host, &plan, "/orders", "\"k\"", b"{}");
+    assert!(!again.upstream);
+    let replay = host.responses().last().cloned().unwrap();
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.body, b"{\"id\":1}");
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.header("content-type"), Some("application/json"));
+    assert_eq!(replay.header("location"), Some("/orders/1"));
+    assert_eq!(
+        replay.header("x-other"),
+        None,
+        "only replay_headers are kept"
+    );
+}
+
 #[test]
 fn with_idempotency_alone_unkeyed_methods_pass_without_an_exchange() {
     let host = FakeHost::at(1_000);

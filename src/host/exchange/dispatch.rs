@@ -157,16 +157,20 @@ impl Exchange {
         self.attempt += 1;
         self.phase = Phase::Attempt(Carrier::ProxyPass);
         self.attempt_sent(host);
-        host.log(
-            Level::Info,
-            &format!(
-                "rollsafe: {} {}: attempt {} after {} carried by proxy_pass",
-                self.method(),
-                self.path(),
-                self.attempt,
-                after
-            ),
-        );
+        // (Logged when it is a retry: on a route without an attempt target every keyed write's
+        // first attempt is carried so.)
+        if self.attempt > 1 {
+            host.log(
+                Level::Info,
+                &format!(
+                    "rollsafe: {} {}: attempt {} after {} carried by proxy_pass",
+                    self.method(),
+                    self.path(),
+                    self.attempt,
+                    after
+                ),
+            );
+        }
     }
 }
 

@@ -108,8 +108,12 @@ impl Exchange {
     /// The answer of an attempt Kong's `proxy_pass` carried: final (Kong's host cannot act on
     /// a response but to let it through), stored under the key on its way to the client.
     fn proxied_answered(&mut self, policy: &Policy, host: &impl Host, end_of_stream: bool) -> Step {
-        let status = host
-            .response_header(":status")
+        // The map in one read: under a key the answer's headers are kept with its record, and a
+        // read of each header kept cost as much as the map. (Without a key this is a retry after
+        // a failed call, rare enough to read the map for `:status` alone.)
+        let block = host.response_header_block();
+        let status = block
+            .get(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         let outcome = proxied_outcome(host, status);
@@ -128,7 +132,7 @@ impl Exchange {
             self.hold_key_unknown(host);
             return Step::Continue;
         }
-        self.keep_route_answer(host, status, None, end_of_stream)
+        self.keep_route_answer(host, status, Some(&block), end_of_stream)
     }
 
     /// Attempt 1's answer: retry (its response held meanwhile) or let it through.
