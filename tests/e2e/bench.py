@@ -289,13 +289,15 @@ def variants(pod_clusters) -> list[Variant]:
         # scope and digest; a retry sends the headers again), the route's name (scope), a
         # clock read, the timeout header a keyed write sets before its body is decided, a
         # counter, and the answer kept in an entry of its own with the index record beside it
-        # (the bucket read again: Envoy numbers shared-data writes across keys).
+        # (the bucket read again: Envoy numbers shared-data writes across keys); and the hashes
+        # the persisted formats pin (the fingerprint), which every keyed request computes.
         Variant("owned_design_1k", "no-op filter making an owned write's calls: the header map, "
                 "the route's name, a clock read, a request header set, a counter, the body, a "
                 "claim recorded in a new one of 16,384 entries, the answer (headers, 1 KiB body) "
-                "stored in an entry of its own and the claim's entry read again and rewritten",
+                "stored in an entry of its own and the claim's entry read again and rewritten; "
+                "and the fingerprint's hashes",
                 "plain_1k", dict(config="clock,headers,property,timeout,metric,body,claim,store,"
-                                 "complete", wasm=PROBE, **proxied),
+                                 "complete,hashes", wasm=PROBE, **proxied),
                 script=post_script(new_key=True), fixed=keyed_fixed),
         # What building for size costs: the same paths with the .wasm built at opt-level 2.
         Variant("owned_1k_speed", "owned_1k, the .wasm built for speed (opt-level 2)", "owned_1k",
@@ -336,11 +338,13 @@ def variants(pod_clusters) -> list[Variant]:
         # The calls rollsafe's replay makes (src/host/profile_tests.rs), made by the no-op
         # filter: the header map (key, method, path, scope, digest), the route's name (scope),
         # a clock read, the timeout header a keyed write sets before its body is decided, the
-        # body, the key's index record and the stored answer from shared data, a counter.
+        # body, the key's index record and the stored answer from shared data, a counter; and
+        # the fingerprint's hashes (a replay compares the request's with the stored one's).
         Variant("replay_design_1k", "no-op filter making a replay's calls: the header map, the "
                 "route's name, a clock read, a request header set, the body, 160 bytes and 1 KiB "
-                "of shared data, a counter; answering 1 KiB itself", "direct_1k",
-                dict(config="clock,headers,property,timeout,body,index,shared,metric,reply",
+                "of shared data, a counter, the fingerprint's hashes; answering 1 KiB itself",
+                "direct_1k",
+                dict(config="clock,headers,property,timeout,body,index,shared,metric,hashes,reply",
                      wasm=PROBE, **proxied),
                 script=post_script("bench-replay"), fixed=replay_fixed),
         Variant("replay_redis_1k", "replay from the shared store (no node cache)", "replay_1k",
@@ -471,13 +475,15 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
         # The calls rollsafe's owned write makes on Kong's host, made by the no-op filter: the
         # dispatch floor's (whose header map, read to send along, also holds the key), with the
         # route's id, a clock read, two counters, and the answer kept in an entry of its own
-        # with the index record beside it, written under the cas the claim's write left.
+        # with the index record beside it, written under the cas the claim's write left; and
+        # the fingerprint's hashes.
         Variant("kong_owned_design_1k", "Kong's host: no-op filter making an owned write's "
                 "calls: the dispatch floor's with the header map for the one header, a property, "
                 "a clock read, two counters, the answer stored in an entry of its own and the "
-                "claim's entry rewritten under the cas its write left", "kong_plain_1k",
+                "claim's entry rewritten under the cas its write left; and the fingerprint's "
+                "hashes", "kong_plain_1k",
                 dict(config=f"clock,property,metric,metric,claim,cas,complete,dispatch={pod},"
-                            "forward,store,close", wasm=PROBE, **k),
+                            "forward,store,close,hashes", wasm=PROBE, **k),
                 script=post_script(new_key=True), host="kong", fixed=keyed_fixed),
         Variant("kong_dispatch_kept_1k", "Kong's host: the dispatch floor keeping the client's "
                 "connection (up to keepalive_requests 10000)", "kong_dispatch_floor_1k",
@@ -525,9 +531,10 @@ def kong_variants(clusters, held, stored) -> list[Variant]:
                 script=post_script("bench-replay"), host="kong", fixed=replay_fixed),
         Variant("kong_replay_design_1k", "Kong's host: no-op filter making a replay's calls: the "
                 "header map, a property, a clock read, the body, 160 bytes and 1 KiB of shared "
-                "data, a counter; answering 1 KiB itself", "kong_plain_1k",
-                dict(config="clock,headers,property,body,index,shared,metric,reply", wasm=PROBE,
-                     **k),
+                "data, a counter, the fingerprint's hashes; answering 1 KiB itself",
+                "kong_plain_1k",
+                dict(config="clock,headers,property,body,index,shared,metric,hashes,reply",
+                     wasm=PROBE, **k),
                 script=post_script("bench-replay"), host="kong", fixed=replay_fixed),
         Variant("kong_replay_redis_1k", "Kong's host: replay from the shared store (no node "
                 "cache)", "kong_replay_1k", dict(config=owned(cache=False), **k),
@@ -1038,11 +1045,9 @@ REASONS = {
                 "(owned_design_1k): the header map, the route's name, the timeout header, the "
                 "counter, and the completion's read and second write (the index record beside "
                 "the response; Envoy numbers shared-data writes across keys, so the bucket is "
-                "read again); the rest, the larger part, is rollsafe's own wasm code: the "
-                "fingerprint's SipHash over the body, which its persisted formats pin (priced "
-                "apart as `hashes`), the bucket's records, the stored response's encoding, "
-                "allocation "
-                "(\"Where the instructions go\")",
+                "read again), and the fingerprint's SipHash over the body, which its persisted "
+                "formats pin (`hashes`); the rest is rollsafe's own wasm code: the bucket's records, the "
+                "stored response's encoding, allocation (\"Where the instructions go\")",
     "kong_owned_1k": "every attempt on Kong's host is a dispatch_http_call on a new upstream "
                      "connection, so the floor alone (the no-op filter recording a claim, "
                      "dispatching the body with the request's headers, storing the reply and "
@@ -1053,26 +1058,26 @@ REASONS = {
                      "design makes that the floor does not (kong_owned_design_1k): the route's "
                      "id, the completion's second write (the index record beside the response, "
                      "which keeps the response's cas so that it is written without being read), "
-                     "the counters; every shared-data call walks a tree of the zone's entries "
-                     "(kong_shared_read_full); the rest, the larger part, is rollsafe's own wasm "
-                     "code (the fingerprint its persisted formats pin, priced apart as kong_hashes, "
-                     "the bucket's records and the answer's copies, allocation: \"Kong's host: "
-                     "where the worker's CPU goes\"). Carrying attempt 1 by proxy_pass "
+                     "the counters, the fingerprint its persisted formats pin (kong_hashes); every "
+                     "shared-data call walks a tree of the zone's entries "
+                     "(kong_shared_read_full); the rest is rollsafe's own wasm code (the bucket's "
+                     "records and the answer's copies, allocation: \"Kong's host: where the "
+                     "worker's CPU goes\"), which costs more CPU per instruction than the "
+                     "host's own code. Carrying attempt 1 by proxy_pass "
                      "(kong_proxied_1k, kong_proxy_floor_1k) is cheaper but leaves rollsafe no "
                      "retry of a keyed write on Kong's host",
     "replay_1k": "the calls a replay makes here cost more than the floor's: the header map (the "
                  "key, method, path, scope and digest), the route's name, the timeout header a "
                  "keyed write sets before its body is decided (Envoy's router does not take it "
-                 "from the body callback), the key's index record beside the answer, the counter "
-                 "(replay_design_1k); the rest is rollsafe's own code: the fingerprint its "
-                 "persisted formats pin (priced apart: \"The host's price per hostcall\"), the "
-                 "stored response's checks as it is read back (it is replayed in place), "
-                 "allocation",
+                 "from the body callback), the key's index record beside the answer, the counter, "
+                 "and the fingerprint its persisted formats pin (replay_design_1k); the rest is "
+                 "rollsafe's own code: the stored response's checks as it is read back (it is "
+                 "replayed in place), allocation",
     "kong_replay_1k": "the calls a replay makes here cost more than the floor's: the header map, the "
-                      "route's id, the key's index record beside the answer, the counter "
-                      "(kong_replay_design_1k); the rest is rollsafe's own code: the fingerprint its "
-                      "persisted formats pin (kong_hashes), the stored response's checks as it "
-                      "is read back (it is replayed in place), allocation",
+                      "route's id, the key's index record beside the answer, the counter, the "
+                      "fingerprint its persisted formats pin (kong_replay_design_1k); the rest is "
+                      "rollsafe's own code: the stored response's checks as it is read back (it "
+                      "is replayed in place), allocation",
     "owned_redis_1k": "each Webdis call is a dispatch_http_call, and a keyed write makes two (claim, "
                       "completion), each an EVAL that Redis appends to its file before answering; "
                       "through the gateway's dispatch two calls take longer than two round trips "
